@@ -1,0 +1,113 @@
+"""NVIDIA Triton adapter: Open Inference Protocol over gRPC, so requests pass through unchanged.
+
+One grpc.aio channel per backend, opened once and reused by every call (HTTP/2 multiplexes the
+concurrent calls). The channel's own retries are off: retrying is the gateway's decision, made in
+a layer that can see deadlines and budgets.
+"""
+
+from __future__ import annotations
+
+import grpc
+from tensorgate.config.v1 import config_pb2
+from tritonclient.grpc import service_pb2 as oip
+from tritonclient.grpc import service_pb2_grpc
+
+from adapters.base import BackendError, TensorSpec
+
+DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+
+# Codes Triton uses that mean "the backend is broken" are kept; UNKNOWN says nothing to a caller,
+# so it becomes INTERNAL (the backend failed while handling a valid request).
+_REMAP = {grpc.StatusCode.UNKNOWN: grpc.StatusCode.INTERNAL}
+
+
+def channel_options(backend: config_pb2.Backend, max_request_bytes: int) -> list[tuple[str, int]]:
+    conn = backend.connection
+    max_bytes = conn.max_message_bytes or max(max_request_bytes, DEFAULT_MAX_RESPONSE_BYTES)
+    options = [
+        ("grpc.max_send_message_length", max_bytes),
+        ("grpc.max_receive_message_length", max_bytes),
+        ("grpc.enable_retries", 0),
+        # Several backends may share a host; distinct channels must not share one subchannel pool
+        # or one sick backend's reconnect backoff would be felt by the others.
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+    if conn.HasField("keepalive_time"):
+        options.append(("grpc.keepalive_time_ms", conn.keepalive_time.ToMilliseconds()))
+        options.append(("grpc.keepalive_permit_without_calls", 1))
+    return options
+
+
+class TritonAdapter:
+    def __init__(self, backend: config_pb2.Backend, *, max_request_bytes: int) -> None:
+        self.name = backend.name
+        self._channel = grpc.aio.insecure_channel(
+            backend.address, options=channel_options(backend, max_request_bytes)
+        )
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        self._infer = stub.ModelInfer
+        self._server_ready = stub.ServerReady
+        self._model_ready = stub.ModelReady
+        self._metadata = stub.ModelMetadata
+        self._config = stub.ModelConfig
+
+    def _error(self, err: grpc.aio.AioRpcError) -> BackendError:
+        code = _REMAP.get(err.code(), err.code())
+        details = err.details() or code.name
+        if code is grpc.StatusCode.UNAVAILABLE:
+            details = f"backend {self.name!r} unavailable: {details}"
+        return BackendError(code, details, backend=self.name)
+
+    async def infer(
+        self, request: oip.ModelInferRequest, *, timeout: float | None
+    ) -> oip.ModelInferResponse:
+        try:
+            return await self._infer(request, timeout=timeout)
+        except grpc.aio.AioRpcError as err:
+            raise self._error(err) from None
+
+    async def ready(self, model: str = "", version: str = "", *, timeout: float = 2.0) -> bool:
+        try:
+            if not model:
+                reply = await self._server_ready(oip.ServerReadyRequest(), timeout=timeout)
+            else:
+                reply = await self._model_ready(
+                    oip.ModelReadyRequest(name=model, version=version), timeout=timeout
+                )
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.ready
+
+    async def metadata(
+        self, model: str, version: str, *, timeout: float | None
+    ) -> oip.ModelMetadataResponse:
+        try:
+            return await self._metadata(
+                oip.ModelMetadataRequest(name=model, version=version), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as err:
+            raise self._error(err) from None
+
+    async def model_config(
+        self, model: str, version: str, *, timeout: float | None
+    ) -> oip.ModelConfigResponse:
+        try:
+            return await self._config(
+                oip.ModelConfigRequest(name=model, version=version), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as err:
+            raise self._error(err) from None
+
+    async def input_specs(self, model: str, version: str) -> tuple[TensorSpec, ...] | None:
+        try:
+            meta = await self.metadata(model, version, timeout=5.0)
+            config = await self.model_config(model, version, timeout=5.0)
+        except BackendError:
+            return None
+        optional = {i.name for i in config.config.input if i.optional}
+        return tuple(
+            TensorSpec(t.name, t.datatype, tuple(t.shape), t.name in optional) for t in meta.inputs
+        )
+
+    async def close(self) -> None:
+        await self._channel.close()

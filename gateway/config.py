@@ -1,0 +1,332 @@
+"""Load a GatewayConfig from YAML and check it whole before anything starts.
+
+The YAML file is the JSON mapping of the `tensorgate.config.v1.GatewayConfig` protobuf message
+(durations as "1.5s"), so the file, the admin API and any store share one schema. Loading either
+returns a complete, defaulted config or raises ConfigError listing every problem with its field
+path; nothing is ever half-applied.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import pathlib
+import re
+from dataclasses import dataclass
+
+import yaml
+from google.protobuf import json_format
+from tensorgate.config.v1 import config_pb2
+
+DEFAULT_DATA_PLANE = "127.0.0.1:8001"
+DEFAULT_METRICS = "127.0.0.1:9464"
+DEFAULT_ROUTE_KEY_HEADER = "x-tensorgate-route-key"
+DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_INPUTS = 64
+DEFAULT_PER_TRY_TIMEOUT_S = 30.0
+DEFAULT_SHUTDOWN_GRACE_S = 15.0
+DEFAULT_HEALTH_CHECK_INTERVAL_S = 2.0
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+_MODEL = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$")
+_HEADER = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}" if self.path else self.reason
+
+
+class ConfigError(Exception):
+    def __init__(self, source: str, problems: list[Problem]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"{source}: invalid gateway config ({len(problems)} problem(s)):\n{lines}")
+
+
+def load_file(path: str | pathlib.Path) -> config_pb2.GatewayConfig:
+    source = str(path)
+    try:
+        text = pathlib.Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(source, [Problem("", f"cannot read file: {err.strerror}")]) from None
+    return load_yaml(text, source=source)
+
+
+def load_yaml(text: str, *, source: str = "<config>") -> config_pb2.GatewayConfig:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        reason = getattr(err, "problem", None) or str(err)
+        raise ConfigError(source, [Problem("", f"not valid YAML: {where}{reason}")]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, [Problem("", "the top level must be a mapping")])
+    return from_dict(data, source=source)
+
+
+def from_dict(data: dict, *, source: str = "<config>") -> config_pb2.GatewayConfig:
+    config = config_pb2.GatewayConfig()
+    try:
+        json_format.ParseDict(data, config)
+    except json_format.ParseError as err:
+        path, reason = _locate_parse_error(data, config_pb2.GatewayConfig, "", str(err))
+        raise ConfigError(source, [Problem(path, reason)]) from None
+    return validate(config, source=source)
+
+
+def _locate_parse_error(data, message_type, path: str, reason: str) -> tuple[str, str]:
+    """Narrow a json_format.ParseError down to the field path that caused it.
+
+    json_format reports nested failures as a chain of "Failed to parse X field" without list
+    indices; re-parsing one key (and one list element) at a time finds the exact field.
+    """
+    if not isinstance(data, dict):
+        return path, _innermost(reason)
+    descriptor = message_type.DESCRIPTOR
+    for key, value in data.items():
+        try:
+            json_format.ParseDict({key: value}, message_type())
+            continue
+        except json_format.ParseError as err:
+            reason = str(err)
+        here = f"{path}.{key}" if path else str(key)
+        field = descriptor.fields_by_name.get(key) or descriptor.fields_by_camelcase_name.get(key)
+        if (
+            field is None
+            or field.message_type is None
+            or field.message_type.full_name.startswith("google.protobuf.")
+        ):
+            return here, _innermost(reason)
+        child = field.message_type._concrete_class
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                try:
+                    json_format.ParseDict(item, child())
+                except (json_format.ParseError, AttributeError, TypeError) as err:
+                    return _locate_parse_error(item, child, f"{here}[{i}]", str(err))
+        return _locate_parse_error(value, child, here, reason)
+    return path, _innermost(reason)
+
+
+def _innermost(reason: str) -> str:
+    reason = reason.split("\n")[0]
+    reason = re.sub(r"^(Failed to parse \w+ field: )+", "", reason)
+    reason = re.sub(r"\s*at \"?[\w.\[\]]+\"?\.?$", "", reason)
+    return reason.rstrip(".") or "invalid value"
+
+
+def validate(
+    config: config_pb2.GatewayConfig, *, source: str = "<config>"
+) -> config_pb2.GatewayConfig:
+    """Return a defaulted copy of `config`, or raise ConfigError with every problem found."""
+    problems: list[Problem] = []
+    checked = config_pb2.GatewayConfig()
+    checked.CopyFrom(config)
+    _apply_defaults(checked)
+    _check_listeners(checked.listeners, problems)
+    backends = _check_backends(checked.backends, problems)
+    _check_routes(checked.routes, backends, problems)
+    _check_settings(checked, problems)
+    if problems:
+        raise ConfigError(source, problems)
+    return checked
+
+
+def _apply_defaults(config: config_pb2.GatewayConfig) -> None:
+    if not config.listeners.data_plane:
+        config.listeners.data_plane = DEFAULT_DATA_PLANE
+    if not config.listeners.metrics:
+        config.listeners.metrics = DEFAULT_METRICS
+    d = config.defaults
+    if not d.HasField("per_try_timeout"):
+        d.per_try_timeout.FromMilliseconds(int(DEFAULT_PER_TRY_TIMEOUT_S * 1000))
+    if not d.route_key_header:
+        d.route_key_header = DEFAULT_ROUTE_KEY_HEADER
+    if not config.limits.max_request_bytes:
+        config.limits.max_request_bytes = DEFAULT_MAX_REQUEST_BYTES
+    if not config.limits.max_inputs:
+        config.limits.max_inputs = DEFAULT_MAX_INPUTS
+    life = config.lifecycle
+    if not life.HasField("shutdown_grace"):
+        life.shutdown_grace.FromMilliseconds(int(DEFAULT_SHUTDOWN_GRACE_S * 1000))
+    if not life.HasField("drain_delay"):
+        life.drain_delay.FromMilliseconds(0)
+    if not life.HasField("health_check_interval"):
+        life.health_check_interval.FromMilliseconds(int(DEFAULT_HEALTH_CHECK_INTERVAL_S * 1000))
+    for backend in config.backends:
+        if not backend.HasField("per_try_timeout"):
+            backend.per_try_timeout.CopyFrom(d.per_try_timeout)
+    for route in config.routes:
+        for variant in route.variants:
+            if not variant.backend_model:
+                variant.backend_model = route.model
+
+
+def address_problem(address: str) -> str | None:
+    """Why `address` is not a usable host:port, or None."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host:
+        return f"{address!r} is not host:port"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        return f"{address!r}: port must be 1-65535"
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return f"{address!r}: {host} is not an IPv6 address"
+        return None
+    if not _HOST.match(host) or ".." in host:
+        return f"{address!r}: {host!r} is not a valid host name or IPv4 address"
+    return None
+
+
+def _check_listeners(listeners: config_pb2.Listeners, problems: list[Problem]) -> None:
+    seen: dict[str, str] = {}
+    for field in ("data_plane", "metrics"):
+        value = getattr(listeners, field)
+        if field == "metrics" and value == "off":
+            continue
+        reason = address_problem(value)
+        if reason:
+            problems.append(Problem(f"listeners.{field}", reason))
+        elif value in seen and not value.endswith(":0"):
+            problems.append(Problem(f"listeners.{field}", f"same address as {seen[value]}"))
+        seen[value] = f"listeners.{field}"
+
+
+def _check_backends(
+    backends: list[config_pb2.Backend], problems: list[Problem]
+) -> dict[str, config_pb2.Backend]:
+    by_name: dict[str, config_pb2.Backend] = {}
+    for i, backend in enumerate(backends):
+        at = f"backends[{i}]"
+        if not backend.name:
+            problems.append(Problem(f"{at}.name", "required"))
+        elif not _NAME.match(backend.name):
+            problems.append(Problem(f"{at}.name", f"{backend.name!r} must match {_NAME.pattern}"))
+        elif backend.name in by_name:
+            problems.append(Problem(f"{at}.name", f"duplicate backend name {backend.name!r}"))
+        else:
+            by_name[backend.name] = backend
+        if backend.kind == config_pb2.BACKEND_KIND_UNSPECIFIED:
+            problems.append(
+                Problem(f"{at}.kind", "required (BACKEND_KIND_TRITON, _TFSERVING, _TORCHSERVE)")
+            )
+        elif backend.kind != config_pb2.BACKEND_KIND_TRITON:
+            kind = config_pb2.BackendKind.Name(backend.kind)
+            problems.append(Problem(f"{at}.kind", f"{kind} is not supported yet"))
+        if not backend.address:
+            problems.append(Problem(f"{at}.address", "required"))
+        else:
+            reason = address_problem(backend.address)
+            if reason:
+                problems.append(Problem(f"{at}.address", reason))
+        if _duration_s(backend.per_try_timeout) <= 0:
+            problems.append(Problem(f"{at}.per_try_timeout", "must be positive"))
+        conn = backend.connection
+        if conn.max_message_bytes < 0:
+            problems.append(Problem(f"{at}.connection.max_message_bytes", "must not be negative"))
+        for field in ("keepalive_time", "connect_timeout"):
+            if conn.HasField(field) and _duration_s(getattr(conn, field)) <= 0:
+                problems.append(Problem(f"{at}.connection.{field}", "must be positive"))
+    return by_name
+
+
+def _check_routes(
+    routes: list[config_pb2.Route],
+    backends: dict[str, config_pb2.Backend],
+    problems: list[Problem],
+) -> None:
+    models: set[str] = set()
+    for i, route in enumerate(routes):
+        at = f"routes[{i}]"
+        if not route.model:
+            problems.append(Problem(f"{at}.model", "required"))
+        elif not _MODEL.match(route.model):
+            problems.append(Problem(f"{at}.model", f"{route.model!r} must match {_MODEL.pattern}"))
+        elif route.model in models:
+            problems.append(Problem(f"{at}.model", f"duplicate route for model {route.model!r}"))
+        models.add(route.model)
+        if not route.variants:
+            problems.append(Problem(f"{at}.variants", "a route needs at least one variant"))
+            continue
+        names: set[str] = set()
+        for j, variant in enumerate(route.variants):
+            vat = f"{at}.variants[{j}]"
+            if not variant.name:
+                problems.append(Problem(f"{vat}.name", "required"))
+            elif not _NAME.match(variant.name):
+                problems.append(
+                    Problem(f"{vat}.name", f"{variant.name!r} must match {_NAME.pattern}")
+                )
+            elif variant.name in names:
+                problems.append(Problem(f"{vat}.name", f"duplicate variant {variant.name!r}"))
+            names.add(variant.name)
+            if not variant.backend:
+                problems.append(Problem(f"{vat}.backend", "required"))
+            elif variant.backend not in backends:
+                known = ", ".join(sorted(backends)) or "none defined"
+                problems.append(
+                    Problem(
+                        f"{vat}.backend",
+                        f"unknown backend {variant.backend!r} (known: {known})",
+                    )
+                )
+            if variant.version and not variant.version.isdigit():
+                problems.append(
+                    Problem(f"{vat}.version", f"{variant.version!r} must be a decimal number")
+                )
+            if variant.backend_version and not variant.backend_version.isdigit():
+                problems.append(
+                    Problem(
+                        f"{vat}.backend_version",
+                        f"{variant.backend_version!r} must be a decimal number",
+                    )
+                )
+        if all(v.weight == 0 for v in route.variants):
+            problems.append(
+                Problem(
+                    f"{at}.variants", "all weights are 0: at least one variant needs weight > 0"
+                )
+            )
+
+
+def _check_settings(config: config_pb2.GatewayConfig, problems: list[Problem]) -> None:
+    if config.limits.max_request_bytes < 1024:
+        problems.append(Problem("limits.max_request_bytes", "must be at least 1024"))
+    if config.limits.max_request_bytes > 1024 * 1024 * 1024:
+        problems.append(Problem("limits.max_request_bytes", "must be at most 1 GiB"))
+    if config.limits.max_inputs < 1:
+        problems.append(Problem("limits.max_inputs", "must be at least 1"))
+    if _duration_s(config.defaults.per_try_timeout) <= 0:
+        problems.append(Problem("defaults.per_try_timeout", "must be positive"))
+    if not _HEADER.match(config.defaults.route_key_header):
+        problems.append(
+            Problem("defaults.route_key_header", "must be a lower-case gRPC metadata key")
+        )
+    elif config.defaults.route_key_header.endswith("-bin"):
+        problems.append(Problem("defaults.route_key_header", "must not be a binary (-bin) key"))
+    life = config.lifecycle
+    for field in ("shutdown_grace", "drain_delay"):
+        if _duration_s(getattr(life, field)) < 0:
+            problems.append(Problem(f"lifecycle.{field}", "must not be negative"))
+    if _duration_s(life.health_check_interval) <= 0:
+        problems.append(Problem("lifecycle.health_check_interval", "must be positive"))
+
+
+def _duration_s(duration) -> float:
+    return duration.seconds + duration.nanos / 1e9
+
+
+def seconds(duration) -> float:
+    """A google.protobuf.Duration as float seconds."""
+    return _duration_s(duration)

@@ -1,0 +1,43 @@
+"""The innermost service: hand the call to the chosen variant's backend adapter.
+
+Each try is bounded by the backend's per-try timeout and by what is left of the caller's
+deadline, whichever is shorter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import grpc
+from tritonclient.grpc import service_pb2 as oip
+
+from adapters.base import Adapter
+from gateway.errors import GatewayError
+from gateway.metrics import GatewayMetrics
+from gateway.pipeline import InferCall, InferService
+
+
+def dispatch(
+    adapters: Callable[[], Mapping[str, Adapter]],
+    per_try_timeout: Callable[[str], float],
+    metrics: GatewayMetrics,
+) -> InferService:
+    async def call_backend(call: InferCall) -> oip.ModelInferResponse:
+        target = call.target
+        adapter = adapters()[target.backend]
+        timeout = per_try_timeout(target.backend)
+        remaining = call.remaining()
+        if remaining is not None:
+            if remaining <= 0:
+                raise GatewayError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the backend call"
+                )
+            timeout = min(timeout, remaining)
+        gauge = metrics.backend_in_flight.labels(target.backend)
+        gauge.inc()
+        try:
+            return await adapter.infer(call.request, timeout=timeout)
+        finally:
+            gauge.dec()
+
+    return call_backend

@@ -1,0 +1,81 @@
+"""Prometheus metrics of the gateway, on their own registry and their own listener.
+
+Label values come from the route table, never from raw request fields, so a caller cannot grow
+the number of series: requests for unknown models are counted under model="_unrouted".
+"""
+
+from __future__ import annotations
+
+import prometheus_client as prom
+
+UNROUTED = "_unrouted"
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075,
+    0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+
+class GatewayMetrics:
+    def __init__(self, registry: prom.CollectorRegistry | None = None) -> None:
+        self.registry = registry or prom.CollectorRegistry()
+        labels = ("model", "variant", "backend", "code")
+        self.requests = prom.Counter(
+            "tensorgate_requests",
+            "ModelInfer calls answered, by public model, variant, backend and gRPC code.",
+            labels,
+            registry=self.registry,
+        )
+        self.latency = prom.Histogram(
+            "tensorgate_request_duration_seconds",
+            "ModelInfer latency seen by the gateway, from receipt to answer.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = prom.Gauge(
+            "tensorgate_requests_in_flight",
+            "ModelInfer calls being handled, by public model.",
+            ("model",),
+            registry=self.registry,
+        )
+        self.backend_in_flight = prom.Gauge(
+            "tensorgate_backend_requests_in_flight",
+            "Calls waiting on a backend.",
+            ("backend",),
+            registry=self.registry,
+        )
+        self.backend_up = prom.Gauge(
+            "tensorgate_backend_up",
+            "1 when the backend's last readiness probe succeeded.",
+            ("backend",),
+            registry=self.registry,
+        )
+        self.route_ready = prom.Gauge(
+            "tensorgate_route_ready",
+            "1 when at least one variant of the route is on a ready backend.",
+            ("model",),
+            registry=self.registry,
+        )
+        self.ready = prom.Gauge(
+            "tensorgate_ready", "1 when the gateway reports ready.", registry=self.registry
+        )
+        self.info = prom.Info("tensorgate", "Gateway build information.", registry=self.registry)
+        # Children are cached: labels() takes a lock and builds a tuple on every call.
+        self._outcomes: dict[tuple[str, str, str, str], tuple] = {}
+
+    def observe(self, model: str, variant: str, backend: str, code: str, seconds: float) -> None:
+        key = (model, variant, backend, code)
+        children = self._outcomes.get(key)
+        if children is None:
+            children = (self.requests.labels(*key), self.latency.labels(*key))
+            self._outcomes[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def serve(self, address: str):
+        """Start the /metrics HTTP listener on host:port; returns the server (has .shutdown())."""
+        host, _, port = address.rpartition(":")
+        server, _thread = prom.start_http_server(
+            int(port), addr=host.strip("[]"), registry=self.registry
+        )
+        return server

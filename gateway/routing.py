@@ -1,0 +1,163 @@
+"""The compiled route table: public model (and version) -> the variant that answers.
+
+Compiled once per config revision into plain dicts and tuples, so resolving a request is one dict
+lookup plus a bisect over that route's few variants: the cost does not grow with the number of
+routes. A compiled table is immutable; a config change builds a new one and swaps it whole.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import random
+from dataclasses import dataclass, field
+
+from tensorgate.config.v1 import config_pb2
+from uhashring import HashRing
+
+from gateway.errors import not_found
+
+# uhashring places vnodes * weight points per variant; weights are scaled to about this many
+# units per route so a ring stays small however large the configured weights are.
+_RING_UNITS = 100
+_RING_VNODES = 40
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One variant of a route, resolved to what the backend must be asked."""
+
+    model: str  # public model name
+    variant: str
+    backend: str
+    backend_model: str
+    backend_version: str
+    version: str  # public version, "" when the variant is unversioned
+    weight: int
+
+
+@dataclass(slots=True)
+class _Picker:
+    """Chooses among a fixed set of targets: weighted random, or sticky by key."""
+
+    targets: tuple[Target, ...]
+    weights: tuple[int, ...]
+    _cumulative: list[int] = field(init=False)
+    _total: int = field(init=False)
+    _ring: HashRing | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self._cumulative = list(itertools.accumulate(self.weights))
+        self._total = self._cumulative[-1]
+
+    def pick(self) -> Target:
+        if len(self.targets) == 1:
+            return self.targets[0]
+        return self.targets[bisect.bisect_right(self._cumulative, random.random() * self._total)]
+
+    def pick_keyed(self, key: str) -> Target:
+        if len(self.targets) == 1:
+            return self.targets[0]
+        if self._ring is None:
+            # Built on first keyed use: most routes never see a route key, and building rings for
+            # 10,000 routes up front would make every config change slow.
+            scale = _RING_UNITS / self._total
+            nodes = {
+                t.variant: {
+                    "instance": t,
+                    "weight": max(1, round(w * scale)),
+                    "vnodes": _RING_VNODES,
+                }
+                for t, w in zip(self.targets, self.weights, strict=True)
+                if w > 0
+            }
+            self._ring = HashRing(nodes=nodes)
+        return self._ring[key]
+
+
+@dataclass(slots=True)
+class RoutePlan:
+    model: str
+    targets: tuple[Target, ...]
+    versions: tuple[str, ...]  # public versions, sorted numerically
+    unpinned: _Picker
+    by_version: dict[str, _Picker]
+
+    def resolve(self, version: str, route_key: str | None) -> Target:
+        if version:
+            picker = self.by_version.get(version)
+            if picker is None:
+                listed = ", ".join(self.versions) or "none; omit model_version"
+                raise not_found(
+                    f"model {self.model!r} has no version {version!r} (versions: {listed})"
+                )
+        else:
+            picker = self.unpinned
+        return picker.pick_keyed(route_key) if route_key else picker.pick()
+
+    def primary(self, version: str = "") -> Target:
+        """The variant with the largest weight: a stable answer for metadata requests."""
+        if version:
+            candidates = self.by_version[version].targets if version in self.by_version else ()
+            if not candidates:
+                self.resolve(version, None)  # raises NOT_FOUND with the versions listed
+        else:
+            candidates = self.unpinned.targets
+        return max(candidates, key=lambda t: t.weight)
+
+    def candidates(self, version: str = "") -> tuple[Target, ...]:
+        if version:
+            return self.by_version[version].targets if version in self.by_version else ()
+        return self.unpinned.targets
+
+
+def _plan(route: config_pb2.Route) -> RoutePlan:
+    targets = tuple(
+        Target(
+            model=route.model,
+            variant=v.name,
+            backend=v.backend,
+            backend_model=v.backend_model or route.model,
+            backend_version=v.backend_version,
+            version=v.version,
+            weight=v.weight,
+        )
+        for v in route.variants
+    )
+    weighted = tuple(t for t in targets if t.weight > 0)
+    unpinned = _Picker(weighted, tuple(t.weight for t in weighted))
+    by_version: dict[str, _Picker] = {}
+    for version in {t.version for t in targets if t.version}:
+        group = tuple(t for t in targets if t.version == version)
+        weights = tuple(t.weight for t in group)
+        # A pinned version is served even when its variants take no unpinned traffic.
+        if not any(weights):
+            weights = (1,) * len(group)
+        by_version[version] = _Picker(group, weights)
+    versions = tuple(sorted(by_version, key=int))
+    return RoutePlan(route.model, targets, versions, unpinned, by_version)
+
+
+class RouteTable:
+    """All routes of one config revision."""
+
+    def __init__(self, routes: list[config_pb2.Route]) -> None:
+        self._plans = {route.model: _plan(route) for route in routes}
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def __iter__(self):
+        return iter(self._plans.values())
+
+    def plan(self, model: str) -> RoutePlan:
+        plan = self._plans.get(model)
+        if plan is None:
+            raise not_found(f"unknown model {model!r}: no route for it in the gateway")
+        return plan
+
+    def get(self, model: str) -> RoutePlan | None:
+        return self._plans.get(model)
+
+    def resolve(self, model: str, version: str = "", route_key: str | None = None) -> Target:
+        return self.plan(model).resolve(version, route_key)

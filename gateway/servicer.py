@@ -1,0 +1,122 @@
+"""The Open Inference Protocol (KServe v2) gRPC service the gateway exposes.
+
+Built on the servicer base class tritonclient ships, so the process holds one definition of the
+`inference` protocol and stock Triton/KServe clients work unchanged. ModelInfer goes through the
+layered request path; the other RPCs answer from the route table and the chosen backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+from tritonclient.grpc import service_pb2 as oip
+from tritonclient.grpc import service_pb2_grpc
+
+import gateway
+from gateway.errors import GatewayError
+from gateway.pipeline import InferCall, InferService
+
+log = logging.getLogger(__name__)
+
+VARIANT_HEADER = "x-tensorgate-variant"
+BACKEND_HEADER = "x-tensorgate-backend"
+METADATA_TIMEOUT_S = 10.0
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, runtime, infer: InferService) -> None:
+        self._runtime = runtime  # gateway.app.Runtime: live route table, adapters, readiness
+        self._infer = infer
+
+    async def ServerLive(self, request, context):
+        return oip.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return oip.ServerReadyResponse(ready=self._runtime.readiness.ready)
+
+    async def ServerMetadata(self, request, context):
+        return oip.ServerMetadataResponse(name="tensorgate", version=gateway.__version__)
+
+    async def ModelReady(self, request, context):
+        plan = self._runtime.table.get(request.name)
+        if plan is None:
+            return oip.ModelReadyResponse(ready=False)
+        for target in plan.candidates(request.version):
+            adapter = self._runtime.adapters[target.backend]
+            if await adapter.ready(target.backend_model, target.backend_version):
+                return oip.ModelReadyResponse(ready=True)
+        return oip.ModelReadyResponse(ready=False)
+
+    async def ModelMetadata(self, request, context):
+        try:
+            plan = self._runtime.table.plan(request.name)
+            target = plan.primary(request.version)
+            adapter = self._runtime.adapters[target.backend]
+            reply = await adapter.metadata(
+                target.backend_model, target.backend_version, timeout=_timeout(context)
+            )
+        except GatewayError as err:
+            await context.abort(err.code, err.message)
+        reply.name = plan.model
+        del reply.versions[:]
+        reply.versions.extend(plan.versions)
+        await _announce(context, target)
+        return reply
+
+    async def ModelConfig(self, request, context):
+        try:
+            plan = self._runtime.table.plan(request.name)
+            target = plan.primary(request.version)
+            adapter = self._runtime.adapters[target.backend]
+            reply = await adapter.model_config(
+                target.backend_model, target.backend_version, timeout=_timeout(context)
+            )
+        except GatewayError as err:
+            await context.abort(err.code, err.message)
+        reply.config.name = plan.model
+        await _announce(context, target)
+        return reply
+
+    async def ModelInfer(self, request, context):
+        remaining = context.time_remaining()
+        call = InferCall(
+            request=request,
+            model=request.model_name,
+            version=request.model_version,
+            route_key=_route_key(context, self._runtime.route_key_header),
+            deadline=None if remaining is None else time.monotonic() + remaining,
+        )
+        try:
+            response = await self._infer(call)
+        except GatewayError as err:
+            if call.target is not None:
+                context.set_trailing_metadata(_headers(call.target))
+            await context.abort(err.code, err.message)
+        except Exception:
+            # A bug of ours must not surface as UNKNOWN with a stack trace in the message.
+            log.exception("ModelInfer failed for model %r", call.model)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal gateway error")
+        await context.send_initial_metadata(_headers(call.target))
+        return response
+
+
+def _headers(target) -> tuple[tuple[str, str], ...]:
+    return ((VARIANT_HEADER, target.variant), (BACKEND_HEADER, target.backend))
+
+
+async def _announce(context, target) -> None:
+    await context.send_initial_metadata(_headers(target))
+
+
+def _route_key(context, header: str) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == header:
+            return value or None
+    return None
+
+
+def _timeout(context) -> float:
+    remaining = context.time_remaining()
+    return METADATA_TIMEOUT_S if remaining is None else min(remaining, METADATA_TIMEOUT_S)
