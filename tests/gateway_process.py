@@ -1,0 +1,95 @@
+"""Runs the gateway as users do: `tensorgate serve --config FILE` in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import yaml
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from tests.backends.triton import REPO_ROOT, free_port
+
+TENSORGATE = Path(sys.executable).parent / "tensorgate"
+
+
+class GatewayProcess:
+    def __init__(self, config: dict, *, startup_timeout: float = 30.0) -> None:
+        self.config = dict(config)
+        self.port = free_port()
+        self.metrics_port = free_port()
+        listeners = dict(self.config.get("listeners", {}))
+        listeners.setdefault("data_plane", f"127.0.0.1:{self.port}")
+        listeners.setdefault("metrics", f"127.0.0.1:{self.metrics_port}")
+        self.config["listeners"] = listeners
+        self.address = listeners["data_plane"]
+        self.metrics_url = f"http://{listeners['metrics']}/metrics"
+        self._dir = tempfile.mkdtemp(prefix="tensorgate-test-")
+        self.config_path = Path(self._dir) / "gateway.yaml"
+        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+        self.log_path = Path(self._dir) / "gateway.log"
+        self._startup_timeout = startup_timeout
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, *, wait_ready: bool = True) -> GatewayProcess:
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [str(TENSORGATE), "serve", "--config", str(self.config_path)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            start_new_session=True,
+        )
+        if wait_ready:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self._startup_timeout
+        with grpc.insecure_channel(self.address) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"gateway exited {self.proc.returncode}:\n{self.log()}")
+                try:
+                    if stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=1).ready:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)
+        raise RuntimeError(f"gateway not ready in {self._startup_timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def terminate(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> GatewayProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def triton_backend(address: str, name: str = "triton-a") -> dict:
+    return {"name": name, "kind": "BACKEND_KIND_TRITON", "address": address}
