@@ -31,6 +31,10 @@ def channel_options(backend: config_pb2.Backend, max_request_bytes: int) -> list
         # Several backends may share a host; distinct channels must not share one subchannel pool
         # or one sick backend's reconnect backoff would be felt by the others.
         ("grpc.use_local_subchannel_pool", 1),
+        # gRPC's default reconnect backoff grows to 120 s; a restarted backend must be noticed
+        # within seconds.
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2000),
     ]
     if conn.HasField("keepalive_time"):
         options.append(("grpc.keepalive_time_ms", conn.keepalive_time.ToMilliseconds()))

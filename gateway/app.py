@@ -104,7 +104,10 @@ class Gateway:
             self.server,
         )
         address = config.listeners.data_plane
-        self.port = self.server.add_insecure_port(address)
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError:
+            self.port = 0
         if not self.port:
             raise OSError(f"cannot listen on {address} (listeners.data_plane): address in use?")
         if config.listeners.metrics != "off":

@@ -38,7 +38,7 @@ class GatewayProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self, *, wait_ready: bool = True) -> GatewayProcess:
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [str(TENSORGATE), "serve", "--config", str(self.config_path)],
             stdout=self._log,

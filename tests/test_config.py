@@ -1,0 +1,119 @@
+"""Config errors are loud and whole: file, field path, reason, non-zero exit, nothing started."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+
+import pytest
+
+from gateway.config import ConfigError, load_yaml
+from tests.backends.triton import free_port
+from tests.gateway_process import TENSORGATE
+
+GOOD = """
+backends:
+  - {name: triton-a, kind: BACKEND_KIND_TRITON, address: "127.0.0.1:8101"}
+routes:
+  - model: linear
+    variants:
+      - {name: stable, backend: triton-a, weight: 80}
+      - {name: canary, backend: triton-a, weight: 20}
+"""
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as err:
+        load_yaml(text, source="x.yaml")
+    return [str(p) for p in err.value.problems]
+
+
+def test_good_config_is_defaulted():
+    config = load_yaml(GOOD)
+    assert config.listeners.data_plane == "127.0.0.1:8001"  # loopback unless configured
+    assert config.listeners.metrics == "127.0.0.1:9464"
+    assert config.routes[0].variants[0].backend_model == "linear"
+    assert config.backends[0].per_try_timeout.seconds == 30
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (GOOD.replace("backend: triton-a, weight: 20", "backend: triton-b, weight: 20"),
+         "routes[0].variants[1].backend: unknown backend 'triton-b' (known: triton-a)"),
+        (GOOD.replace("weight: 80", "weight: -5"), "routes[0].variants[0].weight: Value out of range: -5"),
+        (GOOD.replace("weight: 80", "weight: 0").replace("weight: 20", "weight: 0"),
+         "routes[0].variants: all weights are 0"),
+        (GOOD.replace("name: canary", "name: stable"), "routes[0].variants[1].name: duplicate variant 'stable'"),
+        (GOOD + "  - model: linear\n    variants: [{name: a, backend: triton-a, weight: 1}]\n",
+         "routes[1].model: duplicate route for model 'linear'"),
+        (GOOD.replace('"127.0.0.1:8101"', '"127.0.0.1:99999"'), "backends[0].address: '127.0.0.1:99999': port must be 1-65535"),
+        (GOOD.replace('"127.0.0.1:8101"', '"localhost"'), "backends[0].address: 'localhost' is not host:port"),
+        (GOOD.replace("BACKEND_KIND_TRITON", "TRITON"), "backends[0].kind: Invalid enum value TRITON"),
+        (GOOD.replace("routes:", "rootes:"), 'rootes: Message type "tensorgate.config.v1.GatewayConfig" has no field named "rootes"'),
+        (GOOD + "listeners: {data_plane: 'nohost'}\n", "listeners.data_plane: 'nohost' is not host:port"),
+        (GOOD + "lifecycle: {shutdown_grace: 5}\n", "lifecycle.shutdown_grace: Duration JSON value not a string"),
+        ("routes: [\n", "not valid YAML: line 2"),
+    ],
+)  # fmt: skip
+def test_invalid_configs_name_path_and_reason(text, expected):
+    found = problems(text)
+    assert any(expected in p for p in found), found
+
+
+def test_all_problems_reported_at_once():
+    text = GOOD.replace("triton-a, weight: 20", "nope, weight: 20").replace(
+        '"127.0.0.1:8101"', '"x"'
+    )
+    assert len(problems(text)) == 2
+
+
+def test_check_config_cli(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text(GOOD)
+    run = subprocess.run([TENSORGATE, "check-config", good], capture_output=True, text=True)
+    assert run.returncode == 0
+    assert "OK (1 backends, 1 routes)" in run.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(GOOD.replace("backend: triton-a, weight: 20", "backend: triton-b, weight: 20"))
+    run = subprocess.run([TENSORGATE, "check-config", bad], capture_output=True, text=True)
+    assert run.returncode == 1
+    assert str(bad) in run.stderr
+    assert "routes[0].variants[1].backend: unknown backend 'triton-b'" in run.stderr
+    run = subprocess.run(
+        [TENSORGATE, "check-config", tmp_path / "missing.yaml"], capture_output=True, text=True
+    )
+    assert run.returncode == 1 and "cannot read file" in run.stderr
+
+
+def test_serve_rejects_invalid_config_and_binds_nothing(tmp_path):
+    port = free_port()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        GOOD.replace("weight: 80", "weight: 0").replace("weight: 20", "weight: 0")
+        + f"listeners: {{data_plane: '127.0.0.1:{port}'}}\n"
+    )
+    start = time.monotonic()
+    run = subprocess.run(
+        [TENSORGATE, "serve", "--config", bad], capture_output=True, text=True, timeout=30
+    )
+    assert run.returncode == 1
+    assert "all weights are 0" in run.stderr and str(bad) in run.stderr
+    assert time.monotonic() - start < 15
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0  # nothing listening
+
+
+def test_serve_refuses_a_busy_port(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = tmp_path / "g.yaml"
+        cfg.write_text(GOOD + f"listeners: {{data_plane: '127.0.0.1:{port}', metrics: 'off'}}\n")
+        run = subprocess.run(
+            [TENSORGATE, "serve", "--config", cfg], capture_output=True, text=True, timeout=30
+        )
+    assert run.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in run.stderr
