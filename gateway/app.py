@@ -18,9 +18,22 @@ from adapters.base import Adapter
 from adapters.registry import build_adapter
 from gateway.config import seconds
 from gateway.health import Readiness
-from gateway.layers import dispatch, observe, routing, validation
+from gateway.layers import (
+    breaker,
+    bulkhead,
+    deadline,
+    dispatch,
+    fallback,
+    hedge,
+    observe,
+    retry,
+    routing,
+    shadow,
+    validation,
+)
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import InferService, compose
+from gateway.policy import breaker_settings, bulkhead_settings
 from gateway.routing import RouteTable
 from gateway.servicer import InferenceServicer
 
@@ -34,7 +47,7 @@ class Runtime:
 
     def __init__(self, config: config_pb2.GatewayConfig) -> None:
         self.config = config
-        self.table = RouteTable(config.routes)
+        self.table = RouteTable(config.routes, config.defaults.route_policy)
         max_request = config.limits.max_request_bytes
         self.adapters: dict[str, Adapter] = {
             b.name: build_adapter(b, max_request_bytes=max_request) for b in config.backends
@@ -50,22 +63,50 @@ class Runtime:
             seconds(config.lifecycle.health_check_interval),
         )
         self.specs = validation.SpecCache()
+        defaults = config.defaults
+        self.breakers = {
+            b.name: breaker.BackendBreaker(
+                b.name, breaker_settings(b, defaults.circuit_breaker), self.metrics
+            )
+            for b in config.backends
+            if not breaker_settings(b, defaults.circuit_breaker).disabled
+        }
+        self.bulkheads = {
+            b.name: bulkhead.Bulkhead(b.name, bulkhead_settings(b, defaults.bulkhead), self.metrics)
+            for b in config.backends
+            if not bulkhead_settings(b, defaults.bulkhead).disabled
+        }
+        self.retry_budgets = retry.RetryBudgets()
+        self.latencies = hedge.LatencyTracker()
+        self.shadows = shadow.ShadowRunner(self.metrics, self.per_try_timeout.__getitem__)
 
     def request_path(self) -> InferService:
-        """The ModelInfer path, outermost layer first."""
+        """The ModelInfer path, outermost layer first. Each layer is one policy
+        (gateway/layers/); the adapter call is at the bottom."""
         limits = self.config.limits
         adapters = lambda: self.adapters  # noqa: E731 - read per call, so swaps take effect
+        backend_call = compose(
+            breaker.breaker(lambda: self.breakers),
+            bulkhead.bulkhead(lambda: self.bulkheads),
+            service=dispatch.dispatch(adapters, self.per_try_timeout.__getitem__, self.metrics),
+        )
         return compose(
             observe.observe(self.metrics, lambda model: self.table.get(model) is not None),
             validation.structure(
                 max_request_bytes=limits.max_request_bytes, max_inputs=limits.max_inputs
             ),
-            routing.route(lambda: self.table),
+            routing.route(lambda: self.table, lambda: self.readiness.down),
             validation.schema(adapters, self.specs),
-            service=dispatch.dispatch(adapters, self.per_try_timeout.__getitem__, self.metrics),
+            deadline.deadline(),
+            shadow.shadow(self.shadows, lambda: backend_call),
+            fallback.fallback(lambda: self.table, self.metrics),
+            hedge.hedge(self.latencies, self.metrics),
+            retry.retry(self.retry_budgets, self.metrics),
+            service=backend_call,
         )
 
     async def close(self) -> None:
+        await self.shadows.close()
         await asyncio.gather(*(a.close() for a in self.adapters.values()))
 
 

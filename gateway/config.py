@@ -13,6 +13,7 @@ import pathlib
 import re
 from dataclasses import dataclass
 
+import grpc
 import yaml
 from google.protobuf import json_format
 from tensorgate.config.v1 import config_pb2
@@ -247,6 +248,7 @@ def _check_routes(
     problems: list[Problem],
 ) -> None:
     models: set[str] = set()
+    models_by_name = {r.model for r in routes}
     for i, route in enumerate(routes):
         at = f"routes[{i}]"
         if not route.model:
@@ -292,6 +294,7 @@ def _check_routes(
                         f"{variant.backend_version!r} must be a decimal number",
                     )
                 )
+        _check_policy(route.policy, f"{at}.policy", route, models_by_name, problems)
         if all(v.weight == 0 for v in route.variants):
             problems.append(
                 Problem(
@@ -300,7 +303,125 @@ def _check_routes(
             )
 
 
+_DATATYPES = {
+    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+    "FP16", "FP32", "FP64", "BYTES",
+}  # fmt: skip
+
+
+def _check_policy(
+    policy: config_pb2.RoutePolicy,
+    at: str,
+    route: config_pb2.Route | None,
+    models: set[str],
+    problems: list[Problem],
+) -> None:
+    """Checks a route's policy (route given) or defaults.route_policy (route None)."""
+    from gateway.policy import NEVER_RETRY
+
+    if policy.HasField("timeout") and _duration_s(policy.timeout) < 0:
+        problems.append(Problem(f"{at}.timeout", "must not be negative"))
+    retry = policy.retry
+    for k, code in enumerate(retry.retry_on):
+        if code not in grpc.StatusCode.__members__:
+            problems.append(
+                Problem(f"{at}.retry.retry_on[{k}]", f"{code!r} is not a gRPC code name")
+            )
+        elif grpc.StatusCode[code] in NEVER_RETRY:
+            problems.append(
+                Problem(
+                    f"{at}.retry.retry_on[{k}]", f"{code} is a caller error; retrying cannot help"
+                )
+            )
+    if not 0 <= retry.budget_ratio <= 1:
+        problems.append(Problem(f"{at}.retry.budget_ratio", "must be between 0 and 1"))
+    if retry.max_attempts > 10:
+        problems.append(Problem(f"{at}.retry.max_attempts", "must be at most 10"))
+    for field in ("base_delay", "max_delay", "budget_window"):
+        if retry.HasField(field) and _duration_s(getattr(retry, field)) < 0:
+            problems.append(Problem(f"{at}.retry.{field}", "must not be negative"))
+    if policy.hedge.HasField("delay") and _duration_s(policy.hedge.delay) < 0:
+        problems.append(Problem(f"{at}.hedge.delay", "must not be negative"))
+    variants = {v.name: v for v in route.variants} if route else {}
+    for k, step in enumerate(policy.fallback):
+        sat = f"{at}.fallback[{k}]"
+        kind = step.WhichOneof("step")
+        if kind is None:
+            problems.append(Problem(sat, "set one of variant, model, static_response"))
+        elif kind == "variant":
+            if route is None:
+                problems.append(Problem(f"{sat}.variant", "only valid in a route's own policy"))
+            elif step.variant not in variants:
+                problems.append(
+                    Problem(f"{sat}.variant", f"unknown variant {step.variant!r} in this route")
+                )
+        elif kind == "model":
+            if step.model not in models:
+                problems.append(Problem(f"{sat}.model", f"no route for model {step.model!r}"))
+            elif route is not None and step.model == route.model:
+                problems.append(Problem(f"{sat}.model", "a route cannot fall back to itself"))
+        else:
+            for m, tensor in enumerate(step.static_response.outputs):
+                tat = f"{sat}.static_response.outputs[{m}]"
+                if not tensor.name:
+                    problems.append(Problem(f"{tat}.name", "required"))
+                if tensor.datatype not in _DATATYPES:
+                    problems.append(
+                        Problem(f"{tat}.datatype", f"{tensor.datatype!r} is not an OIP datatype")
+                    )
+                    continue
+                count = 1
+                for d in tensor.shape:
+                    count *= d
+                values = (
+                    tensor.bytes_values if tensor.datatype == "BYTES"
+                    else tensor.bool_values if tensor.datatype == "BOOL"
+                    else tensor.fp_values if tensor.datatype.startswith("FP")
+                    else tensor.int_values
+                )  # fmt: skip
+                if any(d < 0 for d in tensor.shape) or len(values) != count:
+                    problems.append(
+                        Problem(
+                            tat,
+                            f"shape {list(tensor.shape)} needs {count} values, has {len(values)}",
+                        )
+                    )
+            if k != len(policy.fallback) - 1:
+                problems.append(Problem(sat, "static_response must be the last fallback step"))
+    shadow = policy.shadow
+    if policy.HasField("shadow") and shadow.variant:
+        if route is None:
+            problems.append(Problem(f"{at}.shadow", "only valid in a route's own policy"))
+        elif shadow.variant not in variants:
+            problems.append(Problem(f"{at}.shadow.variant", f"unknown variant {shadow.variant!r}"))
+        elif variants[shadow.variant].weight > 0:
+            problems.append(
+                Problem(
+                    f"{at}.shadow.variant",
+                    f"{shadow.variant!r} takes live traffic (weight > 0); a shadow must have weight 0",
+                )
+            )
+        if not 0 <= shadow.fraction <= 1:
+            problems.append(Problem(f"{at}.shadow.fraction", "must be between 0 and 1"))
+
+
 def _check_settings(config: config_pb2.GatewayConfig, problems: list[Problem]) -> None:
+    _check_policy(
+        config.defaults.route_policy,
+        "defaults.route_policy",
+        None,
+        {r.model for r in config.routes},
+        problems,
+    )
+    breakers = [("defaults.circuit_breaker", config.defaults.circuit_breaker)] + [
+        (f"backends[{i}].circuit_breaker", b.circuit_breaker) for i, b in enumerate(config.backends)
+    ]
+    for at, cb in breakers:
+        if not 0 <= cb.failure_ratio <= 1:
+            problems.append(Problem(f"{at}.failure_ratio", "must be between 0 and 1"))
+        for field in ("window", "open_duration"):
+            if cb.HasField(field) and _duration_s(getattr(cb, field)) <= 0:
+                problems.append(Problem(f"{at}.{field}", "must be positive"))
     if config.limits.max_request_bytes < 1024:
         problems.append(Problem("limits.max_request_bytes", "must be at least 1024"))
     if config.limits.max_request_bytes > 1024 * 1024 * 1024:

@@ -26,6 +26,13 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class Readiness:
+    """Active health checks of backends and of every variant's model, and the gateway's own
+    readiness derived from them.
+
+    A backend that fails its probe is probed again with exponential backoff (up to 4x the
+    interval) so a dead backend is not hammered, but a restarted one is noticed within seconds.
+    """
+
     def __init__(
         self,
         adapters: Callable[[], Mapping[str, Adapter]],
@@ -39,6 +46,9 @@ class Readiness:
         self._metrics = metrics
         self._interval = interval
         self.backend_up: dict[str, bool] = {}
+        self._failures: dict[str, int] = {}
+        self._next_probe: dict[str, float] = {}
+        self.down: frozenset[tuple[str, str, str]] = frozenset()
         self.draining = False
         self.ready = False
         self._task: asyncio.Task | None = None
@@ -59,32 +69,69 @@ class Readiness:
 
     async def _loop(self) -> None:
         while True:
-            await asyncio.sleep(self._interval)
+            await asyncio.sleep(self._interval / 4)
             try:
-                await self.probe()
+                await self.probe(only_due=True)
             except Exception:  # a probe bug must not stop probing for good
-                log.exception("backend probe round failed")
+                log.exception("health probe round failed")
 
-    async def probe(self) -> None:
+    async def probe(self, *, only_due: bool = False) -> None:
         adapters = self._adapters()
-        names = list(adapters)
+        now = asyncio.get_running_loop().time()
+        due = [n for n in adapters if not only_due or now >= self._next_probe.get(n, 0.0)]
+        if not due:
+            return
         timeout = min(self._interval, 2.0)
-        results = await asyncio.gather(*(adapters[n].ready(timeout=timeout) for n in names))
-        for name, up in zip(names, results, strict=True):
+        results = await asyncio.gather(*(adapters[n].ready(timeout=timeout) for n in due))
+        for name, up in zip(due, results, strict=True):
             if self.backend_up.get(name) != up:
                 log.info("backend %s is %s", name, "up" if up else "DOWN")
             self.backend_up[name] = up
+            self._failures[name] = 0 if up else self._failures.get(name, 0) + 1
+            backoff = min(2 ** max(0, self._failures[name] - 1), 4) if not up else 1
+            self._next_probe[name] = now + self._interval * backoff
             self._metrics.backend_up.labels(name).set(1 if up else 0)
+        await self._probe_models(adapters)
         await self._publish()
 
-    def route_ready(self, model: str) -> bool:
+    async def _probe_models(self, adapters: Mapping[str, Adapter]) -> None:
+        keys = {t.key for plan in self._table() for t in plan.targets}
+        limit = asyncio.Semaphore(16)
+
+        async def model_ready(key: tuple[str, str, str]) -> bool:
+            backend, model, version = key
+            if not self.backend_up.get(backend):
+                return False
+            async with limit:
+                return await adapters[backend].ready(model, version, timeout=2.0)
+
+        ordered = sorted(keys)
+        results = await asyncio.gather(*(model_ready(k) for k in ordered))
+        down = frozenset(k for k, ok in zip(ordered, results, strict=True) if not ok)
+        if down != self.down:
+            log.info("variants unable to answer: %s", sorted(down) or "none")
+        self.down = down
+
+    def route_ready(self, model: str, _seen: frozenset[str] = frozenset()) -> bool:
+        """A route is ready when a variant can answer, or a fallback step can."""
         plan = self._table().get(model)
-        return plan is not None and any(self.backend_up.get(t.backend) for t in plan.targets)
+        if plan is None:
+            return False
+        if any(t.key not in self.down for t in plan.targets):
+            return True
+        for step in plan.settings.fallback:
+            kind = step.WhichOneof("step")
+            if kind == "static_response":
+                return True
+            if kind == "model" and step.model not in _seen | {model}:
+                if self.route_ready(step.model, _seen | {model}):
+                    return True
+        return False
 
     async def _publish(self) -> None:
         all_routes = True
         for plan in self._table():
-            up = any(self.backend_up.get(t.backend) for t in plan.targets)
+            up = self.route_ready(plan.model)
             self._metrics.route_ready.labels(plan.model).set(1 if up else 0)
             all_routes = all_routes and up
         ready = all_routes and not self.draining

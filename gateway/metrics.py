@@ -60,6 +60,85 @@ class GatewayMetrics:
             "tensorgate_ready", "1 when the gateway reports ready.", registry=self.registry
         )
         self.info = prom.Info("tensorgate", "Gateway build information.", registry=self.registry)
+        self.retries = prom.Counter(
+            "tensorgate_retries",
+            "Retries sent, by public model and the code that caused them.",
+            ("model", "code"),
+            registry=self.registry,
+        )
+        self.retry_budget_exhausted = prom.Counter(
+            "tensorgate_retry_budget_exhausted",
+            "Retries not sent because the route's retry budget was used up.",
+            ("model",),
+            registry=self.registry,
+        )
+        self.breaker_state = prom.Gauge(
+            "tensorgate_breaker_state",
+            "Circuit breaker state per backend: 0 closed, 1 half-open, 2 open.",
+            ("backend",),
+            registry=self.registry,
+        )
+        self.breaker_transitions = prom.Counter(
+            "tensorgate_breaker_transitions",
+            "Circuit breaker state changes, by the state entered.",
+            ("backend", "state"),
+            registry=self.registry,
+        )
+        self.breaker_rejections = prom.Counter(
+            "tensorgate_breaker_rejections",
+            "Calls failed fast because the backend's breaker was open (or half-open and full).",
+            ("backend",),
+            registry=self.registry,
+        )
+        self.bulkhead_rejections = prom.Counter(
+            "tensorgate_bulkhead_rejections",
+            "Calls rejected because the backend's concurrency limit and queue were full.",
+            ("backend",),
+            registry=self.registry,
+        )
+        self.bulkhead_queued = prom.Gauge(
+            "tensorgate_bulkhead_queued",
+            "Calls waiting for a backend concurrency slot.",
+            ("backend",),
+            registry=self.registry,
+        )
+        self.fallbacks = prom.Counter(
+            "tensorgate_fallbacks",
+            "Degraded answers: the fallback step that answered (or 'exhausted').",
+            ("model", "step"),
+            registry=self.registry,
+        )
+        self.hedges = prom.Counter(
+            "tensorgate_hedges",
+            "Hedged second tries sent, and which try won.",
+            ("model", "winner"),
+            registry=self.registry,
+        )
+        self.shadow_requests = prom.Counter(
+            "tensorgate_shadow_requests",
+            "Mirrored requests by outcome: ok, error, dropped (shadow concurrency full).",
+            ("model", "variant", "outcome"),
+            registry=self.registry,
+        )
+        self.shadow_max_abs_diff = prom.Histogram(
+            "tensorgate_shadow_max_abs_diff",
+            "Per output: largest absolute difference between shadow and primary values.",
+            ("model", "variant", "output"),
+            buckets=(0.0, 1e-6, 1e-4, 1e-3, 0.01, 0.1, 1.0, 10.0, 100.0),
+            registry=self.registry,
+        )
+        self.shadow_argmax = prom.Counter(
+            "tensorgate_shadow_argmax",
+            "Per output row: whether shadow and primary agree on the argmax (classifiers).",
+            ("model", "variant", "output", "agree"),
+            registry=self.registry,
+        )
+        self.shadow_mismatch = prom.Counter(
+            "tensorgate_shadow_mismatch",
+            "Shadow answers whose outputs differ in name, datatype or shape from the primary's.",
+            ("model", "variant"),
+            registry=self.registry,
+        )
         # Children are cached: labels() takes a lock and builds a tuple on every call.
         self._outcomes: dict[tuple[str, str, str, str], tuple] = {}
 

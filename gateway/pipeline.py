@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from tritonclient.grpc import service_pb2 as oip
 
-from gateway.routing import Target
+from gateway.routing import RoutePlan, Target
 
 
 @dataclass(slots=True)
@@ -25,7 +25,9 @@ class InferCall:
     version: str  # public version, as the caller sent it ("" = unpinned)
     route_key: str | None = None
     deadline: float | None = None  # time.monotonic() by which the caller stops waiting
-    target: Target | None = None  # set by the routing layer
+    target: Target | None = None  # set by routing; retry/fallback/hedge set the one that answered
+    plan: RoutePlan | None = None  # the route, set by the routing layer
+    degraded: str = ""  # the fallback step that answered, "" for a normal answer
 
     def remaining(self) -> float | None:
         """Seconds left before the caller's deadline, or None when it set none."""

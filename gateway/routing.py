@@ -16,6 +16,7 @@ from tensorgate.config.v1 import config_pb2
 from uhashring import HashRing
 
 from gateway.errors import not_found
+from gateway.policy import RouteSettings, route_settings
 
 # uhashring places vnodes * weight points per variant; weights are scaled to about this many
 # units per route so a ring stays small however large the configured weights are.
@@ -34,6 +35,11 @@ class Target:
     backend_version: str
     version: str  # public version, "" when the variant is unversioned
     weight: int
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """What health checks probe: (backend, backend model, backend version)."""
+        return (self.backend, self.backend_model, self.backend_version)
 
 
 @dataclass(slots=True)
@@ -54,6 +60,20 @@ class _Picker:
         if len(self.targets) == 1:
             return self.targets[0]
         return self.targets[bisect.bisect_right(self._cumulative, random.random() * self._total)]
+
+    def pick_healthy(self, down: frozenset[tuple[str, str, str]]) -> Target | None:
+        """Weighted pick among targets not in `down`; None when all are down."""
+        pairs = zip(self.targets, self.weights, strict=True)
+        healthy = [(t, w) for t, w in pairs if t.key not in down]
+        if not healthy:
+            return None
+        total = sum(w for _, w in healthy)
+        point = random.random() * total
+        for target, weight in healthy:
+            point -= weight
+            if point < 0:
+                return target
+        return healthy[-1][0]
 
     def pick_keyed(self, key: str) -> Target:
         if len(self.targets) == 1:
@@ -82,8 +102,28 @@ class RoutePlan:
     versions: tuple[str, ...]  # public versions, sorted numerically
     unpinned: _Picker
     by_version: dict[str, _Picker]
+    settings: RouteSettings
+    by_name: dict[str, Target]
 
-    def resolve(self, version: str, route_key: str | None) -> Target:
+    def variant(self, name: str) -> Target | None:
+        return self.by_name.get(name)
+
+    def alternative(self, version: str, exclude) -> Target | None:
+        """Another variant for the same request (same pinned version), for retries and hedges."""
+        group = self.by_version.get(version) if version else self.unpinned
+        if group is None:
+            return None
+        others = [t for t in group.targets if t not in exclude]
+        if not others:
+            return None
+        return max(others, key=lambda t: t.weight)
+
+    def resolve(
+        self,
+        version: str,
+        route_key: str | None,
+        down: frozenset[tuple[str, str, str]] = frozenset(),
+    ) -> Target:
         if version:
             picker = self.by_version.get(version)
             if picker is None:
@@ -93,7 +133,13 @@ class RoutePlan:
                 )
         else:
             picker = self.unpinned
-        return picker.pick_keyed(route_key) if route_key else picker.pick()
+        target = picker.pick_keyed(route_key) if route_key else picker.pick()
+        if down and target.key in down:
+            # Health checks say this variant cannot answer: send the call elsewhere while any
+            # sibling is healthy (stickiness yields to availability). With none, keep it and let
+            # breakers and fallback decide.
+            target = picker.pick_healthy(down) or target
+        return target
 
     def primary(self, version: str = "") -> Target:
         """The variant with the largest weight: a stable answer for metadata requests."""
@@ -111,7 +157,7 @@ class RoutePlan:
         return self.unpinned.targets
 
 
-def _plan(route: config_pb2.Route) -> RoutePlan:
+def _plan(route: config_pb2.Route, defaults: config_pb2.RoutePolicy) -> RoutePlan:
     targets = tuple(
         Target(
             model=route.model,
@@ -135,14 +181,25 @@ def _plan(route: config_pb2.Route) -> RoutePlan:
             weights = (1,) * len(group)
         by_version[version] = _Picker(group, weights)
     versions = tuple(sorted(by_version, key=int))
-    return RoutePlan(route.model, targets, versions, unpinned, by_version)
+    return RoutePlan(
+        route.model,
+        targets,
+        versions,
+        unpinned,
+        by_version,
+        route_settings(route, defaults),
+        {t.variant: t for t in targets},
+    )
 
 
 class RouteTable:
     """All routes of one config revision."""
 
-    def __init__(self, routes: list[config_pb2.Route]) -> None:
-        self._plans = {route.model: _plan(route) for route in routes}
+    def __init__(
+        self, routes: list[config_pb2.Route], defaults: config_pb2.RoutePolicy | None = None
+    ) -> None:
+        defaults = defaults or config_pb2.RoutePolicy()
+        self._plans = {route.model: _plan(route, defaults) for route in routes}
 
     def __len__(self) -> int:
         return len(self._plans)
@@ -159,5 +216,11 @@ class RouteTable:
     def get(self, model: str) -> RoutePlan | None:
         return self._plans.get(model)
 
-    def resolve(self, model: str, version: str = "", route_key: str | None = None) -> Target:
-        return self.plan(model).resolve(version, route_key)
+    def resolve(
+        self,
+        model: str,
+        version: str = "",
+        route_key: str | None = None,
+        down: frozenset[tuple[str, str, str]] = frozenset(),
+    ) -> Target:
+        return self.plan(model).resolve(version, route_key, down)

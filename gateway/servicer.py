@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 VARIANT_HEADER = "x-tensorgate-variant"
 BACKEND_HEADER = "x-tensorgate-backend"
+DEGRADED_HEADER = "x-tensorgate-degraded"
 METADATA_TIMEOUT_S = 10.0
 
 
@@ -43,6 +44,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         plan = self._runtime.table.get(request.name)
         if plan is None:
             return oip.ModelReadyResponse(ready=False)
+        if not request.version:
+            return oip.ModelReadyResponse(ready=self._runtime.readiness.route_ready(plan.model))
         for target in plan.candidates(request.version):
             adapter = self._runtime.adapters[target.backend]
             if await adapter.ready(target.backend_model, target.backend_version):
@@ -98,11 +101,16 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             # A bug of ours must not surface as UNKNOWN with a stack trace in the message.
             log.exception("ModelInfer failed for model %r", call.model)
             await context.abort(grpc.StatusCode.INTERNAL, "internal gateway error")
-        await context.send_initial_metadata(_headers(call.target))
+        headers = _headers(call.target)
+        if call.degraded:
+            headers += ((DEGRADED_HEADER, call.degraded),)
+        await context.send_initial_metadata(headers)
         return response
 
 
 def _headers(target) -> tuple[tuple[str, str], ...]:
+    if target is None:
+        return ()
     return ((VARIANT_HEADER, target.variant), (BACKEND_HEADER, target.backend))
 
 

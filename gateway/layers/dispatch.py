@@ -33,10 +33,13 @@ def dispatch(
                     grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the backend call"
                 )
             timeout = min(timeout, remaining)
+        request = call.request
+        request.model_name = target.backend_model
+        request.model_version = target.backend_version
         gauge = metrics.backend_in_flight.labels(target.backend)
         gauge.inc()
         try:
-            return await adapter.infer(call.request, timeout=timeout)
+            return await adapter.infer(request, timeout=timeout)
         finally:
             gauge.dec()
 

@@ -1,7 +1,8 @@
-"""Choose the variant for a call and speak to the backend in the backend's names.
+"""Choose the variant for a call, and answer in the public model's names.
 
-The request is rewritten in place to the backend's model name and version, and the response back
-to the public ones, so callers never see backend names (only the variant, in response metadata).
+The adapter call (dispatch) speaks the backend's model name and version; the response is
+rewritten here to the public ones, so callers never see backend names (only the variant, in
+response metadata).
 """
 
 from __future__ import annotations
@@ -14,19 +15,21 @@ from gateway.pipeline import InferCall, InferService, Layer
 from gateway.routing import RouteTable
 
 
-def route(table: Callable[[], RouteTable]) -> Layer:
-    """`table` returns the live route table; it is read once per call, so a swap is atomic."""
+def route(
+    table: Callable[[], RouteTable], down: Callable[[], frozenset[tuple[str, str, str]]]
+) -> Layer:
+    """`table` returns the live route table; it is read once per call, so a swap is atomic.
+    `down` returns the variants health checks currently find unable to answer."""
 
     def layer(inner: InferService) -> InferService:
         async def routed(call: InferCall) -> oip.ModelInferResponse:
-            target = table().resolve(call.model, call.version, call.route_key)
-            call.target = target
-            request = call.request
-            request.model_name = target.backend_model
-            request.model_version = target.backend_version
+            plan = table().plan(call.model)
+            call.plan = plan
+            call.target = plan.resolve(call.version, call.route_key, down())
             response = await inner(call)
             response.model_name = call.model
-            response.model_version = target.version
+            answered = call.target
+            response.model_version = answered.version if answered.model == call.model else ""
             return response
 
         return routed

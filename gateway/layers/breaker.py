@@ -1,0 +1,145 @@
+"""Per-backend circuit breakers: stop calling a backend that keeps failing, fail fast instead.
+
+Built on pybreaker (consecutive-failure counting, open timeout, half-open success threshold);
+each outcome is replayed through its synchronous call path after the await. Added here what
+pybreaker lacks for asyncio: a limit on concurrent half-open trials (otherwise every waiting
+coroutine rushes the recovering backend at once), neutral handling of cancelled calls, and an
+optional failure-ratio trigger over a sliding window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import pybreaker
+from tritonclient.grpc import service_pb2 as oip
+
+from gateway.errors import GatewayError
+from gateway.metrics import GatewayMetrics
+from gateway.pipeline import InferCall, InferService
+from gateway.policy import BACKEND_FAILURES, BreakerSettings
+from gateway.resilience.window import WindowCounter
+
+STATE_VALUE = {pybreaker.STATE_CLOSED: 0, pybreaker.STATE_HALF_OPEN: 1, pybreaker.STATE_OPEN: 2}
+_CALLS, _FAILURES = 0, 1
+
+
+class _StateToMetrics(pybreaker.CircuitBreakerListener):
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self._metrics = metrics
+
+    def state_change(self, cb, old_state, new_state) -> None:
+        self._metrics.breaker_state.labels(cb.name).set(STATE_VALUE[new_state.name])
+        self._metrics.breaker_transitions.labels(cb.name, new_state.name).inc()
+
+
+class BackendBreaker:
+    def __init__(self, backend: str, settings: BreakerSettings, metrics: GatewayMetrics) -> None:
+        self.backend = backend
+        self.settings = settings
+        self._metrics = metrics
+        self._cb = pybreaker.CircuitBreaker(
+            fail_max=settings.consecutive_failures,
+            reset_timeout=settings.open_duration,
+            success_threshold=settings.half_open_successes,
+            # Keep the backend's own error for the caller; the breaker just records the trip.
+            throw_new_error_on_trip=False,
+            listeners=[_StateToMetrics(metrics)],
+            name=backend,
+        )
+        self._trials = 0
+        self._open_for = timedelta(seconds=settings.open_duration)
+        self._window = WindowCounter(settings.window, fields=2)
+        metrics.breaker_state.labels(backend).set(0)
+
+    @property
+    def state(self) -> str:
+        return self._cb.current_state
+
+    def _reject(self) -> GatewayError:
+        self._metrics.breaker_rejections.labels(self.backend).inc()
+        return GatewayError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"circuit breaker for backend {self.backend!r} is {self._cb.current_state}: failing "
+            f"fast (it admits a trial call every {self.settings.open_duration:g}s)",
+        )
+
+    def _admit(self) -> bool:
+        """True when a call may go to the backend now; moves an expired open breaker to
+        half-open, as pybreaker's own call path does."""
+        state = self._cb.current_state
+        if state == pybreaker.STATE_CLOSED:
+            return True
+        if state == pybreaker.STATE_OPEN:
+            opened_at = self._cb._state_storage.opened_at
+            if opened_at and datetime.now(UTC) < opened_at + self._open_for:
+                return False
+            self._cb.half_open()
+        return self._trials < self.settings.half_open_max_calls
+
+    def _account(self, error: GatewayError | None) -> None:
+        """Replay the outcome through pybreaker so it applies its own state machine."""
+
+        def outcome() -> None:
+            if error is not None:
+                raise error
+
+        try:
+            self._cb.call(outcome)
+        except (GatewayError, pybreaker.CircuitBreakerError):
+            pass
+
+    async def call(self, fn: Callable[[], object]):
+        # The await runs outside pybreaker: its calling() would count a cancelled call (a hedge
+        # loser, a caller that went away) as a failure or a success, and in half-open state
+        # either would wrongly open or close the breaker. A cancelled call is not accounted.
+        if not self._admit():
+            raise self._reject()
+        trial = self._cb.current_state == pybreaker.STATE_HALF_OPEN
+        if trial:
+            self._trials += 1
+        try:
+            result = await fn()
+        except GatewayError as err:
+            failed = err.code in BACKEND_FAILURES
+            self._account(err if failed else None)  # a backend that answers is healthy
+            self._record(failed=failed)
+            raise
+        finally:
+            if trial:
+                self._trials -= 1
+        self._account(None)
+        self._record(failed=False)
+        return result
+
+    def _record(self, *, failed: bool) -> None:
+        ratio = self.settings.failure_ratio
+        if ratio <= 0:
+            return
+        self._window.add(_CALLS)
+        if failed:
+            self._window.add(_FAILURES)
+            calls = self._window.total(_CALLS)
+            if (
+                calls >= self.settings.minimum_calls
+                and self._window.total(_FAILURES) / calls >= ratio
+                and self._cb.current_state == pybreaker.STATE_CLOSED
+            ):
+                self._cb.open()
+                self._metrics.breaker_state.labels(self.backend).set(2)
+                self._metrics.breaker_transitions.labels(self.backend, pybreaker.STATE_OPEN).inc()
+
+
+def breaker(breakers: Callable[[], Mapping[str, BackendBreaker]]):
+    def layer(inner: InferService) -> InferService:
+        async def guarded(call: InferCall) -> oip.ModelInferResponse:
+            guard = breakers().get(call.target.backend)
+            if guard is None:
+                return await inner(call)
+            return await guard.call(lambda: inner(call))
+
+        return guarded
+
+    return layer

@@ -1,0 +1,69 @@
+"""Per-backend concurrency limits with a small bounded queue (a bulkhead).
+
+A slow or hung backend can then hold at most its own slots; calls beyond slots + queue are
+rejected at once with RESOURCE_EXHAUSTED (which the route's fallback may rescue), and calls to
+other backends never wait behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+
+import grpc
+from tritonclient.grpc import service_pb2 as oip
+
+from gateway.errors import GatewayError
+from gateway.metrics import GatewayMetrics
+from gateway.pipeline import InferCall, InferService
+from gateway.policy import BulkheadSettings
+
+
+class Bulkhead:
+    def __init__(self, backend: str, settings: BulkheadSettings, metrics: GatewayMetrics) -> None:
+        self.backend = backend
+        self.settings = settings
+        self._free = asyncio.Semaphore(settings.max_concurrency)
+        self._queued = 0
+        self._rejections = metrics.bulkhead_rejections.labels(backend)
+        self._queue_gauge = metrics.bulkhead_queued.labels(backend)
+
+    @property
+    def in_flight(self) -> int:
+        return self.settings.max_concurrency - self._free._value
+
+    async def call(self, fn: Callable[[], object]):
+        if self._free.locked():
+            if self._queued >= self.settings.max_queue:
+                self._rejections.inc()
+                raise GatewayError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"backend {self.backend!r} is at its concurrency limit "
+                    f"({self.settings.max_concurrency} in flight, {self._queued} queued)",
+                )
+            self._queued += 1
+            self._queue_gauge.inc()
+            try:
+                await self._free.acquire()  # bounded by the caller's deadline (deadline layer)
+            finally:
+                self._queued -= 1
+                self._queue_gauge.dec()
+        else:
+            await self._free.acquire()
+        try:
+            return await fn()
+        finally:
+            self._free.release()
+
+
+def bulkhead(bulkheads: Callable[[], Mapping[str, Bulkhead]]):
+    def layer(inner: InferService) -> InferService:
+        async def limited(call: InferCall) -> oip.ModelInferResponse:
+            limit = bulkheads().get(call.target.backend)
+            if limit is None:
+                return await inner(call)
+            return await limit.call(lambda: inner(call))
+
+        return limited
+
+    return layer

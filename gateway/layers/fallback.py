@@ -1,0 +1,101 @@
+"""When the primary fails with a backend-side error (or its breaker is open, or its bulkhead is
+full), walk the route's fallback chain: another variant, another model, a static answer.
+
+The caller gets a degraded answer instead of an error, and learns it was degraded from the
+x-tensorgate-degraded header and the tensorgate_fallbacks metric. A request the backend rejected
+as invalid is never "rescued": caller errors pass straight through.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+
+import numpy as np
+from tritonclient.grpc import service_pb2 as oip
+
+from gateway.errors import GatewayError
+from gateway.metrics import GatewayMetrics
+from gateway.pipeline import InferCall, InferService, Layer
+from gateway.policy import BACKEND_FAILURES
+from gateway.routing import RouteTable
+
+log = logging.getLogger(__name__)
+
+NUMPY_TYPES = {
+    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
+    "UINT64": np.uint64, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32,
+    "INT64": np.int64, "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
+}  # fmt: skip
+
+
+def static_response(step) -> oip.ModelInferResponse:
+    """Build the OIP response a StaticResponse declares (raw_output_contents, like Triton)."""
+    response = oip.ModelInferResponse()
+    for tensor in step.outputs:
+        response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=list(tensor.shape))
+        if tensor.datatype == "BYTES":
+            raw = b"".join(len(v).to_bytes(4, "little") + v for v in tensor.bytes_values)
+        else:
+            values = tensor.fp_values or tensor.int_values or tensor.bool_values
+            raw = np.asarray(list(values), dtype=NUMPY_TYPES[tensor.datatype]).tobytes()
+        response.raw_output_contents.append(raw)
+    return response
+
+
+def _step_label(step) -> str:
+    kind = step.WhichOneof("step")
+    if kind == "static_response":
+        return "static"
+    return f"{kind}:{getattr(step, kind)}"
+
+
+def fallback(table: Callable[[], RouteTable], metrics: GatewayMetrics) -> Layer:
+    def layer(inner: InferService) -> InferService:
+        async def rescued(call: InferCall) -> oip.ModelInferResponse:
+            steps = call.plan.settings.fallback
+            if not steps:
+                return await inner(call)
+            try:
+                return await inner(call)
+            except GatewayError as err:
+                if err.code not in BACKEND_FAILURES:
+                    raise
+                primary_error = err
+            failed_target = call.target
+            for step in steps:
+                label = _step_label(step)
+                kind = step.WhichOneof("step")
+                if kind == "static_response":
+                    call.degraded = label
+                    metrics.fallbacks.labels(call.model, label).inc()
+                    return static_response(step.static_response)
+                if kind == "variant":
+                    target = call.plan.variant(step.variant)
+                else:
+                    plan = table().get(step.model)
+                    if plan is None:
+                        continue
+                    target = plan.resolve("", call.route_key)
+                if target is None or target == failed_target:
+                    continue
+                attempt = dataclasses.replace(call, target=target)
+                try:
+                    response = await inner(attempt)
+                except GatewayError as err:
+                    if err.code not in BACKEND_FAILURES:
+                        raise
+                    log.debug("fallback %s for %s failed: %s", label, call.model, err)
+                    continue
+                call.target = attempt.target
+                call.degraded = label
+                metrics.fallbacks.labels(call.model, label).inc()
+                return response
+            metrics.fallbacks.labels(call.model, "exhausted").inc()
+            call.target = failed_target
+            raise primary_error
+
+        return rescued
+
+    return layer

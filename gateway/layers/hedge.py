@@ -1,0 +1,102 @@
+"""Hedged requests: if the first try has not answered after a delay, send a second try to
+another variant and take whichever answers first, cancelling the other ("The Tail at Scale").
+
+The delay is fixed, or the primary variant's observed p95 (so only the slowest ~5% hedge).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections import deque
+
+from tritonclient.grpc import service_pb2 as oip
+
+from gateway.errors import GatewayError
+from gateway.metrics import GatewayMetrics
+from gateway.pipeline import InferCall, InferService, Layer
+
+
+class LatencyTracker:
+    """Recent latencies per variant, for the p95 hedge delay (last 512 answers)."""
+
+    def __init__(self, size: int = 512) -> None:
+        self._size = size
+        self._samples: dict[tuple[str, str], deque] = {}
+        self._p95: dict[tuple[str, str], tuple[int, float]] = {}
+
+    def record(self, key: tuple[str, str], seconds: float) -> None:
+        samples = self._samples.get(key)
+        if samples is None:
+            samples = self._samples[key] = deque(maxlen=self._size)
+        samples.append(seconds)
+
+    def p95(self, key: tuple[str, str]) -> float | None:
+        samples = self._samples.get(key)
+        if not samples or len(samples) < 20:
+            return None
+        count, value = self._p95.get(key, (-1, 0.0))
+        if count != len(samples) or len(samples) == self._size:
+            ordered = sorted(samples)
+            value = ordered[int(0.95 * (len(ordered) - 1))]
+            self._p95[key] = (len(samples), value)
+        return value
+
+
+def hedge(tracker: LatencyTracker, metrics: GatewayMetrics) -> Layer:
+    def layer(inner: InferService) -> InferService:
+        async def timed(call: InferCall) -> oip.ModelInferResponse:
+            start = time.perf_counter()
+            response = await inner(call)
+            target = call.target
+            tracker.record((target.model, target.variant), time.perf_counter() - start)
+            return response
+
+        async def hedged(call: InferCall) -> oip.ModelInferResponse:
+            policy = call.plan.settings.hedge
+            if not policy.enabled:
+                return await inner(call)
+            other = call.plan.alternative(call.version, exclude=[call.target])
+            if other is None:
+                return await timed(call)
+            delay = policy.delay
+            if policy.use_p95:
+                observed = tracker.p95((call.target.model, call.target.variant))
+                if observed is not None:
+                    delay = max(delay, observed)
+            first = asyncio.ensure_future(timed(call))
+            done, _ = await asyncio.wait({first}, timeout=delay or None)
+            if done:
+                return first.result()
+            # The second try gets its own copy: the adapter rewrites model name and version in
+            # place, and the first try may still be serialising this one.
+            request = oip.ModelInferRequest()
+            request.CopyFrom(call.request)
+            second_call = dataclasses.replace(call, target=other, request=request)
+            second = asyncio.ensure_future(timed(second_call))
+            pending = {first, second}
+            errors: list[GatewayError] = []
+            try:
+                while pending:
+                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        error = task.exception()
+                        if error is None:
+                            winner = "first" if task is first else "second"
+                            metrics.hedges.labels(call.model, winner).inc()
+                            if task is second:
+                                call.target = second_call.target
+                            return task.result()
+                        if not isinstance(error, GatewayError):
+                            raise error
+                        errors.append(error)
+            finally:
+                for task in pending:
+                    task.cancel()
+            metrics.hedges.labels(call.model, "none").inc()
+            raise errors[0]
+
+        return hedged
+
+    return layer

@@ -1,0 +1,1 @@
+"""Building blocks the resilience layers share: backoff schedules, retry budgets, windows."""
