@@ -103,7 +103,13 @@ def test_reset_fails_fast_until_heal(proxy: FaultProxy, stub: health_pb2_grpc.He
     code, elapsed = timed_failure(stub)
     assert code == grpc.StatusCode.UNAVAILABLE
     assert elapsed < 1.0
-    assert proxy.connections_accepted > accepted  # the client reconnected and was reset on accept
+    # New connections are reset right after accept.
+    with grpc.insecure_channel(proxy.address, options=CHANNEL_OPTIONS) as channel:
+        code, elapsed = timed_failure(health_pb2_grpc.HealthStub(channel))
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert elapsed < 1.0
+    assert proxy.connections_accepted > accepted
+    assert proxy.active_connections == 0
     proxy.heal()
     check_eventually(stub)
 

@@ -217,31 +217,40 @@ def check_schema(request: oip.ModelInferRequest, model: str, specs: tuple[Tensor
 class SpecCache:
     """Input specs per (backend, model, version), fetched once and refreshed after a TTL.
 
-    A backend that cannot describe its model yields None, cached briefly, and the request goes
-    through unchecked: the schema check only ever adds early, clearer errors.
+    A backend that cannot describe its model (or not within `wait`) yields None and the request
+    goes through unchecked: the schema check only ever adds early, clearer errors, and must not
+    make a slow backend's metadata call every caller's problem.
     """
 
-    def __init__(self, ttl: float = 60.0, miss_ttl: float = 5.0) -> None:
+    def __init__(self, ttl: float = 60.0, miss_ttl: float = 5.0, wait: float = 1.0) -> None:
         self._ttl = ttl
         self._miss_ttl = miss_ttl
+        self._wait = wait
         self._entries: dict[tuple[str, str, str], tuple[float, asyncio.Task]] = {}
 
     async def get(
-        self, adapter: Adapter, model: str, version: str
+        self, adapter: Adapter, model: str, version: str, remaining: float | None = None
     ) -> tuple[TensorSpec, ...] | None:
         key = (adapter.name, model, version)
         now = time.monotonic()
         entry = self._entries.get(key)
-        if entry is not None:
-            expires, task = entry
-            if now < expires or not task.done():
-                return await asyncio.shield(task)
-        task = asyncio.ensure_future(adapter.input_specs(model, version))
-        self._entries[key] = (now + self._ttl, task)
-        specs = await asyncio.shield(task)
-        if specs is None:
-            self._entries[key] = (now + self._miss_ttl, task)
-        return specs
+        if entry is None or (now >= entry[0] and entry[1].done()):
+            task = asyncio.ensure_future(adapter.input_specs(model, version))
+            task.add_done_callback(lambda t, key=key, now=now: self._settled(key, now, t))
+            self._entries[key] = (now + self._ttl, task)
+        else:
+            task = entry[1]
+        if task.done():
+            return None if task.cancelled() or task.exception() else task.result()
+        wait = self._wait if remaining is None else max(0.0, min(self._wait, remaining / 2))
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), wait)
+        except TimeoutError:
+            return None
+
+    def _settled(self, key, started: float, task: asyncio.Task) -> None:
+        if task.cancelled() or task.exception() is not None or task.result() is None:
+            self._entries[key] = (started + self._miss_ttl, task)
 
     def clear(self) -> None:
         self._entries.clear()
@@ -252,7 +261,10 @@ def schema(adapters: Callable[[], Mapping[str, Adapter]], cache: SpecCache) -> L
         async def validate(call: InferCall) -> oip.ModelInferResponse:
             target = call.target
             specs = await cache.get(
-                adapters()[target.backend], target.backend_model, target.backend_version
+                adapters()[target.backend],
+                target.backend_model,
+                target.backend_version,
+                call.remaining(),
             )
             if specs is not None:
                 check_schema(call.request, call.model, specs)

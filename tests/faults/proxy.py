@@ -53,6 +53,7 @@ class FaultProxy:
 
     Fault methods block until the proxy's loop has applied them, so when e.g. `reset()` returns,
     existing connections are already gone. They must not be called from the proxy's own thread.
+    Data is read as fast as peers send it and queued without bound while held: fine for tests.
     """
 
     def __init__(self, upstream: str) -> None:
@@ -67,7 +68,7 @@ class FaultProxy:
         self._conns: set[_Conn] = set()
         self._mode = _Mode.FORWARD
         self._latency = 0.0
-        self._changed = asyncio.Event()  # replaced on every fault change; wakes held chunks
+        self._changed = asyncio.Event()  # set and replaced on every fault change; wakes held chunks
         # Counters are written on the loop thread and read from any thread.
         self._lock = threading.Lock()
         self._accepted = self._active = self._bytes_up = self._bytes_down = 0
@@ -82,6 +83,7 @@ class FaultProxy:
         if self._loop is not None:
             raise RuntimeError("FaultProxy already started")
         self._loop = asyncio.new_event_loop()
+        self._changed = asyncio.Event()  # an Event binds to the first loop that waits on it
         self._thread = threading.Thread(
             target=self._loop.run_forever, name=f"FaultProxy->{self.upstream}", daemon=True
         )

@@ -1,0 +1,395 @@
+"""Resilience against real faults: real Tritons killed with SIGKILL, and a fault-injecting TCP
+proxy (latency, resets, blackholes) between the gateway and a real Triton."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+from tritonclient.grpc import service_pb2_grpc
+
+from tests.backends.triton import TritonServer
+from tests.conftest import DEMO_MODELS
+from tests.faults.proxy import FaultProxy
+from tests.gateway_process import GatewayProcess, triton_backend
+from tests.loadgen import Results, infer, metric, run_load, scrape
+from tests.oip import Y_V1, linear_request, output
+
+
+def variant(
+    name: str, backend: str, weight: int, model: str = "demo_linear", version: str = "1"
+) -> dict:
+    return {
+        "name": name,
+        "backend": backend,
+        "backend_model": model,
+        "backend_version": version,
+        "weight": weight,
+    }
+
+
+def backend(name: str, address: str, **extra) -> dict:
+    return {**triton_backend(address, name), **extra}
+
+
+FAST_HEALTH = {"health_check_interval": "0.5s", "shutdown_grace": "2s"}
+
+
+@pytest.fixture(scope="module")
+def killable_triton():
+    with TritonServer(DEMO_MODELS) as server:
+        yield server
+
+
+async def test_kill_9_primary_under_load_fallback_hides_it_and_breaker_cycles(
+    triton, killable_triton
+):
+    config = {
+        "backends": [
+            backend("primary", killable_triton.address, per_try_timeout="2s",
+                    circuit_breaker={"consecutive_failures": 3, "open_duration": "1s"}),
+            backend("spare", triton.address),
+        ],
+        "routes": [{
+            "model": "linear",
+            "variants": [variant("main", "primary", 1), variant("backup", "spare", 0)],
+            "policy": {"fallback": [{"variant": "backup"}]},
+        }],
+        "lifecycle": FAST_HEALTH,
+    }  # fmt: skip
+    with GatewayProcess(config) as gw:
+        stop = asyncio.Event()
+        live = Results()
+        load = asyncio.ensure_future(
+            run_load(
+                gw.address,
+                lambda: linear_request(),
+                concurrency=6,
+                until=stop,
+                timeout=10,
+                results=live,
+            )
+        )
+        await asyncio.sleep(1.5)
+        killable_triton.kill()  # SIGKILL to Triton and its python-backend stubs
+        await asyncio.sleep(3.0)
+        opened = metric(
+            scrape(gw.metrics_url),
+            "tensorgate_breaker_transitions_total",
+            backend="primary",
+            state="open",
+        )
+        await asyncio.to_thread(killable_triton.restart)
+        # Breaker half-opens after 1 s, a trial succeeds, it closes; traffic returns to "main".
+        deadline = time.monotonic() + 20
+        while True:
+            samples = scrape(gw.metrics_url)
+            closed = metric(samples, "tensorgate_breaker_state", backend="primary") == 0
+            recent = [o.variant for o in live.outcomes[-50:] if o.code == "OK"]
+            if closed and recent and all(v == "main" for v in recent):
+                break
+            assert time.monotonic() < deadline, "primary never took traffic again after restart"
+            await asyncio.sleep(0.2)
+        stop.set()
+        results = await load
+    assert results.errors() == [], results.codes()  # callers saw zero errors
+    assert len(results.outcomes) > 500
+    assert all(output(o.response) == Y_V1 for o in results.outcomes)
+    assert opened >= 1  # the breaker opened while the primary was dead
+    degraded = [o for o in results.outcomes if o.degraded]
+    assert degraded and all(
+        o.degraded == "variant:backup" and o.variant == "backup" for o in degraded
+    )
+    assert (
+        metric(samples, "tensorgate_breaker_transitions_total", backend="primary", state="closed")
+        >= 1
+    )
+    assert metric(
+        samples, "tensorgate_fallbacks_total", model="linear", step="variant:backup"
+    ) == len(degraded)
+
+
+@pytest.fixture
+def proxy(triton):
+    with FaultProxy(triton.address) as p:
+        yield p
+
+
+async def test_deadlines_are_honoured_end_to_end(proxy, triton):
+    config = {
+        "backends": [backend("slow", proxy.address, per_try_timeout="10s")],
+        "routes": [
+            {"model": "linear", "variants": [variant("only", "slow", 1)]},
+            {
+                "model": "capped",
+                "variants": [variant("only", "slow", 1)],
+                "policy": {"timeout": "0.15s"},
+            },
+        ],
+        "lifecycle": FAST_HEALTH,
+    }
+    with GatewayProcess(config) as gw:
+        proxy.set_latency(0.6)
+        # Caller deadline 0.2 s; no route timeout.
+        results = await run_load(
+            gw.address, lambda: linear_request(), concurrency=4, duration=3.0, timeout=0.2
+        )
+        assert set(results.codes()) == {"DEADLINE_EXCEEDED"}
+        assert 0.2 <= results.p(0.0) and results.p(0.99) <= 0.25
+        # Route timeout 0.15 s, enforced by the gateway itself (the caller sets no deadline).
+        results = await run_load(
+            gw.address, lambda: linear_request(model="capped"), concurrency=4, duration=3.0
+        )
+        assert set(results.codes()) == {"DEADLINE_EXCEEDED"}, results.codes()
+        assert 0.15 <= results.p(0.0) and results.p(0.99) <= 0.20
+        proxy.heal()
+        ok = await run_load(
+            gw.address, lambda: linear_request(), concurrency=2, duration=0.5, timeout=5
+        )
+        assert ok.codes() == {"OK": len(ok.outcomes)}
+
+
+async def test_resets_retries_budget_and_breaker_transitions(proxy):
+    config = {
+        "backends": [backend("flaky", proxy.address, per_try_timeout="2s",
+                             circuit_breaker={"consecutive_failures": 5, "open_duration": "1s"})],
+        "routes": [{"model": "linear", "variants": [variant("only", "flaky", 1)],
+                    "policy": {"retry": {"max_attempts": 4, "base_delay": "0.005s", "max_delay": "0.02s",
+                                         "budget_ratio": 0.5, "budget_min_per_second": 1, "budget_window": "10s"}}}],
+        "lifecycle": {"health_check_interval": "30s", "shutdown_grace": "1s"},  # keep probes out of it
+    }  # fmt: skip
+    with GatewayProcess(config) as gw:
+        ok = await run_load(
+            gw.address, lambda: linear_request(), concurrency=1, duration=0.3, timeout=5
+        )
+        assert ok.errors() == []
+        proxy.reset()
+        failed = await run_load(
+            gw.address, lambda: linear_request(), concurrency=1, duration=1.5, timeout=5
+        )
+        codes = failed.codes()
+        assert set(codes) == {"UNAVAILABLE"}, codes
+        samples = scrape(gw.metrics_url)
+        requests = len(ok.outcomes) + len(failed.outcomes)
+        retries = metric(samples, "tensorgate_retries_total", model="linear", code="UNAVAILABLE")
+        # Budget: 1/s floor over 10 s + 50% of requests; without a budget it would be 3 per call.
+        assert 1 <= retries <= 10 + 0.5 * requests
+        assert (
+            metric(samples, "tensorgate_breaker_transitions_total", backend="flaky", state="open")
+            >= 1
+        )
+        assert metric(samples, "tensorgate_breaker_rejections_total", backend="flaky") > 0
+        # While open, calls fail fast with a message that says so.
+        fast = [o for o in failed.outcomes[-20:]]
+        assert max(o.seconds for o in fast) < 0.1
+        proxy.heal()
+        await asyncio.sleep(1.2)  # open_duration: the next call is a trial
+        healed = await run_load(
+            gw.address, lambda: linear_request(), concurrency=2, duration=1.0, timeout=5
+        )
+        assert healed.outcomes[-1].code == "OK"
+        assert sum(o.code == "OK" for o in healed.outcomes) >= len(healed.outcomes) - 2
+        samples = scrape(gw.metrics_url)
+        assert metric(samples, "tensorgate_breaker_state", backend="flaky") == 0
+        for state in ("open", "half-open", "closed"):
+            assert (
+                metric(
+                    samples, "tensorgate_breaker_transitions_total", backend="flaky", state=state
+                )
+                >= 1
+            )
+
+
+async def test_bulkhead_rejects_overflow_fast_when_backend_hangs(proxy):
+    config = {
+        "backends": [backend("hung", proxy.address, per_try_timeout="3s", bulkhead={"max_concurrency": 4, "max_queue": 2})],
+        "routes": [{"model": "linear", "variants": [variant("only", "hung", 1)], "policy": {"retry": {"max_attempts": 1}}}],
+        "lifecycle": {"health_check_interval": "30s", "shutdown_grace": "1s"},
+    }  # fmt: skip
+    with GatewayProcess(config) as gw:
+        warm = await run_load(
+            gw.address, lambda: linear_request(), concurrency=1, duration=0.2, timeout=5
+        )
+        assert warm.errors() == []
+        proxy.blackhole()
+        async with grpc.aio.insecure_channel(gw.address) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            hanging = [
+                asyncio.ensure_future(infer(stub, linear_request(), timeout=10)) for _ in range(6)
+            ]
+            await asyncio.sleep(0.3)
+            extra = await asyncio.gather(
+                *(infer(stub, linear_request(), timeout=10) for _ in range(4))
+            )
+            assert [o.code for o in extra] == ["RESOURCE_EXHAUSTED"] * 4
+            assert max(o.seconds for o in extra) < 0.1
+            done = await asyncio.gather(*hanging)
+        assert {o.code for o in done} == {"DEADLINE_EXCEEDED"}  # per-try timeout 3 s
+        assert all(2.9 <= o.seconds <= 4.0 for o in done[:4])
+        assert (
+            metric(scrape(gw.metrics_url), "tensorgate_bulkhead_rejections_total", backend="hung")
+            == 4
+        )
+
+
+async def test_blast_radius_hung_backend_does_not_slow_others(proxy, triton):
+    config = {
+        "backends": [
+            backend("a", proxy.address, per_try_timeout="5s", bulkhead={"max_concurrency": 8, "max_queue": 4}),
+            backend("b", triton.address),
+        ],
+        "routes": [
+            {"model": "on-a", "variants": [variant("only", "a", 1)], "policy": {"retry": {"max_attempts": 1}}},
+            {"model": "on-b", "variants": [variant("only", "b", 1)]},
+        ],
+        "lifecycle": {"health_check_interval": "30s", "shutdown_grace": "1s"},
+    }  # fmt: skip
+    with GatewayProcess(config) as gw:
+        await run_load(
+            gw.address, lambda: linear_request(model="on-b"), concurrency=4, duration=1.0, timeout=5
+        )
+        baseline = await run_load(
+            gw.address, lambda: linear_request(model="on-b"), concurrency=4, duration=4.0, timeout=5
+        )
+        proxy.blackhole()
+        hung, during = await asyncio.gather(
+            run_load(
+                gw.address,
+                lambda: linear_request(model="on-a"),
+                concurrency=16,
+                duration=4.0,
+                timeout=3,
+                pause_after_error=0.05,
+            ),
+            run_load(
+                gw.address,
+                lambda: linear_request(model="on-b"),
+                concurrency=4,
+                duration=4.0,
+                timeout=5,
+            ),
+        )
+    assert during.errors() == []
+    assert {"DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"} >= set(hung.codes())
+    assert "RESOURCE_EXHAUSTED" in hung.codes()
+    base_p99, hurt_p99 = baseline.p(0.99), during.p(0.99)
+    print(f"on-b p99 baseline {base_p99 * 1000:.1f} ms, with on-a hung {hurt_p99 * 1000:.1f} ms")
+    assert hurt_p99 <= 2 * base_p99, (base_p99, hurt_p99)
+
+
+async def test_shadow_down_or_slow_leaves_primary_untouched(proxy, triton):
+    config = {
+        "backends": [backend("main", triton.address), backend("shadow", proxy.address, per_try_timeout="2s")],
+        "routes": [{
+            "model": "linear",
+            "variants": [variant("live", "main", 1), variant("candidate", "shadow", 0)],
+            "policy": {"shadow": {"variant": "candidate", "fraction": 1.0, "max_concurrency": 4}},
+        }],
+        "lifecycle": {"health_check_interval": "30s", "shutdown_grace": "1s"},
+    }  # fmt: skip
+    with GatewayProcess(config) as gw:
+        await run_load(
+            gw.address, lambda: linear_request(version=""), concurrency=4, duration=1.0, timeout=5
+        )
+        healthy = await run_load(
+            gw.address, lambda: linear_request(), concurrency=4, duration=3.0, timeout=5
+        )
+        samples = scrape(gw.metrics_url)
+        assert (
+            metric(
+                samples,
+                "tensorgate_shadow_requests_total",
+                model="linear",
+                variant="candidate",
+                outcome="ok",
+            )
+            > 50
+        )
+        # Same model behind both: identical outputs, every argmax agrees.
+        assert (
+            metric(
+                samples,
+                "tensorgate_shadow_max_abs_diff_sum",
+                model="linear",
+                variant="candidate",
+                output="OUTPUT0",
+            )
+            == 0
+        )
+        assert (
+            metric(
+                samples,
+                "tensorgate_shadow_argmax_total",
+                model="linear",
+                variant="candidate",
+                output="OUTPUT0",
+                agree="false",
+            )
+            == 0
+        )
+        proxy.set_latency(1.0)
+        slow = await run_load(
+            gw.address, lambda: linear_request(), concurrency=4, duration=3.0, timeout=5
+        )
+        proxy.refuse()
+        down = await run_load(
+            gw.address, lambda: linear_request(), concurrency=4, duration=3.0, timeout=5
+        )
+        samples = scrape(gw.metrics_url)
+    for phase in (healthy, slow, down):
+        assert phase.errors() == []
+        assert all(o.variant == "live" and output(o.response) == Y_V1 for o in phase.outcomes)
+    base = healthy.p(0.99)
+    print(
+        f"primary p99: shadow healthy {base * 1000:.1f} ms, slow {slow.p(0.99) * 1000:.1f}, down {down.p(0.99) * 1000:.1f}"
+    )
+    assert slow.p(0.99) <= 2 * base and down.p(0.99) <= 2 * base
+    assert (
+        metric(
+            samples,
+            "tensorgate_shadow_requests_total",
+            model="linear",
+            variant="candidate",
+            outcome="dropped",
+        )
+        > 0
+    )
+    assert (
+        metric(
+            samples,
+            "tensorgate_shadow_requests_total",
+            model="linear",
+            variant="candidate",
+            outcome="error",
+        )
+        > 0
+    )
+
+
+async def test_hedge_answers_from_the_fast_variant(proxy, triton):
+    config = {
+        "backends": [backend("slow", proxy.address), backend("fast", triton.address)],
+        "routes": [{
+            "model": "linear",
+            "variants": [variant("first", "slow", 100), variant("second", "fast", 1)],
+            "policy": {"hedge": {"delay": "0.05s"}},
+        }],
+        "lifecycle": {"health_check_interval": "30s", "shutdown_grace": "1s"},
+    }  # fmt: skip
+    with GatewayProcess(config) as gw:
+        await run_load(gw.address, lambda: linear_request(), concurrency=2, duration=0.5, timeout=5)
+        proxy.set_latency(0.5)
+        results = await run_load(
+            gw.address, lambda: linear_request(), concurrency=2, duration=2.0, timeout=5
+        )
+        samples = scrape(gw.metrics_url)
+    assert results.errors() == []
+    hedged = [o for o in results.outcomes if o.variant == "second"]
+    assert len(hedged) >= 0.9 * len(results.outcomes)
+    assert results.p(0.9) < 0.3  # well under the slow variant's 0.5 s
+    assert (
+        metric(samples, "tensorgate_hedges_total", model="linear", winner="second")
+        >= len(hedged) * 0.9
+    )
