@@ -227,7 +227,9 @@ async def test_bulkhead_rejects_overflow_fast_when_backend_hangs(proxy):
             assert max(o.seconds for o in extra) < 0.1
             done = await asyncio.gather(*hanging)
         assert {o.code for o in done} == {"DEADLINE_EXCEEDED"}  # per-try timeout 3 s
-        assert all(2.9 <= o.seconds <= 4.0 for o in done[:4])
+        # 4 held a slot until the 3 s per-try timeout; 2 waited in the queue, then got 3 s more.
+        times = sorted(o.seconds for o in done)
+        assert all(2.9 <= t <= 4.0 for t in times[:4]) and all(5.9 <= t <= 7.5 for t in times[4:])
         assert (
             metric(scrape(gw.metrics_url), "tensorgate_bulkhead_rejections_total", backend="hung")
             == 4
@@ -272,7 +274,8 @@ async def test_blast_radius_hung_backend_does_not_slow_others(proxy, triton):
             ),
         )
     assert during.errors() == []
-    assert {"DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"} >= set(hung.codes())
+    # Hung calls time out, overflow is shed by the bulkhead, then the breaker opens and fails fast.
+    assert {"DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "UNAVAILABLE"} >= set(hung.codes())
     assert "RESOURCE_EXHAUSTED" in hung.codes()
     base_p99, hurt_p99 = baseline.p(0.99), during.p(0.99)
     print(f"on-b p99 baseline {base_p99 * 1000:.1f} ms, with on-a hung {hurt_p99 * 1000:.1f} ms")
