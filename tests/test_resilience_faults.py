@@ -8,6 +8,7 @@ import time
 
 import grpc
 import pytest
+from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc
 
 from tests.backends.triton import TritonServer
@@ -396,3 +397,43 @@ async def test_hedge_answers_from_the_fast_variant(proxy, triton):
         metric(samples, "tensorgate_hedges_total", model="linear", winner="second")
         >= len(hedged) * 0.9
     )
+
+
+async def test_unhealthy_variant_gets_no_traffic_until_it_recovers(proxy, triton):
+    config = {
+        "backends": [backend("flaky", proxy.address), backend("steady", triton.address)],
+        "routes": [
+            {"model": "linear", "variants": [variant("x", "flaky", 1), variant("y", "steady", 1)]},
+            {"model": "lonely", "variants": [variant("only", "flaky", 1)]},
+            {"model": "guarded", "variants": [variant("only", "flaky", 1)],
+             "policy": {"fallback": [{"static_response": {"outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [1, 3], "fp_values": [0, 0, 0]}]}}]}},
+        ],
+        "lifecycle": {"health_check_interval": "0.3s", "shutdown_grace": "1s"},
+    }  # fmt: skip
+    with GatewayProcess(config) as gw, grpc.insecure_channel(gw.address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        before = await run_load(
+            gw.address, lambda: linear_request(), concurrency=2, duration=1.0, timeout=5
+        )
+        assert {o.variant for o in before.outcomes} == {"x", "y"}
+        proxy.refuse()
+        await asyncio.sleep(1.5)  # a probe round or two
+        during = await run_load(
+            gw.address, lambda: linear_request(), concurrency=2, duration=1.0, timeout=5
+        )
+        assert during.errors() == [] and {o.variant for o in during.outcomes} == {"y"}
+        # "lonely" has no healthy variant and no fallback: the gateway is not ready; "guarded"
+        # can still answer (static fallback), so it is.
+        assert not stub.ServerReady(oip.ServerReadyRequest()).ready
+        assert not stub.ModelReady(oip.ModelReadyRequest(name="lonely")).ready
+        assert stub.ModelReady(oip.ModelReadyRequest(name="guarded")).ready
+        assert stub.ModelReady(oip.ModelReadyRequest(name="linear")).ready
+        proxy.heal()
+        deadline = time.monotonic() + 10
+        while not stub.ServerReady(oip.ServerReadyRequest()).ready:
+            assert time.monotonic() < deadline, "never recovered"
+            await asyncio.sleep(0.1)
+        after = await run_load(
+            gw.address, lambda: linear_request(), concurrency=2, duration=1.0, timeout=5
+        )
+        assert after.errors() == [] and {o.variant for o in after.outcomes} == {"x", "y"}
