@@ -8,12 +8,15 @@ Like an httpx transport, it does one thing: carry a request to its backend and b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 from tritonclient.grpc import service_pb2 as oip
 
 from gateway.errors import GatewayError
+
+if TYPE_CHECKING:
+    from gateway.routing import Target
 
 
 class BackendError(GatewayError):
@@ -34,7 +37,7 @@ class TensorSpec:
 
     name: str
     datatype: str
-    shape: tuple[int, ...]  # -1 = any size
+    shape: tuple[int, ...] | None  # -1 = any size; None = any shape at all
     optional: bool = False
 
 
@@ -44,24 +47,29 @@ class Adapter(Protocol):
     name: str
 
     async def infer(
-        self, request: oip.ModelInferRequest, *, timeout: float | None
-    ) -> oip.ModelInferResponse: ...
+        self, request: oip.ModelInferRequest, *, timeout: float | None, target: Target
+    ) -> oip.ModelInferResponse:
+        """`request` already names the backend's model and version; `target` carries the
+        variant's backend-specific options (signature, version label, body contract, schema)."""
+        ...
 
     async def ready(self, model: str = "", version: str = "", *, timeout: float = 2.0) -> bool:
         """Server readiness when `model` is empty, else readiness of that model (version)."""
         ...
 
     async def metadata(
-        self, model: str, version: str, *, timeout: float | None
+        self, model: str, version: str, *, timeout: float | None, target: Target | None = None
     ) -> oip.ModelMetadataResponse: ...
 
     async def model_config(
-        self, model: str, version: str, *, timeout: float | None
+        self, model: str, version: str, *, timeout: float | None, target: Target | None = None
     ) -> oip.ModelConfigResponse:
         """Backends without a model config raise BackendError(UNIMPLEMENTED)."""
         ...
 
-    async def input_specs(self, model: str, version: str) -> tuple[TensorSpec, ...] | None:
+    async def input_specs(
+        self, model: str, version: str, target: Target | None = None
+    ) -> tuple[TensorSpec, ...] | None:
         """The model's inputs for request validation; None when the backend cannot say."""
         ...
 

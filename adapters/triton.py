@@ -8,38 +8,12 @@ a layer that can see deadlines and budgets.
 from __future__ import annotations
 
 import grpc
-from tensorgate.config.v1 import config_pb2
 from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc
 
 from adapters.base import BackendError, TensorSpec
-
-DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
-
-# Codes Triton uses that mean "the backend is broken" are kept; UNKNOWN says nothing to a caller,
-# so it becomes INTERNAL (the backend failed while handling a valid request).
-_REMAP = {grpc.StatusCode.UNKNOWN: grpc.StatusCode.INTERNAL}
-
-
-def channel_options(backend: config_pb2.Backend, max_request_bytes: int) -> list[tuple[str, int]]:
-    conn = backend.connection
-    max_bytes = conn.max_message_bytes or max(max_request_bytes, DEFAULT_MAX_RESPONSE_BYTES)
-    options = [
-        ("grpc.max_send_message_length", max_bytes),
-        ("grpc.max_receive_message_length", max_bytes),
-        ("grpc.enable_retries", 0),
-        # Several backends may share a host; distinct channels must not share one subchannel pool
-        # or one sick backend's reconnect backoff would be felt by the others.
-        ("grpc.use_local_subchannel_pool", 1),
-        # gRPC's default reconnect backoff grows to 120 s; a restarted backend must be noticed
-        # within seconds.
-        ("grpc.initial_reconnect_backoff_ms", 200),
-        ("grpc.max_reconnect_backoff_ms", 2000),
-    ]
-    if conn.HasField("keepalive_time"):
-        options.append(("grpc.keepalive_time_ms", conn.keepalive_time.ToMilliseconds()))
-        options.append(("grpc.keepalive_permit_without_calls", 1))
-    return options
+from adapters.grpc_common import channel_options, rpc_error
+from tensorgate.config.v1 import config_pb2
 
 
 class TritonAdapter:
@@ -56,14 +30,10 @@ class TritonAdapter:
         self._config = stub.ModelConfig
 
     def _error(self, err: grpc.aio.AioRpcError) -> BackendError:
-        code = _REMAP.get(err.code(), err.code())
-        details = err.details() or code.name
-        if code is grpc.StatusCode.UNAVAILABLE:
-            details = f"backend {self.name!r} unavailable: {details}"
-        return BackendError(code, details, backend=self.name)
+        return rpc_error(err, self.name)
 
     async def infer(
-        self, request: oip.ModelInferRequest, *, timeout: float | None
+        self, request: oip.ModelInferRequest, *, timeout: float | None, target=None
     ) -> oip.ModelInferResponse:
         try:
             return await self._infer(request, timeout=timeout)
@@ -83,7 +53,7 @@ class TritonAdapter:
         return reply.ready
 
     async def metadata(
-        self, model: str, version: str, *, timeout: float | None
+        self, model: str, version: str, *, timeout: float | None, target=None
     ) -> oip.ModelMetadataResponse:
         try:
             return await self._metadata(
@@ -93,7 +63,7 @@ class TritonAdapter:
             raise self._error(err) from None
 
     async def model_config(
-        self, model: str, version: str, *, timeout: float | None
+        self, model: str, version: str, *, timeout: float | None, target=None
     ) -> oip.ModelConfigResponse:
         try:
             return await self._config(
@@ -102,7 +72,9 @@ class TritonAdapter:
         except grpc.aio.AioRpcError as err:
             raise self._error(err) from None
 
-    async def input_specs(self, model: str, version: str) -> tuple[TensorSpec, ...] | None:
+    async def input_specs(
+        self, model: str, version: str, target=None
+    ) -> tuple[TensorSpec, ...] | None:
         try:
             meta = await self.metadata(model, version, timeout=5.0)
             config = await self.model_config(model, version, timeout=5.0)

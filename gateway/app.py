@@ -9,7 +9,6 @@ import signal
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from tensorgate.config.v1 import config_pb2
 from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc
 
@@ -36,6 +35,7 @@ from gateway.pipeline import InferService, compose
 from gateway.policy import breaker_settings, bulkhead_settings
 from gateway.routing import RouteTable
 from gateway.servicer import InferenceServicer
+from tensorgate.config.v1 import config_pb2
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import grpc
 import yaml
 from google.protobuf import json_format
-from tensorgate.config.v1 import config_pb2
 
 from gateway.policy import NEVER_RETRY
+from tensorgate.config.v1 import config_pb2
 
 DEFAULT_DATA_PLANE = "127.0.0.1:8001"
 DEFAULT_METRICS = "127.0.0.1:9464"
@@ -224,9 +224,13 @@ def _check_backends(
             problems.append(
                 Problem(f"{at}.kind", "required (BACKEND_KIND_TRITON, _TFSERVING, _TORCHSERVE)")
             )
-        elif backend.kind != config_pb2.BACKEND_KIND_TRITON:
-            kind = config_pb2.BackendKind.Name(backend.kind)
-            problems.append(Problem(f"{at}.kind", f"{kind} is not supported yet"))
+        if backend.management_address:
+            if backend.kind != config_pb2.BACKEND_KIND_TORCHSERVE:
+                problems.append(Problem(f"{at}.management_address", "only for TorchServe"))
+            else:
+                reason = address_problem(backend.management_address)
+                if reason:
+                    problems.append(Problem(f"{at}.management_address", reason))
         if not backend.address:
             problems.append(Problem(f"{at}.address", "required"))
         else:
@@ -289,6 +293,7 @@ def _check_routes(
                 problems.append(
                     Problem(f"{vat}.version", f"{variant.version!r} must be a decimal number")
                 )
+            _check_backend_options(variant, vat, backends.get(variant.backend), route, problems)
             if variant.backend_version and not variant.backend_version.isdigit():
                 problems.append(
                     Problem(
@@ -297,6 +302,7 @@ def _check_routes(
                     )
                 )
         _check_policy(route.policy, f"{at}.policy", route, models_by_name, problems)
+        _check_schema(route.schema, f"{at}.schema", problems)
         if all(v.weight == 0 for v in route.variants):
             problems.append(
                 Problem(
@@ -390,6 +396,52 @@ def _check_policy(
             )
         if not 0 <= shadow.fraction <= 1:
             add(f"{at}.shadow.fraction", "must be between 0 and 1")
+
+
+def _check_backend_options(variant, at: str, backend, route, problems: list[Problem]) -> None:
+    """Backend-specific variant fields must match the backend's kind."""
+    kind = backend.kind if backend is not None else None
+    tf = config_pb2.BACKEND_KIND_TFSERVING
+    if variant.signature_name and kind != tf:
+        problems.append(Problem(f"{at}.signature_name", "only for TF Serving backends"))
+    if variant.version_label:
+        if kind != tf:
+            problems.append(Problem(f"{at}.version_label", "only for TF Serving backends"))
+        elif variant.backend_version:
+            problems.append(
+                Problem(f"{at}.version_label", "set backend_version or version_label, not both")
+            )
+    if variant.body_contract:
+        if kind != config_pb2.BACKEND_KIND_TORCHSERVE:
+            problems.append(Problem(f"{at}.body_contract", "only for TorchServe backends"))
+        elif variant.body_contract == config_pb2.BODY_CONTRACT_INSTANCES_JSON and (
+            len(route.schema.inputs) != 1 or len(route.schema.outputs) != 1
+        ):
+            problems.append(
+                Problem(
+                    f"{at}.body_contract",
+                    "BODY_CONTRACT_INSTANCES_JSON needs the route schema to declare one input "
+                    "and one output",
+                )
+            )
+
+
+def _check_schema(schema: config_pb2.ModelSchema, at: str, problems: list[Problem]) -> None:
+    for field in ("inputs", "outputs"):
+        names: set[str] = set()
+        for k, tensor in enumerate(getattr(schema, field)):
+            tat = f"{at}.{field}[{k}]"
+            if not tensor.name:
+                problems.append(Problem(f"{tat}.name", "required"))
+            elif tensor.name in names:
+                problems.append(Problem(f"{tat}.name", f"duplicate tensor {tensor.name!r}"))
+            names.add(tensor.name)
+            if tensor.datatype not in _DATATYPES | {"BF16"}:
+                problems.append(
+                    Problem(f"{tat}.datatype", f"{tensor.datatype!r} is not an OIP datatype")
+                )
+            if any(d < -1 for d in tensor.shape):
+                problems.append(Problem(f"{tat}.shape", "dimensions are sizes >= 0 or -1 (any)"))
 
 
 def _check_settings(config: config_pb2.GatewayConfig, problems: list[Problem]) -> None:

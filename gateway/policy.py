@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import grpc
+
 from tensorgate.config.v1 import config_pb2
 
 # Outcomes that say the backend (not the request) is in trouble: they count against breakers and

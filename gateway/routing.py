@@ -12,11 +12,11 @@ import itertools
 import random
 from dataclasses import dataclass, field
 
-from tensorgate.config.v1 import config_pb2
 from uhashring import HashRing
 
 from gateway.errors import not_found
 from gateway.policy import RouteSettings, route_settings
+from tensorgate.config.v1 import config_pb2
 
 # uhashring places vnodes * weight points per variant; weights are scaled to about this many
 # units per route so a ring stays small however large the configured weights are.
@@ -35,6 +35,10 @@ class Target:
     backend_version: str
     version: str  # public version, "" when the variant is unversioned
     weight: int
+    signature_name: str = ""  # TF Serving
+    version_label: str = ""  # TF Serving
+    body_contract: int = 0  # TorchServe, config_pb2.BodyContract
+    schema: config_pb2.ModelSchema | None = None  # the route's declared tensors, if any
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -167,6 +171,10 @@ def _plan(route: config_pb2.Route, defaults: config_pb2.RoutePolicy) -> RoutePla
             backend_version=v.backend_version,
             version=v.version,
             weight=v.weight,
+            signature_name=v.signature_name,
+            version_label=v.version_label,
+            body_contract=v.body_contract,
+            schema=route.schema if route.HasField("schema") else None,
         )
         for v in route.variants
     )

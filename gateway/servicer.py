@@ -56,10 +56,16 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             plan = self._runtime.table.plan(request.name)
             target = plan.primary(request.version)
-            adapter = self._runtime.adapters[target.backend]
-            reply = await adapter.metadata(
-                target.backend_model, target.backend_version, timeout=_timeout(context)
-            )
+            if target.schema is not None:
+                reply = _schema_metadata(target.schema)
+            else:
+                adapter = self._runtime.adapters[target.backend]
+                reply = await adapter.metadata(
+                    target.backend_model,
+                    target.backend_version,
+                    timeout=_timeout(context),
+                    target=target,
+                )
         except GatewayError as err:
             await context.abort(err.code, err.message)
         reply.name = plan.model
@@ -74,7 +80,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             target = plan.primary(request.version)
             adapter = self._runtime.adapters[target.backend]
             reply = await adapter.model_config(
-                target.backend_model, target.backend_version, timeout=_timeout(context)
+                target.backend_model,
+                target.backend_version,
+                timeout=_timeout(context),
+                target=target,
             )
         except GatewayError as err:
             await context.abort(err.code, err.message)
@@ -106,6 +115,15 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             headers += ((DEGRADED_HEADER, call.degraded),)
         await context.send_initial_metadata(headers)
         return response
+
+
+def _schema_metadata(schema) -> oip.ModelMetadataResponse:
+    """ModelMetadata from the route's declared schema (backends that cannot describe models)."""
+    reply = oip.ModelMetadataResponse()
+    for tensors, out in ((schema.inputs, reply.inputs), (schema.outputs, reply.outputs)):
+        for t in tensors:
+            out.add(name=t.name, datatype=t.datatype, shape=list(t.shape))
+    return reply
 
 
 def _headers(target) -> tuple[tuple[str, str], ...]:

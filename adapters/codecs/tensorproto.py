@@ -8,10 +8,10 @@ value fills the whole shape. DT_HALF and DT_BFLOAT16 typed values are 16-bit pat
 from __future__ import annotations
 
 import numpy as np
-from tensorgate.tfserving import tensorflow_pb2 as tf
 
 from adapters.codecs.oip import NUMPY_DTYPE
 from gateway.errors import invalid
+from tensorgate.tfserving import tensorflow_pb2 as tf
 
 TF_DTYPE: dict[str, int] = {
     "BOOL": tf.DT_BOOL,

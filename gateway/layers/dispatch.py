@@ -39,7 +39,7 @@ def dispatch(
         gauge = metrics.backend_in_flight.labels(target.backend)
         gauge.inc()
         try:
-            return await adapter.infer(request, timeout=timeout)
+            return await adapter.infer(request, timeout=timeout, target=target)
         finally:
             gauge.dec()
 

@@ -201,8 +201,9 @@ def check_schema(request: oip.ModelInferRequest, model: str, specs: tuple[Tensor
                 f"request has {tensor.datatype}"
             )
         shape = tensor.shape
-        if len(shape) != len(spec.shape) or any(
-            want not in (-1, got) for want, got in zip(spec.shape, shape, strict=True)
+        if spec.shape is not None and (
+            len(shape) != len(spec.shape)
+            or any(want not in (-1, got) for want, got in zip(spec.shape, shape, strict=True))
         ):
             raise invalid(
                 f"input {tensor.name!r}: shape {_shape(shape)} does not match model "
@@ -226,16 +227,21 @@ class SpecCache:
         self._ttl = ttl
         self._miss_ttl = miss_ttl
         self._wait = wait
-        self._entries: dict[tuple[str, str, str], tuple[float, asyncio.Task]] = {}
+        self._entries: dict[tuple, tuple[float, asyncio.Task]] = {}
 
-    async def get(
-        self, adapter: Adapter, model: str, version: str, remaining: float | None = None
-    ) -> tuple[TensorSpec, ...] | None:
-        key = (adapter.name, model, version)
+    async def get(self, adapter: Adapter, target, remaining: float | None = None):
+        """The input specs of `target`'s model on `adapter` (route schema first), or None."""
+        if target.schema is not None and target.schema.inputs:
+            return tuple(
+                TensorSpec(t.name, t.datatype, tuple(t.shape), t.optional)
+                for t in target.schema.inputs
+            )
+        model, version = target.backend_model, target.backend_version
+        key = (adapter.name, model, version, target.signature_name, target.version_label)
         now = time.monotonic()
         entry = self._entries.get(key)
         if entry is None or (now >= entry[0] and entry[1].done()):
-            task = asyncio.ensure_future(adapter.input_specs(model, version))
+            task = asyncio.ensure_future(adapter.input_specs(model, version, target))
             task.add_done_callback(lambda t, key=key, now=now: self._settled(key, now, t))
             self._entries[key] = (now + self._ttl, task)
         else:
@@ -260,12 +266,7 @@ def schema(adapters: Callable[[], Mapping[str, Adapter]], cache: SpecCache) -> L
     def layer(inner: InferService) -> InferService:
         async def validate(call: InferCall) -> oip.ModelInferResponse:
             target = call.target
-            specs = await cache.get(
-                adapters()[target.backend],
-                target.backend_model,
-                target.backend_version,
-                call.remaining(),
-            )
+            specs = await cache.get(adapters()[target.backend], target, call.remaining())
             if specs is not None:
                 check_schema(call.request, call.model, specs)
             return await inner(call)

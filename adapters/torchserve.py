@@ -1,0 +1,258 @@
+"""TorchServe adapter: Open Inference Protocol <-> TorchServe's REST inference API, over httpx.
+
+One pooled httpx.AsyncClient per backend (keep-alive connections, bounded pool). The HTTP body
+follows the variant's body contract: by default the OIP JSON form spoken by the example handler
+deploy/torchserve/oip_handler.py, or {"instances": ...} for TorchServe's stock handlers. Outputs
+are typed and checked by the route's declared schema, since TorchServe has no tensor metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import quote
+
+import grpc
+import httpx
+import numpy as np
+from tritonclient.grpc import service_pb2 as oip
+
+from adapters.base import BackendError
+from adapters.codecs import kserve_json
+from adapters.codecs import oip as oip_codec
+from gateway.errors import invalid
+from tensorgate.config.v1 import config_pb2
+
+# torch has no unsigned integer types wider than 8 bits.
+UNSUPPORTED = frozenset({"UINT16", "UINT32", "UINT64"})
+STATUS_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    422: grpc.StatusCode.INVALID_ARGUMENT,
+    404: grpc.StatusCode.NOT_FOUND,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    507: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+    502: grpc.StatusCode.UNAVAILABLE,
+}
+_MAX_MESSAGE = 500
+
+
+class TorchServeAdapter:
+    def __init__(self, backend: config_pb2.Backend) -> None:
+        self.name = backend.name
+        conn = backend.connection
+        connect = (
+            conn.connect_timeout.ToMilliseconds() / 1000
+            if conn.HasField("connect_timeout")
+            else 5.0
+        )
+        timeout = httpx.Timeout(30.0, connect=connect)
+        limits = httpx.Limits(max_connections=100, max_keepalive_connections=32)
+        self._client = httpx.AsyncClient(
+            base_url=f"http://{backend.address}", timeout=timeout, limits=limits
+        )
+        self._management = (
+            httpx.AsyncClient(base_url=f"http://{backend.management_address}", timeout=timeout)
+            if backend.management_address
+            else None
+        )
+
+    def _error(self, code: grpc.StatusCode, message: str) -> BackendError:
+        return BackendError(code, message, backend=self.name)
+
+    def _http_error(self, response: httpx.Response) -> BackendError:
+        try:
+            body = response.json()
+            message = body.get("message") or body.get("error") or response.text
+        except (ValueError, AttributeError):
+            message = response.text
+        message = str(message).strip()[:_MAX_MESSAGE] or response.reason_phrase
+        code = STATUS_CODES.get(response.status_code, grpc.StatusCode.INTERNAL)
+        return self._error(code, f"TorchServe {response.status_code}: {message}")
+
+    async def _send(
+        self, method: str, url: str, client: httpx.AsyncClient, **kwargs
+    ) -> httpx.Response:
+        try:
+            return await client.request(method, url, **kwargs)
+        except httpx.TimeoutException:
+            raise self._error(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"backend {self.name!r} did not answer in time"
+            ) from None
+        except httpx.TransportError as err:
+            raise self._error(
+                grpc.StatusCode.UNAVAILABLE,
+                f"backend {self.name!r} unavailable: {type(err).__name__}",
+            ) from None
+
+    def _body(self, request: oip.ModelInferRequest, contract: int) -> bytes:
+        arrays = []
+        for index, tensor in enumerate(request.inputs):
+            if tensor.datatype in UNSUPPORTED:
+                raise invalid(
+                    f"input {tensor.name!r}: datatype {tensor.datatype} is not supported by "
+                    f"TorchServe backend {self.name!r} (torch has no such type)"
+                )
+            arrays.append((tensor, oip_codec.input_array(request, index)))
+        if contract == config_pb2.BODY_CONTRACT_INSTANCES_JSON:
+            if len(arrays) != 1:
+                raise invalid(
+                    f"the instances body contract of backend {self.name!r} takes exactly one "
+                    f"input, the request has {len(arrays)}"
+                )
+            tensor, array = arrays[0]
+            if tensor.datatype == "BYTES":
+                values = [v.decode("utf-8", "replace") for v in array.reshape(-1)]
+                instances = np.asarray(values, dtype=object).reshape(array.shape).tolist()
+            else:
+                instances = array.astype(
+                    np.float64 if array.dtype.kind == "f" else array.dtype
+                ).tolist()
+            return json.dumps({"instances": instances}).encode()
+        body = {
+            "inputs": [kserve_json.to_json_tensor(t.name, a, t.datatype) for t, a in arrays],
+        }
+        if request.id:
+            body["id"] = request.id
+        if request.outputs:
+            body["outputs"] = [{"name": o.name} for o in request.outputs]
+        return json.dumps(body).encode()
+
+    async def infer(
+        self, request: oip.ModelInferRequest, *, timeout: float | None, target=None
+    ) -> oip.ModelInferResponse:
+        contract = (target.body_contract if target else 0) or config_pb2.BODY_CONTRACT_OIP_JSON
+        url = f"/predictions/{quote(request.model_name, safe='')}"
+        if request.model_version:
+            url += f"/{quote(request.model_version, safe='')}"
+        reply = await self._send(
+            "POST",
+            url,
+            self._client,
+            content=self._body(request, contract),
+            headers={"content-type": "application/json"},
+            timeout=timeout,
+        )
+        if reply.status_code != 200:
+            raise self._http_error(reply)
+        try:
+            payload = reply.json()
+        except ValueError:
+            raise self._error(
+                grpc.StatusCode.INTERNAL, "TorchServe answered with a body that is not JSON"
+            ) from None
+        schema = target.schema if target else None
+        response = oip.ModelInferResponse(
+            model_name=request.model_name, model_version=request.model_version, id=request.id
+        )
+        if contract == config_pb2.BODY_CONTRACT_INSTANCES_JSON:
+            outputs = self._instances_outputs(payload, schema)
+        else:
+            outputs = self._oip_outputs(payload)
+        wanted = {o.name for o in request.outputs}
+        declared = {t.name: t for t in schema.outputs} if schema else {}
+        for name, array, datatype in outputs:
+            if wanted and name not in wanted:
+                continue
+            spec = declared.get(name)
+            if spec is not None:
+                array, datatype = self._conform(name, array, spec)
+            oip_codec.add_output(response, name, array, datatype)
+        return response
+
+    def _oip_outputs(self, payload) -> list[tuple[str, np.ndarray, str]]:
+        tensors = payload.get("outputs") if isinstance(payload, dict) else None
+        if not isinstance(tensors, list):
+            raise self._error(grpc.StatusCode.INTERNAL, 'TorchServe answer has no "outputs" list')
+        try:
+            return [kserve_json.from_json_tensor(t, "TorchServe answer") for t in tensors]
+        except BackendError:
+            raise
+        except Exception as err:  # a malformed answer is the backend's fault, not the caller's
+            raise self._error(grpc.StatusCode.INTERNAL, getattr(err, "message", str(err))) from None
+
+    def _instances_outputs(self, payload, schema) -> list[tuple[str, np.ndarray, str]]:
+        if schema is None or len(schema.outputs) != 1:
+            raise self._error(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "the instances body contract needs the route schema to declare exactly one output",
+            )
+        spec = schema.outputs[0]
+        values = payload.get("predictions", payload) if isinstance(payload, dict) else payload
+        dtype = oip_codec.NUMPY_DTYPE.get(spec.datatype)
+        array = np.asarray(values, dtype=dtype if spec.datatype != "BYTES" else object)
+        if spec.datatype == "BYTES":
+            array = np.vectorize(lambda v: str(v).encode(), otypes=[object])(array)
+        return [(spec.name, array, spec.datatype)]
+
+    def _conform(self, name: str, array: np.ndarray, spec) -> tuple[np.ndarray, str]:
+        """Give an output the datatype and check the shape the route's schema declares."""
+        want = tuple(spec.shape)
+        if want and (
+            len(want) != array.ndim
+            or any(w not in (-1, g) for w, g in zip(want, array.shape, strict=True))
+        ):
+            raise self._error(
+                grpc.StatusCode.INTERNAL,
+                f"TorchServe output {name!r} has shape {list(array.shape)}, the route schema "
+                f"declares {list(want)}",
+            )
+        if spec.datatype == "BYTES" or array.dtype == oip_codec.NUMPY_DTYPE[spec.datatype]:
+            return array, spec.datatype
+        converted = array.astype(oip_codec.NUMPY_DTYPE[spec.datatype])
+        if not np.array_equal(
+            converted.astype(array.dtype), array, equal_nan=array.dtype.kind == "f"
+        ):
+            raise self._error(
+                grpc.StatusCode.INTERNAL,
+                f"TorchServe output {name!r} does not fit the declared datatype {spec.datatype}",
+            )
+        return converted, spec.datatype
+
+    async def ready(self, model: str = "", version: str = "", *, timeout: float = 2.0) -> bool:
+        try:
+            if not model or self._management is None:
+                reply = await self._send("GET", "/ping", self._client, timeout=timeout)
+                return reply.status_code == 200
+            url = f"/models/{quote(model, safe='')}" + (
+                f"/{quote(version, safe='')}" if version else ""
+            )
+            reply = await self._send("GET", url, self._management, timeout=timeout)
+        except BackendError:
+            return False
+        if reply.status_code != 200:
+            return False
+        try:
+            described = reply.json()
+        except ValueError:
+            return False
+        return any(w.get("status") == "READY" for d in described for w in d.get("workers", ()))
+
+    async def metadata(self, model: str, version: str, *, timeout: float | None, target=None):
+        reply = oip.ModelMetadataResponse(name=model, platform="torchserve")
+        if self._management is None:
+            return reply
+        url = f"/models/{quote(model, safe='')}" + (
+            f"/{quote(version, safe='')}" if version else "/all"
+        )
+        answer = await self._send("GET", url, self._management, timeout=timeout)
+        if answer.status_code != 200:
+            raise self._http_error(answer)
+        reply.versions.extend(str(d.get("modelVersion", "")) for d in answer.json())
+        return reply
+
+    async def model_config(self, model: str, version: str, *, timeout: float | None, target=None):
+        raise self._error(
+            grpc.StatusCode.UNIMPLEMENTED,
+            f"ModelConfig is a Triton extension; backend {self.name!r} is TorchServe "
+            "(ModelMetadata describes the model from the route schema)",
+        )
+
+    async def input_specs(self, model: str, version: str, target=None):
+        return None  # TorchServe cannot describe tensors; the route schema is used instead
+
+    async def close(self) -> None:
+        await self._client.aclose()
+        if self._management is not None:
+            await self._management.aclose()
