@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pathlib
 import signal
 
 import grpc
@@ -35,6 +36,7 @@ from gateway.pipeline import InferService, compose
 from gateway.policy import breaker_settings, bulkhead_settings
 from gateway.routing import RouteTable
 from gateway.servicer import InferenceServicer
+from gateway.stats import RecentStats
 from tensorgate.config.v1 import config_pb2
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,7 @@ class Runtime:
             seconds(config.lifecycle.health_check_interval),
         )
         self.specs = validation.SpecCache()
+        self.recent = RecentStats()
         defaults = config.defaults
         self.breakers = {
             b.name: breaker.BackendBreaker(
@@ -80,6 +83,13 @@ class Runtime:
         self.latencies = hedge.LatencyTracker()
         self.shadows = shadow.ShadowRunner(self.metrics, self.per_try_timeout.__getitem__)
 
+    def apply(self, config: config_pb2.GatewayConfig) -> None:
+        """Swap in a validated config whose backends are unchanged (an admin route change). The
+        route table is replaced in one assignment, so each call sees the old or the new one."""
+        self.config = config
+        self.table = RouteTable(config.routes, config.defaults.route_policy)
+        self.readiness.table_changed()
+
     def request_path(self) -> InferService:
         """The ModelInfer path, outermost layer first. Each layer is one policy
         (gateway/layers/); the adapter call is at the bottom."""
@@ -91,7 +101,9 @@ class Runtime:
             service=dispatch.dispatch(adapters, self.per_try_timeout.__getitem__, self.metrics),
         )
         return compose(
-            observe.observe(self.metrics, lambda model: self.table.get(model) is not None),
+            observe.observe(
+                self.metrics, lambda model: self.table.get(model) is not None, self.recent
+            ),
             validation.structure(
                 max_request_bytes=limits.max_request_bytes, max_inputs=limits.max_inputs
             ),
@@ -110,14 +122,53 @@ class Runtime:
         await asyncio.gather(*(a.close() for a in self.adapters.values()))
 
 
+def _read(path: str, field: str) -> bytes:
+    try:
+        return pathlib.Path(path).read_bytes()
+    except OSError as err:
+        raise OSError(f"{field}: cannot read {path}: {err.strerror}") from None
+
+
+def server_credentials(tls: config_pb2.Tls, field: str) -> grpc.ServerCredentials:
+    key = _read(tls.key_file, f"{field}.key_file")
+    cert = _read(tls.cert_file, f"{field}.cert_file")
+    if tls.client_ca_file:
+        ca = _read(tls.client_ca_file, f"{field}.client_ca_file")
+        return grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=ca, require_client_auth=True
+        )
+    return grpc.ssl_server_credentials([(key, cert)])
+
+
+def _bind(server: grpc.aio.Server, address: str, field: str, tls: config_pb2.Tls | None) -> int:
+    try:
+        if tls is not None and tls.cert_file:
+            port = server.add_secure_port(
+                address, server_credentials(tls, field.replace("listeners.", ""))
+            )
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
+    if not port:
+        raise OSError(f"cannot listen on {address} ({field}): address in use?")
+    return port
+
+
 class Gateway:
-    def __init__(self, config: config_pb2.GatewayConfig) -> None:
+    def __init__(
+        self, config: config_pb2.GatewayConfig, state_dir: str = ".tensorgate-state"
+    ) -> None:
         self.config = config
         self.runtime = Runtime(config)
         self.server: grpc.aio.Server | None = None
+        self.admin_server: grpc.aio.Server | None = None
         self.port = 0
+        self.admin_port = 0
         self.metrics_port = 0
         self._metrics_server = None
+        self._state_dir = config.admin.state_dir or state_dir
+        self._rollouts = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -145,16 +196,18 @@ class Gateway:
             self.server,
         )
         address = config.listeners.data_plane
-        try:
-            self.port = self.server.add_insecure_port(address)
-        except RuntimeError:
-            self.port = 0
-        if not self.port:
-            raise OSError(f"cannot listen on {address} (listeners.data_plane): address in use?")
+        tls = (
+            config.listeners.data_plane_tls if config.listeners.HasField("data_plane_tls") else None
+        )
+        self.port = _bind(self.server, address, "listeners.data_plane", tls)
+        if config.listeners.admin != "off":
+            self.admin_server = self._admin_server()
         if config.listeners.metrics != "off":
             self._metrics_server = self.runtime.metrics.serve(config.listeners.metrics)
             self.metrics_port = self._metrics_server.server_port
         await self.server.start()
+        if self.admin_server is not None:
+            await self.admin_server.start()
         await self.runtime.readiness.start()
         host = address.rpartition(":")[0]
         log.info(
@@ -164,6 +217,45 @@ class Gateway:
             self.port,
             f"{host}:{self.metrics_port}" if self._metrics_server else "off",
         )
+
+    def _admin_server(self) -> grpc.aio.Server:
+        """The admin API on its own listener, behind authentication (reflection included)."""
+        from gateway.admin import audit, auth, rollout, routes, service, store
+        from tensorgate.admin.v1 import admin_pb2, admin_pb2_grpc
+
+        admin = self.config.admin
+        try:
+            tokens = auth.load_tokens(admin.tokens_file, admin.tokens_env)
+        except auth.AuthConfigError as err:
+            raise OSError(str(err)) from None
+        if not tokens and not admin.tls.client_ca_file:
+            raise OSError(
+                "listeners.admin is set but no credentials are configured: set admin.tokens_file, "
+                "admin.tokens_env or admin.tls.client_ca_file (or listeners.admin: off)"
+            )
+        manager = routes.RouteManager(
+            self.runtime,
+            store.FileStore(self._state_dir, keep=admin.history or 100),
+            audit.AuditLog(self._state_dir),
+        )
+        self._rollouts = rollout.RolloutController(manager, self.runtime.recent)
+        server = grpc.aio.server(
+            interceptors=[auth.AuthInterceptor(auth.Authenticator(tokens, admin.client_cert_role))],
+            options=[("grpc.so_reuseport", 0)],
+        )
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(
+            service.AdminServicer(self.runtime, manager, self._rollouts), server
+        )
+        reflection.enable_server_reflection(
+            (
+                admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        tls = admin.tls if admin.HasField("tls") else None
+        self.admin_port = _bind(server, self.config.listeners.admin, "listeners.admin", tls)
+        return server
 
     async def shutdown(self) -> None:
         """Drain: report NOT_SERVING, keep serving for drain_delay, then refuse new calls and
@@ -176,6 +268,10 @@ class Gateway:
         await asyncio.sleep(seconds(life.drain_delay))
         grace = seconds(life.shutdown_grace)
         log.info("refusing new calls; waiting up to %.1fs for in-flight calls", grace)
+        if self.admin_server is not None:
+            await self.admin_server.stop(0)
+        if self._rollouts is not None:
+            await self._rollouts.close()
         await self.server.stop(grace)
         await self.runtime.readiness.stop()
         await self.runtime.close()
@@ -188,9 +284,9 @@ class Gateway:
         await self._stopped.wait()
 
 
-async def serve(config: config_pb2.GatewayConfig) -> None:
+async def serve(config: config_pb2.GatewayConfig, state_dir: str = ".tensorgate-state") -> None:
     """Run until SIGTERM or SIGINT, then drain and return."""
-    gw = Gateway(config)
+    gw = Gateway(config, state_dir)
     await gw.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import pathlib
 import sys
 
 from gateway import __version__
@@ -43,8 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from gateway.app import serve as run
 
+    state_dir = str(pathlib.Path(args.config).resolve().parent / ".tensorgate-state")
     try:
-        asyncio.run(run(config))
+        asyncio.run(run(config, state_dir))
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 1
     except OSError as err:
         print(f"tensorgate: {err}", file=sys.stderr)
         return 1

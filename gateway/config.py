@@ -149,6 +149,8 @@ def _apply_defaults(config: config_pb2.GatewayConfig) -> None:
         config.listeners.data_plane = DEFAULT_DATA_PLANE
     if not config.listeners.metrics:
         config.listeners.metrics = DEFAULT_METRICS
+    if not config.listeners.admin:
+        config.listeners.admin = "off"
     d = config.defaults
     if not d.HasField("per_try_timeout"):
         d.per_try_timeout.FromMilliseconds(int(DEFAULT_PER_TRY_TIMEOUT_S * 1000))
@@ -194,9 +196,9 @@ def address_problem(address: str) -> str | None:
 
 def _check_listeners(listeners: config_pb2.Listeners, problems: list[Problem]) -> None:
     seen: dict[str, str] = {}
-    for field in ("data_plane", "metrics"):
+    for field in ("data_plane", "metrics", "admin"):
         value = getattr(listeners, field)
-        if field == "metrics" and value == "off":
+        if field != "data_plane" and value == "off":
             continue
         reason = address_problem(value)
         if reason:

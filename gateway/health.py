@@ -48,7 +48,9 @@ class Readiness:
         self.backend_up: dict[str, bool] = {}
         self._failures: dict[str, int] = {}
         self._next_probe: dict[str, float] = {}
-        self.down: frozenset[tuple[str, str, str]] = frozenset()
+        self.down: frozenset[tuple[str, str, str]] = frozenset()  # probed down, or drained
+        self._probed_down: frozenset[tuple[str, str, str]] = frozenset()
+        self.drained: set[str] = set()  # backends an operator drained
         self.draining = False
         self.ready = False
         self._task: asyncio.Task | None = None
@@ -108,9 +110,32 @@ class Readiness:
         ordered = sorted(keys)
         results = await asyncio.gather(*(model_ready(k) for k in ordered))
         down = frozenset(k for k, ok in zip(ordered, results, strict=True) if not ok)
-        if down != self.down:
+        if down != self._probed_down:
             log.info("variants unable to answer: %s", sorted(down) or "none")
-        self.down = down
+        self._probed_down = down
+        self._combine()
+
+    def _combine(self) -> None:
+        if not self.drained:
+            self.down = self._probed_down
+            return
+        drained = {
+            t.key for plan in self._table() for t in plan.targets if t.backend in self.drained
+        }
+        self.down = self._probed_down | drained
+
+    async def set_drained(self, backend: str, drained: bool) -> None:
+        """Drained backends' variants get no new calls while a sibling can answer."""
+        if drained:
+            self.drained.add(backend)
+        else:
+            self.drained.discard(backend)
+        log.info("backend %s %s", backend, "drained" if drained else "undrained")
+        self._combine()
+        await self._publish()
+
+    def table_changed(self) -> None:
+        self._combine()
 
     def route_ready(self, model: str, _seen: frozenset[str] = frozenset()) -> bool:
         """A route is ready when a variant can answer, or a fallback step can."""

@@ -28,6 +28,8 @@ class InferCall:
     target: Target | None = None  # set by routing; retry/fallback/hedge set the one that answered
     plan: RoutePlan | None = None  # the route, set by the routing layer
     degraded: str = ""  # the fallback step that answered, "" for a normal answer
+    primary: Target | None = None  # the variant routing chose first
+    primary_error: str = ""  # its failure's code name, when fallback answered instead
 
     def remaining(self) -> float | None:
         """Seconds left before the caller's deadline, or None when it set none."""

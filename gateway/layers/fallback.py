@@ -63,6 +63,7 @@ def fallback(table: Callable[[], RouteTable], metrics: GatewayMetrics) -> Layer:
                 if err.code not in BACKEND_FAILURES:
                     raise
                 primary_error = err
+            call.primary_error = primary_error.code.name
             failed_target = call.target
             for step in steps:
                 label = _step_label(step)

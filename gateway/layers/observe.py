@@ -10,12 +10,14 @@ from tritonclient.grpc import service_pb2 as oip
 from gateway.errors import GatewayError
 from gateway.metrics import UNROUTED, GatewayMetrics
 from gateway.pipeline import InferCall, InferService, Layer
+from gateway.stats import RecentStats
 
 _OK = grpc.StatusCode.OK.name
 
 
-def observe(metrics: GatewayMetrics, known_model) -> Layer:
-    """`known_model(name)` says whether a public model name may be used as a label value."""
+def observe(metrics: GatewayMetrics, known_model, recent: RecentStats | None = None) -> Layer:
+    """`known_model(name)` says whether a public model name may be used as a label value;
+    `recent` keeps the last minutes per variant for rollout analysis."""
 
     def layer(inner: InferService) -> InferService:
         async def observed(call: InferCall) -> oip.ModelInferResponse:
@@ -35,13 +37,19 @@ def observe(metrics: GatewayMetrics, known_model) -> Layer:
             finally:
                 gauge.dec()
                 target = call.target
-                metrics.observe(
-                    model,
-                    target.variant if target else "",
-                    target.backend if target else "",
-                    code,
-                    time.perf_counter() - start,
-                )
+                seconds = time.perf_counter() - start
+                variant = target.variant if target else ""
+                backend = target.backend if target else ""
+                metrics.observe(model, variant, backend, code, seconds)
+                if recent is not None and target is not None:
+                    if call.degraded and call.primary is not None:
+                        # The variant that was meant to answer failed; rollouts must see that.
+                        primary = call.primary
+                        recent.record(
+                            model, primary.variant, primary.backend, call.primary_error, seconds
+                        )
+                    else:
+                        recent.record(model, variant, backend, code, seconds)
 
         return observed
 

@@ -25,7 +25,7 @@ def route(
         async def routed(call: InferCall) -> oip.ModelInferResponse:
             plan = table().plan(call.model)
             call.plan = plan
-            call.target = plan.resolve(call.version, call.route_key, down())
+            call.target = call.primary = plan.resolve(call.version, call.route_key, down())
             response = await inner(call)
             response.model_name = call.model
             answered = call.target
