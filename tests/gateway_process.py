@@ -19,18 +19,47 @@ from tests.backends.triton import REPO_ROOT, free_port
 TENSORGATE = Path(sys.executable).parent / "tensorgate"
 
 
+ADMIN_TOKEN = "admin-token-0123456789abcdef"
+READ_TOKEN = "read-token-0123456789abcdef"
+
+
 class GatewayProcess:
-    def __init__(self, config: dict, *, startup_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        config: dict,
+        *,
+        startup_timeout: float = 30.0,
+        admin: bool = False,
+        env: dict | None = None,
+        directory: str | None = None,
+    ) -> None:
+        """`admin`: also serve the admin API with two tokens (ADMIN_TOKEN, READ_TOKEN) from a
+        tokens file. `directory`: reuse a config/state directory (to restart a gateway)."""
         self.config = dict(config)
         self.port = free_port()
         self.metrics_port = free_port()
         listeners = dict(self.config.get("listeners", {}))
         listeners.setdefault("data_plane", f"127.0.0.1:{self.port}")
         listeners.setdefault("metrics", f"127.0.0.1:{self.metrics_port}")
+        self._dir = directory or tempfile.mkdtemp(prefix="tensorgate-test-")
+        if admin:
+            listeners.setdefault("admin", f"127.0.0.1:{free_port()}")
+            tokens = Path(self._dir) / "tokens.yaml"
+            tokens.write_text(
+                yaml.safe_dump(
+                    [
+                        {"name": "ops", "role": "admin", "token": ADMIN_TOKEN},
+                        {"name": "viewer", "role": "read", "token": READ_TOKEN},
+                    ]
+                )
+            )
+            self.config.setdefault("admin", {"tokens_file": str(tokens)})
         self.config["listeners"] = listeners
         self.address = listeners["data_plane"]
+        self.admin_address = listeners.get("admin")
         self.metrics_url = f"http://{listeners['metrics']}/metrics"
-        self._dir = tempfile.mkdtemp(prefix="tensorgate-test-")
+        self.directory = self._dir
+        self._env = env
         self.config_path = Path(self._dir) / "gateway.yaml"
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
         self.log_path = Path(self._dir) / "gateway.log"
@@ -45,6 +74,7 @@ class GatewayProcess:
             stderr=subprocess.STDOUT,
             cwd=REPO_ROOT,
             start_new_session=True,
+            env={**os.environ, **(self._env or {})},
         )
         if wait_ready:
             self.wait_ready()
