@@ -124,7 +124,8 @@ class RolloutController:
         await self._routes.change(
             who=f"rollout:{who}",
             method="Rollout",
-            summary=f"rollout {rollout.model}: {rollout.canary} {percent}%, {rollout.baseline} {100 - percent}%",
+            summary=f"rollout {rollout.model}: {rollout.canary} {percent}%, "
+            f"{rollout.baseline} {100 - percent}%",
             mutate=mutate,
         )
         rollout.percent = percent
@@ -195,11 +196,13 @@ class RolloutController:
                 failed = []
                 if canary[1] > baseline[1] * error_factor + slack:
                     failed.append(
-                        f"error ratio {canary[1]:.3f} > {error_factor:g} x baseline {baseline[1]:.3f} + {slack:g}"
+                        f"error ratio {canary[1]:.3f} > {error_factor:g} x baseline "
+                        f"{baseline[1]:.3f} + {slack:g}"
                     )
                 if baseline[0] and canary[2] > baseline[2] * p99_factor:
                     failed.append(
-                        f"p99 {canary[2] * 1000:.1f} ms > {p99_factor:g} x baseline {baseline[2] * 1000:.1f} ms"
+                        f"p99 {canary[2] * 1000:.1f} ms > {p99_factor:g} x baseline "
+                        f"{baseline[2] * 1000:.1f} ms"
                     )
                 rollout.analyses.add(
                     percent=percent,
