@@ -21,7 +21,13 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--log-level", default="INFO")
     check = sub.add_parser("check-config", help="validate a gateway YAML file and exit")
     check.add_argument("file")
+    from gateway.admin import cli as admin_cli
+
+    admin_cli.add_parser(sub)
     args = parser.parse_args(argv)
+
+    if args.command == "admin":
+        return admin_cli.run(args)
 
     if args.command == "check-config":
         try:

@@ -472,3 +472,29 @@ def test_admin_needs_credentials_to_start(triton, tmp_path):
         [TENSORGATE, "serve", "--config", path], capture_output=True, text=True, timeout=30
     )
     assert run.returncode == 1 and "no credentials are configured" in run.stderr
+
+
+def test_cli_reads_token_from_environment(gateway):
+    from tests.gateway_process import TENSORGATE
+
+    def admin_cli(*args, token=ADMIN_TOKEN):
+        env = {"TENSORGATE_ADMIN_TOKEN": token, "PATH": "/usr/bin:/bin"}
+        return subprocess.run(
+            [TENSORGATE, "admin", "--address", gateway.admin_address, *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=30,
+        )
+
+    routes = admin_cli("routes")
+    assert routes.returncode == 0, routes.stderr
+    assert "MODEL" in routes.stdout and "linear" in routes.stdout and "stable" in routes.stdout
+    changed = admin_cli("set-weights", "linear", "stable=70", "canary=30")
+    assert changed.returncode == 0 and "linear: weights canary=30, stable=70" in changed.stdout
+    assert "70%" in admin_cli("routes").stdout
+    denied = admin_cli("set-weights", "linear", "stable=1", token=READ_TOKEN)
+    assert denied.returncode == 1 and "PERMISSION_DENIED" in denied.stderr
+    assert "ops" in admin_cli("revisions", "--limit", "3").stdout
+    assert "triton-a" in admin_cli("backends").stdout
+    admin_cli("set-weights", "linear", "stable=90", "canary=10")
