@@ -498,3 +498,45 @@ def test_cli_reads_token_from_environment(gateway):
     assert "ops" in admin_cli("revisions", "--limit", "3").stdout
     assert "triton-a" in admin_cli("backends").stdout
     admin_cli("set-weights", "linear", "stable=90", "canary=10")
+
+
+def test_mtls_client_certificates(triton, tmp_path):
+    from tests.certs import issue, make_ca
+
+    ca = make_ca(tmp_path, "admin-ca")
+    server_key, server_cert = issue(tmp_path, ca, "gateway", server=True)
+    client_key, client_cert = issue(tmp_path, ca, "alice", server=False)
+    rogue_ca = make_ca(tmp_path, "rogue-ca")
+    rogue_key, rogue_cert = issue(tmp_path, rogue_ca, "mallory", server=False)
+    config = base_config(triton)
+    config["admin"] = {
+        "tls": {
+            "cert_file": str(server_cert),
+            "key_file": str(server_key),
+            "client_ca_file": str(ca[1]),
+        },
+        "client_cert_role": "admin",
+    }
+    with GatewayProcess(config, admin=True) as gw:
+        trust = ca[1].read_bytes()
+
+        def stub_with(key, cert):
+            creds = grpc.ssl_channel_credentials(
+                trust, key.read_bytes() if key else None, cert.read_bytes() if cert else None
+            )
+            return admin_pb2_grpc.AdminServiceStub(grpc.secure_channel(gw.admin_address, creds))
+
+        alice = stub_with(client_key, client_cert)
+        reply = alice.SetVariantWeights(
+            admin_pb2.SetVariantWeightsRequest(model="linear", weights={"canary": 11})
+        )
+        assert reply.revision.author == "cert:CN=alice"
+        for key, cert in ((None, None), (rogue_key, rogue_cert)):
+            with pytest.raises(grpc.RpcError) as err:
+                stub_with(key, cert).GetRouteTable(admin_pb2.GetRouteTableRequest(), timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # the TLS handshake is refused
+        # Plaintext to a TLS port fails too.
+        with grpc.insecure_channel(gw.admin_address) as plain, pytest.raises(grpc.RpcError):
+            admin_pb2_grpc.AdminServiceStub(plain).GetRouteTable(
+                admin_pb2.GetRouteTableRequest(), metadata=ADMIN, timeout=5
+            )
