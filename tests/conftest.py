@@ -8,6 +8,15 @@ DEMO_MODELS = REPO_ROOT / "deploy" / "demo" / "models"
 
 
 @pytest.fixture(scope="session")
+def tfserving():
+    """One TF Serving stand-in (official stubs, real SavedModels) for the session."""
+    from tests.backends.tfserving import TFServingStandIn
+
+    with TFServingStandIn() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def triton():
     """One real Triton for the session (start and stop cost ~5 s each)."""
     with TritonServer(DEMO_MODELS) as server:
