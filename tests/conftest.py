@@ -17,6 +17,15 @@ def tfserving():
 
 
 @pytest.fixture(scope="session")
+def torchserve():
+    """One real TorchServe (linear v1/v2, echo; OIP JSON handler) for the session."""
+    from tests.backends.torchserve import TorchServe
+
+    with TorchServe() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def triton():
     """One real Triton for the session (start and stop cost ~5 s each)."""
     with TritonServer(DEMO_MODELS) as server:

@@ -233,7 +233,7 @@ class SpecCache:
         """The input specs of `target`'s model on `adapter` (route schema first), or None."""
         if target.schema is not None and target.schema.inputs:
             return tuple(
-                TensorSpec(t.name, t.datatype, tuple(t.shape), t.optional)
+                TensorSpec(t.name, t.datatype, tuple(t.shape) or None, t.optional)
                 for t in target.schema.inputs
             )
         model, version = target.backend_model, target.backend_version
