@@ -39,6 +39,8 @@ class Target:
     version_label: str = ""  # TF Serving
     body_contract: int = 0  # TorchServe, config_pb2.BodyContract
     schema: config_pb2.ModelSchema | None = None  # the route's declared tensors, if any
+    input_names: tuple[tuple[str, str], ...] = ()  # (public, backend) where they differ
+    output_names: tuple[tuple[str, str], ...] = ()
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -175,6 +177,8 @@ def _plan(route: config_pb2.Route, defaults: config_pb2.RoutePolicy) -> RoutePla
             version_label=v.version_label,
             body_contract=v.body_contract,
             schema=route.schema if route.HasField("schema") else None,
+            input_names=tuple(sorted(v.input_names.items())),
+            output_names=tuple(sorted(v.output_names.items())),
         )
         for v in route.variants
     )

@@ -69,6 +69,13 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         except GatewayError as err:
             await context.abort(err.code, err.message)
         reply.name = plan.model
+        for tensors, names in (
+            (reply.inputs, target.input_names),
+            (reply.outputs, target.output_names),
+        ):
+            public = {b: p for p, b in names}
+            for tensor in tensors:
+                tensor.name = public.get(tensor.name, tensor.name)
         del reply.versions[:]
         reply.versions.extend(plan.versions)
         await _announce(context, target)

@@ -36,11 +36,26 @@ def dispatch(
         request = call.request
         request.model_name = target.backend_model
         request.model_version = target.backend_version
+        renamed = target.input_names or target.output_names
+        if renamed:
+            _rename(request.inputs, dict(target.input_names))
+            _rename(request.outputs, dict(target.output_names))
         gauge = metrics.backend_in_flight.labels(target.backend)
         gauge.inc()
         try:
-            return await adapter.infer(request, timeout=timeout, target=target)
+            response = await adapter.infer(request, timeout=timeout, target=target)
         finally:
             gauge.dec()
+            if renamed:  # a retry or fallback may go to a variant with other names
+                _rename(request.inputs, {b: p for p, b in target.input_names})
+                _rename(request.outputs, {b: p for p, b in target.output_names})
+        if target.output_names:
+            _rename(response.outputs, {b: p for p, b in target.output_names})
+        return response
 
     return call_backend
+
+
+def _rename(tensors, names: dict[str, str]) -> None:
+    for tensor in tensors:
+        tensor.name = names.get(tensor.name, tensor.name)

@@ -268,6 +268,13 @@ def schema(adapters: Callable[[], Mapping[str, Adapter]], cache: SpecCache) -> L
             target = call.target
             specs = await cache.get(adapters()[target.backend], target, call.remaining())
             if specs is not None:
+                from_backend = target.schema is None or not target.schema.inputs
+                if target.input_names and from_backend:  # backend names -> public names
+                    public = {b: p for p, b in target.input_names}
+                    specs = tuple(
+                        TensorSpec(public.get(s.name, s.name), s.datatype, s.shape, s.optional)
+                        for s in specs
+                    )
                 check_schema(call.request, call.model, specs)
             return await inner(call)
 
