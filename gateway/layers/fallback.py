@@ -15,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 from tritonclient.grpc import service_pb2 as oip
 
+from adapters.codecs import oip as oip_codec
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import InferCall, InferService, Layer
@@ -23,24 +24,19 @@ from gateway.routing import RouteTable
 
 log = logging.getLogger(__name__)
 
-NUMPY_TYPES = {
-    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
-    "UINT64": np.uint64, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32,
-    "INT64": np.int64, "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
-}  # fmt: skip
-
 
 def static_response(step) -> oip.ModelInferResponse:
     """Build the OIP response a StaticResponse declares (raw_output_contents, like Triton)."""
     response = oip.ModelInferResponse()
     for tensor in step.outputs:
-        response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=list(tensor.shape))
         if tensor.datatype == "BYTES":
-            raw = b"".join(len(v).to_bytes(4, "little") + v for v in tensor.bytes_values)
+            values = np.empty(len(tensor.bytes_values), dtype=np.object_)
+            values[:] = list(tensor.bytes_values)
         else:
-            values = tensor.fp_values or tensor.int_values or tensor.bool_values
-            raw = np.asarray(list(values), dtype=NUMPY_TYPES[tensor.datatype]).tobytes()
-        response.raw_output_contents.append(raw)
+            values = list(tensor.fp_values or tensor.int_values or tensor.bool_values)
+            values = np.asarray(values, dtype=oip_codec.NUMPY_DTYPE[tensor.datatype])
+        shape = tuple(tensor.shape)
+        oip_codec.add_output(response, tensor.name, values.reshape(shape), tensor.datatype)
     return response
 
 

@@ -17,7 +17,8 @@ from collections.abc import Callable
 import numpy as np
 from tritonclient.grpc import service_pb2 as oip
 
-from gateway.layers.fallback import NUMPY_TYPES
+from adapters.codecs import oip as oip_codec
+from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import InferCall, InferService, Layer
 
@@ -26,12 +27,13 @@ log = logging.getLogger(__name__)
 
 def _outputs(response: oip.ModelInferResponse) -> dict[str, np.ndarray]:
     arrays = {}
-    raw = response.raw_output_contents
     for i, tensor in enumerate(response.outputs):
-        dtype = NUMPY_TYPES.get(tensor.datatype)
-        if dtype is None or i >= len(raw):
-            continue
-        arrays[tensor.name] = np.frombuffer(raw[i], dtype=dtype).reshape(tuple(tensor.shape))
+        if tensor.datatype == "BYTES":
+            continue  # no numeric difference to measure
+        try:
+            arrays[tensor.name] = oip_codec.output_array(response, i)
+        except GatewayError:
+            continue  # a malformed output is counted as a mismatch by the caller
     return arrays
 
 

@@ -16,44 +16,17 @@ from collections.abc import Callable, Mapping
 from tritonclient.grpc import service_pb2 as oip
 
 from adapters.base import Adapter, TensorSpec
+from adapters.codecs.oip import CONTENTS_FIELD, NUMPY_DTYPE
 from gateway.errors import invalid
 from gateway.pipeline import InferCall, InferService, Layer
 
-# Bytes per element of each Open Inference Protocol datatype; BYTES elements carry their own
-# 4-byte little-endian length prefix.
+# Bytes per element of each fixed-size OIP datatype; BYTES elements carry their own 4-byte
+# little-endian length prefix. Typed-contents fields: adapters.codecs.oip.CONTENTS_FIELD.
 ELEMENT_SIZE: dict[str, int] = {
-    "BOOL": 1,
-    "UINT8": 1,
-    "UINT16": 2,
-    "UINT32": 4,
-    "UINT64": 8,
-    "INT8": 1,
-    "INT16": 2,
-    "INT32": 4,
-    "INT64": 8,
-    "FP16": 2,
-    "BF16": 2,
-    "FP32": 4,
-    "FP64": 8,
+    name: dtype.itemsize for name, dtype in NUMPY_DTYPE.items() if name != "BYTES"
 }
-DATATYPES = (*ELEMENT_SIZE, "BYTES")
+DATATYPES = tuple(NUMPY_DTYPE)
 _DATATYPE_LIST = ", ".join(DATATYPES)
-
-# Which InferTensorContents field carries each datatype; FP16 and BF16 have none (raw only).
-CONTENTS_FIELD: dict[str, str] = {
-    "BOOL": "bool_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
 
 
 def _shape(shape) -> str:
