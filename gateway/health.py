@@ -142,7 +142,7 @@ class Readiness:
         plan = self._table().get(model)
         if plan is None:
             return False
-        if any(t.key not in self.down for t in plan.targets):
+        if any(self._can_answer(t) for t in plan.targets):
             return True
         for step in plan.settings.fallback:
             kind = step.WhichOneof("step")
@@ -152,6 +152,10 @@ class Readiness:
                 if self.route_ready(step.model, _seen | {model}):
                     return True
         return False
+
+    def _can_answer(self, target) -> bool:
+        # A backend not probed yet counts as down: never report ready before the first probe.
+        return bool(self.backend_up.get(target.backend)) and target.key not in self.down
 
     async def _publish(self) -> None:
         all_routes = True
