@@ -141,6 +141,20 @@ class GatewayMetrics:
         )
         # Children are cached: labels() takes a lock and builds a tuple on every call.
         self._outcomes: dict[tuple[str, str, str, str], tuple] = {}
+        self._in_flight: dict[str, prom.Gauge] = {}
+        self._backend_in_flight: dict[str, prom.Gauge] = {}
+
+    def in_flight_for(self, model: str):
+        child = self._in_flight.get(model)
+        if child is None:
+            child = self._in_flight[model] = self.in_flight.labels(model)
+        return child
+
+    def backend_in_flight_for(self, backend: str):
+        child = self._backend_in_flight.get(backend)
+        if child is None:
+            child = self._backend_in_flight[backend] = self.backend_in_flight.labels(backend)
+        return child
 
     def observe(self, model: str, variant: str, backend: str, code: str, seconds: float) -> None:
         key = (model, variant, backend, code)

@@ -110,7 +110,10 @@ class BackendBreaker:
         finally:
             if trial:
                 self._trials -= 1
-        self._account(None)
+        if trial or self._cb.fail_counter:
+            # A success only changes pybreaker's state when half-open or after failures; the
+            # common case (closed, no failures) skips its lock and bookkeeping.
+            self._account(None)
         self._record(failed=False)
         return result
 

@@ -40,7 +40,7 @@ def dispatch(
         if renamed:
             _rename(request.inputs, dict(target.input_names))
             _rename(request.outputs, dict(target.output_names))
-        gauge = metrics.backend_in_flight.labels(target.backend)
+        gauge = metrics.backend_in_flight_for(target.backend)
         gauge.inc()
         try:
             response = await adapter.infer(request, timeout=timeout, target=target)

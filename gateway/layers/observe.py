@@ -22,7 +22,7 @@ def observe(metrics: GatewayMetrics, known_model, recent: RecentStats | None = N
     def layer(inner: InferService) -> InferService:
         async def observed(call: InferCall) -> oip.ModelInferResponse:
             model = call.model if known_model(call.model) else UNROUTED
-            gauge = metrics.in_flight.labels(model)
+            gauge = metrics.in_flight_for(model)
             gauge.inc()
             start = time.perf_counter()
             code = _OK

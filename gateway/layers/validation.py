@@ -9,6 +9,7 @@ Every message names the input and says what is wrong and what was expected.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -161,8 +162,14 @@ def structure(*, max_request_bytes: int, max_inputs: int) -> Layer:
     return layer
 
 
+@functools.lru_cache(maxsize=4096)
+def _index(specs: tuple[TensorSpec, ...]) -> tuple[dict[str, TensorSpec], tuple[str, ...]]:
+    """Specs by name and the required names: built once per model description, not per call."""
+    return {s.name: s for s in specs}, tuple(s.name for s in specs if not s.optional)
+
+
 def check_schema(request: oip.ModelInferRequest, model: str, specs: tuple[TensorSpec, ...]) -> None:
-    by_name = {s.name: s for s in specs}
+    by_name, required = _index(specs)
     for tensor in request.inputs:
         spec = by_name.get(tensor.name)
         if spec is None:
@@ -183,7 +190,7 @@ def check_schema(request: oip.ModelInferRequest, model: str, specs: tuple[Tensor
                 f"{model!r} input shape {_shape(spec.shape)} (-1 = any size)"
             )
     sent = {t.name for t in request.inputs}
-    missing = [s.name for s in specs if not s.optional and s.name not in sent]
+    missing = [name for name in required if name not in sent]
     if missing:
         raise invalid(f"model {model!r} requires input(s) {', '.join(map(repr, missing))}, missing")
 
