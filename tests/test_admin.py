@@ -14,6 +14,7 @@ from google.protobuf import descriptor_pool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from tritonclient.grpc import service_pb2_grpc
 
 from tensorgate.admin.v1 import admin_pb2, admin_pb2_grpc
 from tests.gateway_process import ADMIN_TOKEN, READ_TOKEN, GatewayProcess, triton_backend
@@ -540,3 +541,23 @@ def test_mtls_client_certificates(triton, tmp_path):
             admin_pb2_grpc.AdminServiceStub(plain).GetRouteTable(
                 admin_pb2.GetRouteTableRequest(), metadata=ADMIN, timeout=5
             )
+
+
+def test_tls_on_the_data_plane(triton, tmp_path):
+    from tests.certs import issue, make_ca
+
+    ca = make_ca(tmp_path, "plane-ca")
+    key, cert = issue(tmp_path, ca, "gateway", server=True)
+    config = base_config(triton)
+    config["listeners"] = {"data_plane_tls": {"cert_file": str(cert), "key_file": str(key)}}
+    gw = GatewayProcess(config).start(wait_ready=False)
+    try:
+        creds = grpc.ssl_channel_credentials(ca[1].read_bytes())
+        with grpc.secure_channel(gw.address, creds) as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            assert output(stub.ModelInfer(linear_request(version=""), timeout=10)) == Y_V1
+        with grpc.insecure_channel(gw.address) as plain, pytest.raises(grpc.RpcError):
+            service_pb2_grpc.GRPCInferenceServiceStub(plain).ModelInfer(linear_request(), timeout=5)
+    finally:
+        gw.stop()
