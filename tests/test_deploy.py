@@ -1,0 +1,852 @@
+"""The deployment files in deploy/, each checked by the real tool that consumes it.
+
+- Kubernetes: kubernetes-validate (strict, offline schemas) on every manifest and on the
+  `kubectl kustomize` rendering; the ConfigMap's gateway config passes `tensorgate check-config`
+  and really serves (admin API included) in front of a real Triton.
+- Envoy: `envoy --mode validate`, then a real Envoy with deploy/envoy/envoy.yaml (only its three
+  loopback ports substituted) between stock tritonclient and a real gateway + Triton.
+- Prometheus: `promtool check rules` / `test rules`, then a real Prometheus with
+  deploy/prometheus/prometheus.yaml scraping a real gateway: series, recording rules, every alert
+  rule and every Grafana query evaluate, and nothing fires on a healthy gateway.
+- Grafana: the dashboard JSON, whose queries use only metric names the gateway exports.
+
+Tools come from the project's scripts: `scripts/backend-venv tools` (Envoy, kubernetes-validate,
+kubectl) and `scripts/system-tools` (Prometheus and promtool from Debian).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+import yaml
+from tritonclient.grpc import service_pb2 as oip
+from tritonclient.grpc import service_pb2_grpc
+
+from gateway.metrics import GatewayMetrics
+from tensorgate.admin.v1 import admin_pb2, admin_pb2_grpc
+from tests.backends.triton import REPO_ROOT, free_port
+from tests.gateway_process import GatewayProcess, triton_backend
+from tests.oip import Y_V1, linear_request
+
+DEPLOY = REPO_ROOT / "deploy"
+K8S = DEPLOY / "kubernetes"
+ENVOY_YAML = DEPLOY / "envoy" / "envoy.yaml"
+PROM = DEPLOY / "prometheus"
+DASHBOARD = DEPLOY / "grafana" / "tensorgate.json"
+RUNBOOKS = REPO_ROOT / "docs" / "runbooks.md"
+TENSORGATE = Path(sys.executable).parent / "tensorgate"
+
+
+# --- tools -----------------------------------------------------------------------------------
+
+
+@functools.cache
+def tools_venv() -> Path:
+    """The tools venv (Envoy, kubernetes-validate, kubectl); built on first use (~25 s)."""
+    out = subprocess.run(
+        [str(REPO_ROOT / "scripts" / "backend-venv"), "tools"],
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def tool(name: str) -> str:
+    path = tools_venv() / "bin" / name
+    assert path.exists(), f"{path} missing: tests/backends/requirements/tools.txt"
+    return str(path)
+
+
+def system_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} not found: run scripts/system-tools (scripts/test does)")
+    return path
+
+
+def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kwargs)
+
+
+def http_get(url: str, timeout: float = 5.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as reply:
+        return reply.read().decode()
+
+
+def wait_for(check, timeout: float, what: str, interval: float = 0.2):
+    """Poll `check` until it returns something truthy; its last value or error in the failure."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+            last = result
+        except Exception as err:  # not up yet: keep polling
+            last = err
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl  # resolved before fork, not in the child
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when pytest dies, so no Envoy/Prometheus outlives it."""
+    _PRCTL(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+class Process:
+    """A server subprocess in its own session with its output in files; stop() always reaps."""
+
+    def __init__(self, cmd: list[str], directory: Path, name: str) -> None:
+        self.stdout_path = directory / f"{name}.out"
+        self.stderr_path = directory / f"{name}.err"
+        self._out = open(self.stdout_path, "wb")
+        self._err = open(self.stderr_path, "wb")
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self._out,
+            stderr=self._err,
+            start_new_session=True,
+            cwd=directory,
+            # PDEATHSIG follows the forking thread: only arm it from the main thread.
+            preexec_fn=_die_with_parent
+            if threading.current_thread() is threading.main_thread()
+            else None,
+        )
+
+    def output(self) -> str:
+        return self.stdout_path.read_text(errors="replace") + self.stderr_path.read_text(
+            errors="replace"
+        )
+
+    def alive(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"exited {self.proc.returncode}:\n{self.output()[-4000:]}")
+        return True
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._out.close()
+        self._err.close()
+        return self.proc.returncode
+
+
+# --- PromQL metric names -----------------------------------------------------------------------
+
+PROMQL_WORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan", "by", "without", "on"}
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """Metric names an expression selects (functions, keywords, labels and literals removed)."""
+    e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    e = re.sub(r"\{[^}]*\}", " ", e)  # label matchers (Grafana variables included)
+    e = re.sub(r"\[[^\]]*\]", " ", e)  # ranges and subqueries
+    e = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", e)
+    e = re.sub(r"\b\d+(\.\d+)?([eE][-+]?\d+)?[a-z]*\b", " ", e)  # numbers, durations
+    names = set()
+    for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", e):
+        if e[match.end() :].lstrip().startswith("("):
+            continue  # a function or aggregation
+        if match.group() not in PROMQL_WORDS:
+            names.add(match.group())
+    return names
+
+
+def exported_names(exposition: str) -> set[str]:
+    """Sample names of every metric family in a /metrics page (present even without samples)."""
+    names = set()
+    for line in exposition.splitlines():
+        if not line.startswith("# TYPE "):
+            continue
+        _, _, name, kind = line.split()
+        if kind == "counter":
+            base = name.removesuffix("_total")
+            names |= {f"{base}_total", f"{base}_created"}
+        elif kind in ("histogram", "summary"):
+            names |= {f"{name}_bucket", f"{name}_count", f"{name}_sum", f"{name}_created", name}
+        else:
+            names.add(name)
+    return names
+
+
+def test_promql_metric_names_parser():
+    expr = (
+        'histogram_quantile(0.99, sum by (model, le) (rate(tensorgate_request_duration_seconds_bucket{job=~"$job", code="OK"}[$__rate_interval]))) > 1e-3\n'
+        "and on (model) sum without (instance) (tensorgate_requests_in_flight) / ignoring(code) up offset 5m"
+    )
+    assert promql_metric_names(expr) == {
+        "tensorgate_request_duration_seconds_bucket",
+        "tensorgate_requests_in_flight",
+        "up",
+    }
+
+
+# --- shared live processes ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gateway(triton):
+    """A real gateway: route linear -> demo_linear v1 on the session's real Triton."""
+    config = {
+        "backends": [triton_backend(triton.address)],
+        "routes": [
+            {
+                "model": "linear",
+                "variants": [
+                    {"name": "stable", "backend": "triton-a", "backend_model": "demo_linear", "backend_version": "1", "version": "1", "weight": 1}
+                ],
+            }
+        ],
+        "lifecycle": {"health_check_interval": "1s", "shutdown_grace": "2s"},
+    }  # fmt: skip
+    with GatewayProcess(config) as gw:
+        yield gw
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="tensorgate-deploy-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def infer_linear(address: str) -> list[list[float]]:
+    client = tc.InferenceServerClient(address)
+    try:
+        x = tc.InferInput("INPUT0", [1, 4], "FP32")
+        x.set_data_from_numpy(np.array([[1, 2, 3, 4]], dtype=np.float32))
+        return client.infer("linear", [x]).as_numpy("OUTPUT0").tolist()
+    finally:
+        client.close()
+
+
+# --- Kubernetes ---------------------------------------------------------------------------------
+
+
+def load_yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+@functools.cache
+def kustomization() -> dict:
+    return load_yaml(K8S / "kustomization.yaml")
+
+
+@functools.cache
+def rendered_k8s() -> str:
+    result = run([tool("kubectl"), "kustomize", str(K8S)])
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def rendered_objects() -> dict[tuple[str, str], dict]:
+    return {
+        (doc["kind"], doc["metadata"]["name"]): doc
+        for doc in yaml.safe_load_all(rendered_k8s())
+        if doc
+    }
+
+
+def manifest(kind: str, name: str = "tensorgate") -> dict:
+    return rendered_objects()[(kind, name)]
+
+
+def configmap_gateway_yaml() -> str:
+    (configmap,) = [o for (kind, _), o in rendered_objects().items() if kind == "ConfigMap"]
+    return configmap["data"]["gateway.yaml"]
+
+
+def kubernetes_validate(paths: list[Path]) -> str:
+    result = run([tool("kubernetes-validate"), "--strict", *map(str, paths)])
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "WARN" not in output and "ERROR" not in output, output
+    return output
+
+
+def test_every_kubernetes_manifest_validates_strictly():
+    resources = kustomization()["resources"]
+    listed = {K8S / r for r in resources}
+    # Every YAML file here is a listed manifest, or one of the three that are not manifests
+    # kubernetes-validate can check: the kustomization itself, the gateway config (it becomes
+    # the ConfigMap, validated rendered below) and the optional ServiceMonitor (a CRD: no
+    # schema in kubernetes-validate, which only warns; checked structurally below).
+    others = {K8S / "kustomization.yaml", K8S / "gateway.yaml", K8S / "servicemonitor.yaml"}
+    assert set(K8S.glob("*.yaml")) == listed | others
+    output = kubernetes_validate(sorted(listed))
+    assert output.count(" passed for resource ") == len(listed), output
+
+
+def test_kustomize_rendering_validates_and_wires_the_configmap(tmp_path):
+    rendered = tmp_path / "rendered.yaml"
+    rendered.write_text(rendered_k8s())
+    objects = rendered_objects()
+    output = kubernetes_validate([rendered])
+    assert output.count(" passed for resource ") == len(objects)
+    assert {kind for kind, _ in objects} == {
+        "Namespace", "ServiceAccount", "ConfigMap", "Deployment", "Service",
+        "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy",
+    }  # fmt: skip
+    assert all(
+        o["metadata"].get("namespace") == "tensorgate"
+        for (k, _), o in objects.items()
+        if k != "Namespace"
+    )
+    (configmap_name,) = [name for kind, name in objects if kind == "ConfigMap"]
+    assert re.fullmatch(r"tensorgate-config-[a-z0-9]{10}", configmap_name)  # content hash
+    pod = manifest("Deployment")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == configmap_name
+    assert pod["containers"][0]["image"] == "registry.example.com/tensorgate:0.1.0"
+    assert configmap_gateway_yaml() == (K8S / "gateway.yaml").read_text()
+
+
+def test_configmap_gateway_config_passes_check_config(tmp_path):
+    config = tmp_path / "gateway.yaml"
+    config.write_text(configmap_gateway_yaml())
+    result = run([str(TENSORGATE), "check-config", str(config)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout
+
+
+def host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+def test_deployment_matches_the_gateway_config():
+    config = yaml.safe_load(configmap_gateway_yaml())
+    listeners = {k: host_port(v) for k, v in config["listeners"].items()}
+    # In a pod the listeners bind every interface, explicitly (the gateway's default is loopback).
+    assert {host for host, _ in listeners.values()} == {"0.0.0.0"}
+    deployment = manifest("Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": listeners["data_plane"][1], "metrics": listeners["metrics"][1], "admin": listeners["admin"][1]}  # fmt: skip
+    assert container["args"][-1].startswith("/etc/tensorgate/config/")
+
+    # Probes: native gRPC health checks on the data-plane port.
+    assert container["readinessProbe"]["grpc"]["port"] == ports["grpc"]
+    assert container["livenessProbe"]["grpc"] == {"port": ports["grpc"], "service": ""}
+
+    # Shutdown: preStop sleep, then drain_delay and shutdown_grace, all within the grace period.
+    def seconds(duration: str) -> float:
+        assert duration.endswith("s")
+        return float(duration[:-1])
+
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    drain_delay = seconds(config["lifecycle"]["drain_delay"])
+    shutdown_grace = seconds(config["lifecycle"]["shutdown_grace"])
+    assert pre_stop > 0 and drain_delay > 0
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + drain_delay + shutdown_grace
+
+    # Non-root, read-only root filesystem, nothing privileged.
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert pod["automountServiceAccountToken"] is False
+    for kind in ("requests", "limits"):
+        assert set(container["resources"][kind]) == {"cpu", "memory"}
+
+    # The admin tokens file is on the Secret's mount, the state dir on a writable emptyDir.
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+
+    def volume_of(path: str) -> dict:
+        (name,) = [n for n, m in mounts.items() if path.startswith(m["mountPath"].rstrip("/") + "/") or path == m["mountPath"]]  # fmt: skip
+        return volumes[name] | {"readOnly": mounts[name].get("readOnly", False)}
+
+    tokens = volume_of(config["admin"]["tokens_file"])
+    assert tokens["secret"]["secretName"] == "tensorgate-admin-tokens"
+    assert Path(config["admin"]["tokens_file"]).name in {
+        i["path"] for i in tokens["secret"]["items"]
+    }
+    state = volume_of(config["admin"]["state_dir"])
+    assert "emptyDir" in state and not state["readOnly"]
+    assert volume_of(container["args"][-1])["readOnly"]
+
+
+def test_services_hpa_pdb_and_network_policy():
+    ports = {p["name"]: p for p in manifest("Service")["spec"]["ports"]}
+    assert set(ports) == {"grpc", "metrics"}  # no admin port on the data-plane Service
+    assert ports["grpc"]["appProtocol"] == "grpc"
+    admin = manifest("Service", "tensorgate-admin")["spec"]
+    assert admin["type"] == "ClusterIP"
+    assert [p["targetPort"] for p in admin["ports"]] == ["admin"]
+    assert admin["publishNotReadyAddresses"] is True
+    pod_labels = manifest("Deployment")["spec"]["template"]["metadata"]["labels"]
+    for spec in (manifest("Service")["spec"], admin):
+        assert spec["selector"].items() <= pod_labels.items()
+
+    hpa = manifest("HorizontalPodAutoscaler")["spec"]
+    assert hpa["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "tensorgate",
+    }
+    metrics = {m["type"]: m for m in hpa["metrics"]}
+    assert metrics["Resource"]["resource"]["name"] == "cpu"
+    pods_metric = metrics["Pods"]["pods"]["metric"]["name"]
+    assert pods_metric == "tensorgate_requests_in_flight"
+    assert pods_metric in {c.name for c in GatewayMetrics().registry.collect()}
+
+    pdb = manifest("PodDisruptionBudget")["spec"]
+    assert pdb["selector"]["matchLabels"].items() <= pod_labels.items()
+
+    policy = manifest("NetworkPolicy")["spec"]
+    assert policy["policyTypes"] == ["Ingress"]
+    admin_rules = [r for r in policy["ingress"] if any(p["port"] == "admin" for p in r["ports"])]
+    assert len(admin_rules) == 1 and admin_rules[0]["from"]  # restricted to named sources
+    # The optional ServiceMonitor (CRD, not schema-validated) scrapes the Service's metrics port.
+    monitor = load_yaml(K8S / "servicemonitor.yaml")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= manifest("Service")["metadata"]["labels"].items()  # fmt: skip
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+
+
+def test_configmap_gateway_config_serves_with_its_admin_api(triton, tmp_path):
+    """The ConfigMap's config, with only addresses and paths made local: every backend -> the
+    test's Triton, listeners -> free loopback ports, tokens file and state dir -> a temp dir."""
+    config = yaml.safe_load(configmap_gateway_yaml())
+    for backend in config["backends"]:
+        backend["address"] = triton.address
+    admin_port = free_port()
+    config["listeners"] = {"admin": f"127.0.0.1:{admin_port}"}  # GatewayProcess adds the others
+    token = "k8s-test-token-0123456789"
+    (tmp_path / "tokens.yaml").write_text(yaml.safe_dump([{"name": "ops", "role": "admin", "token": token}]))  # fmt: skip
+    config["admin"] |= {"tokens_file": str(tmp_path / "tokens.yaml"), "state_dir": str(tmp_path / "state")}  # fmt: skip
+    config["lifecycle"] |= {"drain_delay": "0s", "shutdown_grace": "2s"}
+    with GatewayProcess(config, directory=str(tmp_path)) as gw:
+        with grpc.insecure_channel(gw.address) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            reply = stub.ModelInfer(linear_request(version="1"), timeout=10)
+        assert np.frombuffer(reply.raw_output_contents[0], dtype=np.float32).tolist() == Y_V1
+        with grpc.insecure_channel(gw.admin_address) as channel:
+            admin = admin_pb2_grpc.AdminServiceStub(channel)
+            table = admin.GetRouteTable(
+                admin_pb2.GetRouteTableRequest(),
+                metadata=(("authorization", f"Bearer {token}"),),
+                timeout=10,
+            )
+        assert [r.model for r in table.routes] == ["linear"]
+    assert gw.proc.returncode == 0, gw.log()
+
+
+# --- Envoy ---------------------------------------------------------------------------------------
+
+
+def test_envoy_config_validates():
+    result = run(
+        [tool("envoy"), "--mode", "validate", "-c", str(ENVOY_YAML), "--log-level", "warn"]
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout
+
+
+def render_envoy(listen_port: int, gateway_port: int, admin_port: int) -> dict:
+    """deploy/envoy/envoy.yaml with only its three loopback ports replaced."""
+    config = load_yaml(ENVOY_YAML)
+    admin = config["admin"]["address"]["socket_address"]
+    (listener,) = config["static_resources"]["listeners"]
+    (cluster,) = config["static_resources"]["clusters"]
+    (locality,) = cluster["load_assignment"]["endpoints"]
+    (endpoint,) = locality["lb_endpoints"]
+    upstream = endpoint["endpoint"]["address"]["socket_address"]
+    sockets = [admin, listener["address"]["socket_address"], upstream]
+    assert {s["address"] for s in sockets} == {"127.0.0.1"}  # loopback as shipped
+    for socket, port in zip(sockets, (admin_port, listen_port, gateway_port), strict=True):
+        socket["port_value"] = port
+    return config
+
+
+class EnvoyProcess(Process):
+    """A real Envoy running deploy/envoy/envoy.yaml with free loopback ports."""
+
+    def __init__(self, gateway_port: int, workdir: Path) -> None:
+        self.port, self.admin_port = free_port(), free_port()
+        self.gateway_port = gateway_port
+        config_path = workdir / "envoy.yaml"
+        config_path.write_text(yaml.safe_dump(render_envoy(self.port, gateway_port, self.admin_port)))  # fmt: skip
+        super().__init__(
+            [tool("envoy"), "-c", str(config_path), "--disable-hot-restart", "--concurrency", "1", "--log-level", "warn"],
+            workdir,
+            "envoy",
+        )  # fmt: skip
+        self.address = f"127.0.0.1:{self.port}"
+        admin = f"http://127.0.0.1:{self.admin_port}"
+        wait_for(lambda: self.alive() and http_get(f"{admin}/ready").strip() == "LIVE", 20, "Envoy ready")  # fmt: skip
+
+    def stats(self) -> dict[str, str]:
+        prefix = "cluster.tensorgate."
+        text = http_get(f"http://127.0.0.1:{self.admin_port}/stats?filter=^{re.escape(prefix)}")
+        return {
+            k.removeprefix(prefix): v
+            for k, v in (line.split(": ", 1) for line in text.splitlines() if ": " in line)
+        }
+
+    def access_log(self) -> list[dict]:
+        """The JSON access log lines (Envoy flushes them at exit at the latest)."""
+        lines = self.stdout_path.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+def test_envoy_in_front_of_gateway_and_triton(gateway, workdir):
+    envoy = EnvoyProcess(host_port(gateway.address)[1], workdir)
+    try:
+        # The active grpc.health.v1 check reached the gateway and marked it healthy.
+        def health_checked() -> dict[str, str] | None:
+            stats = envoy.stats()
+            ok = int(stats["health_check.success"]) >= 1
+            return stats if ok and stats["membership_healthy"] == "1" else None
+
+        stats = wait_for(health_checked, 15, "a successful health check")
+        assert stats["health_check.failure"] == "0"
+
+        # Stock tritonclient through Envoy: the exact answer of demo_linear v1.
+        assert infer_linear(envoy.address) == [Y_V1]
+        with grpc.insecure_channel(envoy.address) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            reply, call = stub.ModelInfer.with_call(linear_request(), timeout=10)
+            assert reply.model_name == "linear"
+            assert ("x-tensorgate-variant", "stable") in call.initial_metadata()
+            # The admin API is not routed through Envoy.
+            admin = admin_pb2_grpc.AdminServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as err:
+                admin.GetRouteTable(admin_pb2.GetRouteTableRequest(), timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+        stats = envoy.stats()
+        assert int(stats["upstream_rq_completed"]) >= 2
+        assert stats["upstream_rq_retry"] == "0"
+    finally:
+        code = envoy.stop()
+    assert code == 0, envoy.output()[-4000:]
+    logs = envoy.access_log()
+    infers = [e for e in logs if e["method"] == "/inference.GRPCInferenceService/ModelInfer"]
+    assert len(infers) == 2, logs
+    assert all(e["grpc_status"] == "OK" and e["variant"] == "stable" for e in infers), infers
+    assert {e["upstream"] for e in infers} == {f"127.0.0.1:{envoy.gateway_port}"}
+    admin_calls = [e for e in logs if e["method"].startswith("/tensorgate.admin.")]
+    assert [(e["grpc_status"], e["flags"], e["upstream"]) for e in admin_calls] == [
+        ("Unimplemented", "NR", None)
+    ]  # no route
+
+
+def test_envoy_retries_unavailable_once_and_caller_errors_never(workdir):
+    """Envoy ignores unknown retry_on words silently, so check the policy's behaviour: a gateway
+    whose only backend is down answers UNAVAILABLE (its own retries off), Envoy retries once;
+    NOT_FOUND is not retried."""
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    config = {
+        "backends": [triton_backend(dead, "dead")],
+        "routes": [{"model": "linear", "variants": [{"name": "only", "backend": "dead", "weight": 1}]}],
+        "defaults": {"route_policy": {"retry": {"max_attempts": 1}}},
+        "lifecycle": {"shutdown_grace": "1s"},
+    }  # fmt: skip
+    (workdir / "gateway").mkdir()
+    gw = GatewayProcess(config, directory=str(workdir / "gateway")).start(wait_ready=False)
+    envoy = None
+    try:
+        with grpc.insecure_channel(gw.address) as channel:
+            live = service_pb2_grpc.GRPCInferenceServiceStub(channel).ServerLive
+            wait_for(lambda: live(oip.ServerLiveRequest(), timeout=1).live, 20, "gateway live")
+        # Not ready (its backend is down): Envoy's only host is unhealthy, and Envoy still
+        # routes to it (panic threshold), so the gateway's own answer comes back.
+        envoy = EnvoyProcess(host_port(gw.address)[1], workdir)
+        wait_for(
+            lambda: int(envoy.stats()["health_check.failure"]) >= 1, 15, "a failed health check"
+        )
+        with grpc.insecure_channel(envoy.address) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ModelInfer(linear_request(), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert envoy.stats()["upstream_rq_retry"] == "1"
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ModelInfer(linear_request("no-such-model"), timeout=10)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            assert envoy.stats()["upstream_rq_retry"] == "1"
+        # Both tries of the first call reached the gateway.
+        counted = [
+            (re.search(r'code="(\w+)"', line).group(1), line.rsplit(" ", 1)[1])
+            for line in http_get(gw.metrics_url).splitlines()
+            if line.startswith("tensorgate_requests_total{") and 'model="linear"' in line
+        ]
+        assert counted == [("UNAVAILABLE", "2.0")]
+    finally:
+        code = envoy.stop() if envoy else 0
+        gw.stop()
+    assert code == 0, envoy.output()[-4000:]
+    attempts = [(e["grpc_status"], e["attempts"]) for e in envoy.access_log() if "ModelInfer" in e["method"]]  # fmt: skip
+    assert attempts == [("Unavailable", 2), ("NotFound", 1)]
+
+
+# --- Prometheus ----------------------------------------------------------------------------------
+
+
+def test_promtool_checks_rules_config_and_unit_tests():
+    promtool = system_tool("promtool")
+    for name in ("recording.yaml", "alerts.yaml"):
+        result = run([promtool, "check", "rules", str(PROM / name)])
+        assert result.returncode == 0, result.stdout + result.stderr
+    result = run([promtool, "check", "config", str(PROM / "prometheus.yaml")])
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = run([promtool, "test", "rules", str(PROM / "alerts_test.yaml")])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def rules(path: Path, kind: str) -> list[dict]:
+    return [r for g in load_yaml(path)["groups"] for r in g["rules"] if kind in r]
+
+
+def test_every_alert_is_unit_tested_both_ways_and_has_a_runbook():
+    alerts = rules(PROM / "alerts.yaml", "alert")
+    names = [a["alert"] for a in alerts]
+    assert len(names) == len(set(names))
+    cases = [case for t in load_yaml(PROM / "alerts_test.yaml")["tests"] for case in t.get("alert_rule_test", [])]  # fmt: skip
+    firing = {c["alertname"] for c in cases if c.get("exp_alerts")}
+    silent = {c["alertname"] for c in cases if not c.get("exp_alerts")}
+    assert firing == set(names) and silent == set(names)
+
+    headings = re.findall(r"^#{2,3} (.+)$", RUNBOOKS.read_text(), re.M)
+    anchors = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-") for h in headings}
+    for alert in alerts:
+        url = alert["annotations"]["runbook_url"]
+        page, _, anchor = url.partition("#")
+        assert page.endswith("/docs/runbooks.md") and anchor == alert["alert"].lower(), url
+        assert anchor in anchors, f"{alert['alert']}: no section #{anchor} in docs/runbooks.md"
+        assert alert["labels"]["severity"] in {"critical", "warning", "info"}
+    # ... and no runbook section for an alert that does not exist.
+    assert {h for h in headings if h.startswith("Tensorgate")} == set(names)
+
+
+@functools.cache
+def gateway_metric_names() -> set[str]:
+    """What the gateway exports, from its own registry (the live test compares with /metrics)."""
+    import prometheus_client
+
+    return exported_names(prometheus_client.generate_latest(GatewayMetrics().registry).decode())
+
+
+def test_rules_and_dashboard_use_only_exported_metrics():
+    recorded = {r["record"] for r in rules(PROM / "recording.yaml", "record")}
+    for path in (PROM / "recording.yaml", PROM / "alerts.yaml"):
+        for rule in rules(path, "expr"):
+            unknown = promql_metric_names(rule["expr"]) - gateway_metric_names() - {"up"}
+            assert not unknown, f"{path.name}: {rule.get('alert') or rule.get('record')}: {unknown}"
+    assert not recorded & gateway_metric_names()
+    for expr in dashboard_queries():
+        unknown = promql_metric_names(expr) - gateway_metric_names()
+        assert not unknown, f"tensorgate.json: {expr}: {unknown}"
+
+
+def render_prometheus(target: str) -> dict:
+    """deploy/prometheus/prometheus.yaml with the live target, absolute rule paths and 1s
+    intervals; everything else as shipped."""
+    config = load_yaml(PROM / "prometheus.yaml")
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["rule_files"] = [str(PROM / f) for f in config["rule_files"]]
+    (job,) = config["scrape_configs"]
+    assert job["job_name"] == "tensorgate"
+    job["static_configs"] = [{"targets": [target]}]
+    return config
+
+
+class PromAPI:
+    def __init__(self, port: int) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+
+    def get(self, path: str, **params) -> dict:
+        url = f"{self.base}{path}?{urllib.parse.urlencode(params)}" if params else self.base + path
+        reply = json.loads(http_get(url))
+        assert reply["status"] == "success", reply
+        return reply["data"]
+
+    def query(self, expr: str) -> list[dict]:
+        data = self.get("/api/v1/query", query=expr)
+        assert data["resultType"] == "vector", data
+        return data["result"]
+
+    def value(self, expr: str) -> float | None:
+        result = self.query(expr)
+        assert len(result) <= 1, result
+        return float(result[0]["value"][1]) if result else None
+
+
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def dashboard_queries() -> list[str]:
+    board = dashboard()
+    exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
+    for var in board["templating"]["list"]:
+        if var["type"] == "query":
+            match = re.fullmatch(r"label_values\((.+),\s*\w+\)", var["query"]["query"])
+            assert match, var
+            exprs.append(match.group(1))
+    return exprs
+
+
+def grafana_to_promql(expr: str) -> str:
+    """Grafana's variables as Grafana would expand them for 'All' on this Prometheus."""
+    return (
+        expr.replace("$__rate_interval", "30s")
+        .replace('"$job"', '"tensorgate"')
+        .replace('"$model"', '".*"')
+        .replace('"$backend"', '".*"')
+    )
+
+
+def test_prometheus_scrapes_gateway_and_evaluates_rules(gateway, workdir):
+    port = free_port()
+    metrics_target = gateway.metrics_url.removeprefix("http://").removesuffix("/metrics")
+    config_path = workdir / "prometheus.yaml"
+    config_path.write_text(yaml.safe_dump(render_prometheus(metrics_target)))
+    prometheus = Process(
+        [
+            system_tool("prometheus"),
+            f"--config.file={config_path}",
+            f"--storage.tsdb.path={workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        workdir,
+        "prometheus",
+    )
+    api = PromAPI(port)
+    try:
+        wait_for(
+            lambda: prometheus.alive() and http_get(f"{api.base}/-/ready"), 30, "Prometheus ready"
+        )
+        wait_for(lambda: api.value('up{job="tensorgate"}') == 1, 15, "a successful scrape")
+        # Calls spread over a few scrapes, so rates and quantiles have something to work on.
+        with grpc.insecure_channel(gateway.address) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            for _ in range(30):
+                stub.ModelInfer(linear_request(), timeout=10)
+                time.sleep(0.1)
+
+        # Prometheus holds exactly what the gateway counts (no other traffic meanwhile).
+        def counted_by_gateway() -> float:
+            for line in http_get(gateway.metrics_url).splitlines():
+                if line.startswith("tensorgate_requests_total{") and 'model="linear"' in line and 'code="OK"' in line:  # fmt: skip
+                    return float(line.rsplit(" ", 1)[1])
+            raise AssertionError("no tensorgate_requests_total for linear")
+
+        expected = counted_by_gateway()
+        assert expected >= 30
+        query = 'sum(tensorgate_requests_total{job="tensorgate", model="linear", code="OK"})'
+        wait_for(lambda: api.value(query) == expected, 15, f"{query} == {expected}")
+
+        # Recording rules evaluate on the live series.
+        rate = wait_for(lambda: api.value('model:tensorgate_requests:rate5m{model="linear"}'), 15, "rate recording rule")  # fmt: skip
+        assert rate > 0
+        p99 = wait_for(
+            lambda: api.value('model_variant:tensorgate_request_duration_seconds:p99_5m{model="linear", variant="stable"}'),
+            15,
+            "p99 recording rule",
+        )  # fmt: skip
+        assert math.isfinite(p99) and 0 < p99 < 1.0
+        assert api.value('model:tensorgate_request_errors:ratio_rate5m{model="linear"}') == 0
+
+        # Every rule loaded and evaluates without error against real data.
+        def evaluated_groups() -> list[dict] | None:
+            groups = api.get("/api/v1/rules")["groups"]
+            rules_ = [r for g in groups for r in g["rules"]]
+            evaluated = all(not r["lastEvaluation"].startswith("0001") for r in rules_)
+            return groups if rules_ and evaluated else None
+
+        groups = wait_for(evaluated_groups, 15, "every rule evaluated")
+        by_type = {"recording": 0, "alerting": 0}
+        for rule in (r for g in groups for r in g["rules"]):
+            assert rule["health"] == "ok", rule
+            by_type[rule["type"]] += 1
+        assert by_type == {
+            "recording": len(rules(PROM / "recording.yaml", "record")),
+            "alerting": len(rules(PROM / "alerts.yaml", "alert")),
+        }
+        # A healthy gateway raises nothing, not even a pending alert.
+        assert api.query("ALERTS") == []
+
+        # The live /metrics page exports the same names as the registry the static checks use.
+        assert exported_names(http_get(gateway.metrics_url)) == gateway_metric_names()
+
+        # Every Grafana query is valid PromQL here; the core panels have data.
+        for expr in dashboard_queries():
+            api.query(grafana_to_promql(expr))
+        for needle in ("tensorgate_requests_total", "tensorgate_request_duration_seconds_bucket", "tensorgate_backend_up", "tensorgate_breaker_state", "tensorgate_ready"):  # fmt: skip
+            panel_exprs = [e for e in dashboard_queries() if needle in e]
+            assert panel_exprs, needle
+            for expr in panel_exprs:
+                assert api.query(grafana_to_promql(expr)), expr
+    finally:
+        code = prometheus.stop()
+    assert code == 0, prometheus.output()[-4000:]
+
+
+# --- Grafana -------------------------------------------------------------------------------------
+
+
+def test_grafana_dashboard_is_valid_and_uses_a_datasource_variable():
+    board = dashboard()
+    assert board["uid"] and board["title"] and board["schemaVersion"] >= 36
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    ids = [p["id"] for p in board["panels"]]
+    assert len(ids) == len(set(ids))
+    for p in board["panels"]:
+        if p["type"] == "row":
+            continue
+        assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, p["title"]
+        assert p["targets"], p["title"]
+        for t in p["targets"]:
+            assert t["datasource"]["uid"] == "${datasource}" and t["expr"].strip()
+        grid = p["gridPos"]
+        assert grid["x"] + grid["w"] <= 24
+    # What the operators asked for is on it.
+    exprs = " ".join(dashboard_queries())
+    for metric in (
+        "tensorgate_requests_total", "tensorgate_request_duration_seconds_bucket",
+        "tensorgate_requests_in_flight", "tensorgate_breaker_state", "tensorgate_backend_up",
+        "tensorgate_fallbacks_total", "tensorgate_retries_total", "tensorgate_shadow_max_abs_diff_bucket",
+        "tensorgate_shadow_argmax_total", "tensorgate_bulkhead_rejections_total",
+    ):  # fmt: skip
+        assert metric in exprs, metric
+    for q in ("0.5", "0.95", "0.99"):
+        assert f"histogram_quantile({q}" in exprs or f"histogram_quantile({q}0" in exprs
