@@ -21,6 +21,9 @@ from gateway.routing import RouteTable
 log = logging.getLogger(__name__)
 
 OIP_SERVICE = "inference.GRPCInferenceService"
+# SERVING while the process runs and its event loop answers, whatever the backends do: for
+# liveness probes, which must not restart gateways because a backend is down.
+LIVENESS_SERVICE = "tensorgate.liveness"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -56,6 +59,7 @@ class Readiness:
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
+        await self.servicer.set(LIVENESS_SERVICE, SERVING)
         await self._publish()  # NOT_SERVING until the first probe round says otherwise
         await self.probe()
         self._task = asyncio.create_task(self._loop(), name="backend-probe")

@@ -359,7 +359,10 @@ def test_deployment_matches_the_gateway_config():
 
     # Probes: native gRPC health checks on the data-plane port.
     assert container["readinessProbe"]["grpc"]["port"] == ports["grpc"]
-    assert container["livenessProbe"]["grpc"] == {"port": ports["grpc"], "service": ""}
+    assert container["livenessProbe"]["grpc"] == {
+        "port": ports["grpc"],
+        "service": "tensorgate.liveness",
+    }
 
     # Shutdown: preStop sleep, then drain_delay and shutdown_grace, all within the grace period.
     def seconds(duration: str) -> float:

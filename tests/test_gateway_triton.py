@@ -355,6 +355,8 @@ def test_health_overall_and_per_service(gateway):
         for service in ("", "inference.GRPCInferenceService"):
             reply = health.Check(health_pb2.HealthCheckRequest(service=service))
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        liveness = health.Check(health_pb2.HealthCheckRequest(service="tensorgate.liveness"))
+        assert liveness.status == health_pb2.HealthCheckResponse.SERVING
         with pytest.raises(grpc.RpcError) as err:
             health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND

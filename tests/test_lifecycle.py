@@ -55,6 +55,10 @@ def test_sigterm_drains_in_flight_calls_then_exits_zero(triton):
             status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
             assert status == health_pb2.HealthCheckResponse.NOT_SERVING
             assert not stub.ServerReady(oip.ServerReadyRequest(), timeout=2).ready
+            alive = health.Check(
+                health_pb2.HealthCheckRequest(service="tensorgate.liveness"), timeout=2
+            )
+            assert alive.status == health_pb2.HealthCheckResponse.SERVING  # draining, not dead
             time.sleep(1.2)  # past drain_delay: the listener refuses new calls
             with grpc.insecure_channel(gw.address) as fresh:
                 refused = service_pb2_grpc.GRPCInferenceServiceStub(fresh)
