@@ -22,33 +22,26 @@ Command line (foreground until Ctrl-C / SIGTERM):
 from __future__ import annotations
 
 import argparse
-import ctypes
 import functools
 import hashlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import IO
 
 import grpc
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.backends.process import BackendProcess, backend_venv, free_port, run_in_foreground
+
 STANDIN_SCRIPT = Path(__file__).resolve().with_name("tfserving_standin.py")
 MODELS_SCRIPT = Path(__file__).resolve().with_name("make_tf_models.py")
 CACHE_ROOT = Path.home() / ".cache" / "tensorgate"
 # Labels the default model set is served with (TF Serving: model_config version_labels).
 DEFAULT_VERSION_LABELS: dict[str, dict[str, int]] = {"linear": {"stable": 1, "canary": 2}}
-_PR_SET_PDEATHSIG = 1
 _GET_MODEL_STATUS = "/tensorflow.serving.ModelService/GetModelStatus"
 _STATE_AVAILABLE = 30  # tensorflow.serving.ModelVersionStatus.State.AVAILABLE
 
@@ -99,16 +92,9 @@ def emit(value):
 '''
 
 
-@functools.cache
 def tfserving_venv() -> Path:
     """Path of the stand-in's venv; builds it on first use (~90 s, 1.5 GB)."""
-    out = subprocess.run(
-        [str(REPO_ROOT / "scripts" / "backend-venv"), "tfserving"],
-        check=True,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    return Path(out.stdout.strip().splitlines()[-1])
+    return backend_venv("tfserving")
 
 
 def standin_python() -> Path:
@@ -153,28 +139,6 @@ def tf_models_dir() -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-def free_port() -> int:
-    """A currently free loopback TCP port (racy by nature, good enough for tests)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _pdeathsig_preexec() -> Callable[[], None] | None:
-    """preexec_fn that makes the child get SIGKILL when its parent dies (e.g. pytest killed).
-
-    PDEATHSIG follows the THREAD that forked: only the main thread arms it (see triton.py).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-    return preexec
 
 
 def _get_model_status_request(model: str) -> bytes:
@@ -247,13 +211,15 @@ def _labels_arg(labels: Mapping[str, Mapping[str, int]]) -> str:
     )
 
 
-class TFServingStandIn:
+class TFServingStandIn(BackendProcess):
     """The TF Serving stand-in serving ``model_base`` over gRPC on 127.0.0.1 only.
 
     ``model_base`` defaults to the models of make_tf_models.py (built once, cached); with the
     default models, ``version_labels`` defaults to DEFAULT_VERSION_LABELS. ``ready_model`` is the
     model whose GetModelStatus must answer AVAILABLE before start() returns.
     """
+
+    name = "tfserving stand-in"
 
     def __init__(
         self,
@@ -272,14 +238,8 @@ class TFServingStandIn:
         self.version_labels = {m: dict(labels) for m, labels in version_labels.items()}
         self.grpc_port = grpc_port if grpc_port is not None else free_port()
         self.extra_args = list(extra_args)
-        self.startup_timeout = startup_timeout
         self.ready_model = ready_model
-        self._workdir = Path(tempfile.mkdtemp(prefix="tfserving-standin-"))
-        # Kept after stop() (and appended to across restarts) so failures can be read afterwards.
-        self.log_path = self._workdir / "tfserving-standin.log"
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-        self.startup_seconds: float | None = None  # of the last start(), process spawn to ready
+        super().__init__("tfserving-standin-", "tfserving-standin.log", startup_timeout)
 
     @property
     def model_base(self) -> Path:
@@ -292,21 +252,9 @@ class TFServingStandIn:
     def address(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def start(self) -> TFServingStandIn:
-        """Starts the stand-in; blocks until GetModelStatus(ready_model) answers AVAILABLE."""
-        if self.running:
-            raise RuntimeError(f"tfserving stand-in already running (pid {self.pid})")
-        python = standin_python()
+    def _command(self) -> tuple[list[str], dict[str, str]]:
         cmd = [
-            str(python),
+            str(standin_python()),
             str(STANDIN_SCRIPT),
             f"--port={self.grpc_port}",
             f"--model-base={self.model_base}",
@@ -317,52 +265,21 @@ class TFServingStandIn:
             ),
             *self.extra_args,
         ]
-        self._log = open(self.log_path, "ab")
-        self._log.write(f"\n=== {' '.join(cmd)}\n".encode())
-        self._log.flush()
-        spawned = time.monotonic()
-        self._proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=_clean_env(),
-            cwd=self._workdir,
-            start_new_session=True,
-            preexec_fn=_pdeathsig_preexec(),
-        )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.kill()
-            raise
-        self.startup_seconds = time.monotonic() - spawned
-        return self
+        return cmd, _clean_env()
 
     def _wait_ready(self) -> None:
-        assert self._proc is not None
         deadline = time.monotonic() + self.startup_timeout
         request = _get_model_status_request(self.ready_model)
-        # The port opens only after every model has loaded (~5-10 s of TF import first).
         with grpc.insecure_channel(self.address) as channel:
             status = channel.unary_unary(_GET_MODEL_STATUS)  # raw bytes in, raw bytes out
-            while True:
-                if self._proc.poll() is not None:
-                    raise RuntimeError(
-                        f"tfserving stand-in exited with code {self._proc.returncode} during "
-                        f"startup\n{self.log_tail()}"
-                    )
+
+            def ready() -> bool:
                 try:
-                    if available_versions(status(request, timeout=1.0)):
-                        return
+                    return bool(available_versions(status(request, timeout=1.0)))
                 except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"tfserving stand-in not ready after {self.startup_timeout:.0f} s\n"
-                        + self.log_tail()
-                    )
-                time.sleep(0.1)
+                    return False  # the port opens only after every model has loaded (~5-10 s)
+
+            self._poll(ready, deadline, "tfserving stand-in not ready")
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout``.
@@ -370,45 +287,7 @@ class TFServingStandIn:
         Like tensorflow_model_server, the stand-in dies on SIGTERM at once (in-flight calls fail
         with UNAVAILABLE); pass ``extra_args=["--on-sigterm=drain"]`` for a graceful 5 s drain.
         """
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            self._signal_group(signal.SIGTERM)
-            try:
-                self._proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        self.kill()
-
-    def kill(self) -> None:
-        """SIGKILL to the whole process group right away (crash simulation for fault tests)."""
-        if self._proc is None:
-            return
-        self._signal_group(signal.SIGKILL)
-        self._proc.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def restart(self) -> TFServingStandIn:
-        """Stops (if running) and starts again on the SAME port."""
-        self.stop()
-        return self.start()
-
-    def _signal_group(self, sig: signal.Signals) -> None:
-        assert self._proc is not None
-        try:
-            os.killpg(self._proc.pid, sig)  # pgid == pid thanks to start_new_session
-        except ProcessLookupError:
-            pass
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                tail = deque(f, maxlen=lines)
-        except FileNotFoundError:
-            return ""
-        return b"".join(tail).decode(errors="replace")
+        super().stop(timeout)
 
     def run_check(self, code: str, timeout: float = 60.0) -> str:
         """Runs ``CHECK_PRELUDE + code`` with the stand-in venv's python; returns its stdout.
@@ -430,17 +309,6 @@ class TFServingStandIn:
                 result.returncode, "run_check", result.stdout, result.stderr
             )
         return result.stdout
-
-    def __enter__(self) -> TFServingStandIn:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _parse_labels(text: str) -> dict[str, dict[str, int]]:
@@ -467,14 +335,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    def on_sigterm(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # same clean shutdown path as Ctrl-C
-
-    signal.signal(signal.SIGTERM, on_sigterm)
     labels = _parse_labels(args.version_labels) if args.version_labels is not None else None
     server = TFServingStandIn(args.model_base, grpc_port=args.port, version_labels=labels)
-    try:
-        server.start()
+
+    def ready(startup_seconds: float) -> None:
         print(f"tfserving stand-in ready on {server.address}", flush=True)
         print(
             f"models: {server.model_base}\nlog: {server.log_path}\n"
@@ -482,14 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
-        while server.running:
-            time.sleep(0.5)
-        print(f"tfserving stand-in exited unexpectedly\n{server.log_tail()}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        server.stop()
+
+    return run_in_foreground(server, ready)
 
 
 if __name__ == "__main__":

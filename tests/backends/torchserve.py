@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import ctypes
 import fcntl
 import functools
 import hashlib
@@ -31,17 +30,23 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any
+from typing import Any
 
 import httpx
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.backends.process import (
+    REPO_ROOT,
+    BackendProcess,
+    backend_venv,
+    free_port,
+    run_in_foreground,
+    tail,
+    venv_env,
+)
+
 HANDLER = REPO_ROOT / "deploy" / "torchserve" / "oip_handler.py"
 MODEL_SCRIPT = Path(__file__).resolve().parent / "make_torchserve_models.py"
 REQUIREMENTS = Path(__file__).resolve().parent / "requirements" / "torchserve.txt"
@@ -55,8 +60,6 @@ DEFAULT_MODELS: tuple[tuple[str, str], ...] = (
     ("echo", "1"),
     ("linear_instances", "1"),
 )
-
-_PR_SET_PDEATHSIG = 1
 
 # Quiet log4j2 config: frontend log and worker (Python) output in LOG_LOCATION, no access log, no
 # metrics logs, nothing on stdout below WARN.
@@ -94,16 +97,9 @@ _LOG4J2 = """<?xml version="1.0" encoding="UTF-8"?>
 """
 
 
-@functools.cache
 def torchserve_venv() -> Path:
     """Path of the TorchServe venv; builds it on first use (~2 min, torch dominates)."""
-    out = subprocess.run(
-        [str(REPO_ROOT / "scripts" / "backend-venv"), "torchserve"],
-        check=True,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    return Path(out.stdout.strip().splitlines()[-1])
+    return backend_venv("torchserve")
 
 
 def _models_hash() -> str:
@@ -162,19 +158,9 @@ def java_home() -> Path:
 
 
 def _clean_env(venv: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{venv / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}"
+    env = venv_env(venv)
     env["VIRTUAL_ENV"] = str(venv)
-    for var in ("PYTHONPATH", "PYTHONHOME"):
-        env.pop(var, None)
     return env
-
-
-def free_port() -> int:
-    """A currently free loopback TCP port (racy by nature, good enough for tests)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _free_ports(n: int) -> list[int]:
@@ -184,23 +170,6 @@ def _free_ports(n: int) -> list[int]:
         if port not in ports:
             ports.append(port)
     return ports
-
-
-def _pdeathsig_preexec() -> Callable[[], None] | None:
-    """preexec_fn that makes the child get SIGKILL when its parent dies (e.g. pytest killed).
-
-    The kernel ties PDEATHSIG to the THREAD that forked, not the process: started from a worker
-    thread (asyncio.to_thread, an executor) the server would be killed as soon as that thread
-    exits. So only the main thread arms it; elsewhere the process group kill in stop() remains.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-    return preexec
 
 
 def _listening_sockets() -> dict[int, tuple[str, int]]:
@@ -237,13 +206,15 @@ def _socket_inodes(pid: int) -> set[int]:
     return inodes
 
 
-class TorchServe:
+class TorchServe(BackendProcess):
     """A TorchServe process on 127.0.0.1 only, serving the test models (see module doc).
 
     ``batch_size`` / ``max_batch_delay_ms`` turn on TorchServe's server-side batching for every
     registered model; ``workers`` is the worker count per model version; ``max_message_bytes``
     is the request and response size limit (max_request_size / max_response_size).
     """
+
+    name = "torchserve"
 
     def __init__(
         self,
@@ -258,7 +229,6 @@ class TorchServe:
         self.batch_size = batch_size
         self.max_batch_delay_ms = max_batch_delay_ms
         self.workers = workers
-        self.startup_timeout = startup_timeout
         # TorchServe's default is 6,553,500 bytes for requests and responses alike (~400k FP32
         # values as JSON); larger requests get 413, larger responses a 500-class error.
         self.max_message_bytes = max_message_bytes
@@ -269,14 +239,9 @@ class TorchServe:
             self.grpc_inference_port,
             self.grpc_management_port,
         ) = _free_ports(5)
-        self._workdir = Path(tempfile.mkdtemp(prefix="torchserve-"))
-        # Kept after stop() (and appended to across restarts) so failures can be read afterwards.
-        self.log_dir = self._workdir / "logs"
-        self.log_dir.mkdir()
-        self.log_path = self.log_dir / "torchserve.out"  # JVM stdout/stderr
+        super().__init__("torchserve-", "logs/torchserve.out", startup_timeout)  # JVM output
+        self.log_dir = self.log_path.parent  # also the frontend's and the workers' logs
         self.model_store: Path | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
 
     @property
     def inference_url(self) -> str:
@@ -308,53 +273,9 @@ class TorchServe:
             "grpc_management": self.grpc_management_port,
         }
 
-    @property
-    def pid(self) -> int | None:
-        """pid of the Java frontend (also the process group id)."""
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
     # -- start ---------------------------------------------------------------------------------
 
-    def start(self) -> TorchServe:
-        """Starts the server, registers the models, blocks until every worker is READY."""
-        if self.running:
-            raise RuntimeError(f"torchserve already running (pid {self.pid})")
-        venv = torchserve_venv()
-        self.model_store = model_store()
-        busy = [name for name, port in self.ports.items() if not self._port_free(port)]
-        if busy:
-            raise RuntimeError(f"torchserve ports already in use: {busy} ({self.ports})")
-        cmd, env = self._command(venv)
-        self._log = open(self.log_path, "ab")
-        self._log.write(f"\n=== {' '.join(cmd)}\n".encode())
-        self._log.flush()
-        self._proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=self._workdir,
-            start_new_session=True,  # own process group: kill() also reaches the workers
-            preexec_fn=_pdeathsig_preexec(),
-        )
-        deadline = time.monotonic() + self.startup_timeout
-        try:
-            with httpx.Client(timeout=httpx.Timeout(60.0, connect=2.0)) as client:
-                self._wait_frontend(client, deadline)
-                self._check_ports(deadline)
-                self._register_all(client)
-                self._wait_workers_ready(client, deadline)
-        except BaseException:
-            self.kill()
-            raise
-        return self
-
-    def _command(self, venv: Path) -> tuple[list[str], dict[str, str]]:
+    def _command(self) -> tuple[list[str], dict[str, str]]:
         """The java command line `torchserve --start --foreground --ncs` would run.
 
         ts/model_server.py (the `torchserve` CLI) only Popen()s this command and waits; running
@@ -362,6 +283,11 @@ class TorchServe:
         process group also hits the workers, which the frontend then restarts while it shuts
         down) and PR_SET_PDEATHSIG kills it with a killed pytest.
         """
+        venv = torchserve_venv()
+        self.model_store = model_store()
+        busy = [name for name, port in self.ports.items() if not self._port_free(port)]
+        if busy:
+            raise RuntimeError(f"torchserve ports already in use: {busy} ({self.ports})")
         site = next((venv / "lib").glob("python3*/site-packages"))
         tmp = self._workdir / "tmp"  # pid file, worker unix sockets, extracted models
         shutil.rmtree(tmp, ignore_errors=True)
@@ -430,27 +356,23 @@ class TorchServe:
                 return False
         return True
 
-    def _check_alive(self, what: str) -> None:
-        assert self._proc is not None
-        if self._proc.poll() is not None:
-            raise RuntimeError(
-                f"torchserve exited with code {self._proc.returncode} {what}\n" + self.log_tail()
-            )
+    def _wait_ready(self) -> None:
+        """Registers the models, then blocks until every worker is READY."""
+        deadline = time.monotonic() + self.startup_timeout
+        with httpx.Client(timeout=httpx.Timeout(60.0, connect=2.0)) as client:
+            self._wait_frontend(client, deadline)
+            self._check_ports(deadline)
+            self._register_all(client)
+            self._wait_workers_ready(client, deadline)
 
     def _wait_frontend(self, client: httpx.Client, deadline: float) -> None:
-        while True:
-            self._check_alive("during startup")
+        def up() -> bool:
             try:
-                if client.get(f"{self.management_url}/models").status_code == 200:
-                    return
+                return client.get(f"{self.management_url}/models").status_code == 200
             except httpx.TransportError:
-                pass  # not listening yet
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"torchserve frontend not up after {self.startup_timeout:.0f} s\n"
-                    + self.log_tail()
-                )
-            time.sleep(0.1)
+                return False  # not listening yet
+
+        self._poll(up, deadline, "torchserve frontend not up")
 
     def _check_ports(self, deadline: float) -> None:
         """Every port must be LISTENed on 127.0.0.1 by OUR java process.
@@ -565,62 +487,25 @@ class TorchServe:
 
     # -- stop ----------------------------------------------------------------------------------
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM to the frontend (it stops its workers, ~1-4 s), SIGKILL after ``timeout``."""
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            try:
-                self._proc.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self._proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        self.kill()
-
-    def kill(self) -> None:
-        """SIGKILL to the whole process group right away (crash simulation for fault tests)."""
-        if self._proc is None:
-            return
-        # Also when the frontend already exited: worker processes may remain in the group.
+    def _terminate(self) -> None:
+        # The frontend alone: it stops its workers itself (~1-4 s); were they signalled too, it
+        # would restart them while shutting down.
+        assert self._proc is not None
         try:
-            os.killpg(self._proc.pid, signal.SIGKILL)  # pgid == pid thanks to start_new_session
+            self._proc.send_signal(signal.SIGTERM)
         except ProcessLookupError:
             pass
-        self._proc.wait()
-        shutil.rmtree(self._workdir / "tmp", ignore_errors=True)  # extracted models, sockets
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
-    def restart(self) -> TorchServe:
-        """Stops (if running) and starts again on the SAME ports."""
-        self.stop()
-        return self.start()
+    def _cleanup(self) -> None:
+        shutil.rmtree(self._workdir / "tmp", ignore_errors=True)  # extracted models, sockets
 
     def log_tail(self, lines: int = 40) -> str:
         parts = []
         for path in (self.log_path, self.log_dir / "ts_log.log", self.log_dir / "model_log.log"):
-            try:
-                with open(path, "rb") as f:
-                    tail = deque(f, maxlen=lines)
-            except FileNotFoundError:
-                continue
-            parts.append(f"--- {path}\n" + b"".join(tail).decode(errors="replace"))
+            text = tail(path, lines)
+            if text is not None:
+                parts.append(f"--- {path}\n{text}")
         return "\n".join(parts)
-
-    def __enter__(self) -> TorchServe:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -630,19 +515,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="workers per model version")
     args = parser.parse_args(argv)
 
-    def on_sigterm(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # same clean shutdown path as Ctrl-C
-
-    signal.signal(signal.SIGTERM, on_sigterm)
     server = TorchServe(
         batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay, workers=args.workers
     )
-    try:
-        started = time.monotonic()
-        server.start()
+
+    def ready(startup_seconds: float) -> None:
         print(f"torchserve ready on {server.inference_url}", flush=True)
         info = {
-            "startup_s": round(time.monotonic() - started, 1),
+            "startup_s": round(startup_seconds, 1),
             "management": server.management_url,
             "metrics": server.metrics_url,
             "grpc_inference": server.grpc_inference_address,
@@ -650,14 +530,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "log_dir": str(server.log_dir),
         }
         print(json.dumps(info), file=sys.stderr, flush=True)
-        while server.running:
-            time.sleep(0.5)
-        print(f"torchserve exited unexpectedly\n{server.log_tail()}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        server.stop()
+
+    return run_in_foreground(server, ready)
 
 
 if __name__ == "__main__":
