@@ -1,0 +1,1 @@
+"""Benchmarks of the gateway (see bench/README.md). Run from the repo root: python -m bench.X"""
