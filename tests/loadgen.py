@@ -53,7 +53,7 @@ async def infer(stub, request, *, timeout: float | None = None, metadata=()) -> 
         return Outcome(
             err.code().name, time.perf_counter() - start, trailing.get("x-tensorgate-variant", "")
         )
-    headers = dict(await call.initial_metadata())
+    headers = dict(await call.trailing_metadata())
     return Outcome(
         "OK",
         time.perf_counter() - start,

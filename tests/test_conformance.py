@@ -101,7 +101,7 @@ def test_mixed_route_answers_consistently(stub):
     seen: dict[str, bytes] = {}
     for _ in range(60):
         response, call = stub.ModelInfer.with_call(request_for("mixed", x))
-        variant = dict(call.initial_metadata())["x-tensorgate-variant"]
+        variant = dict(call.trailing_metadata())["x-tensorgate-variant"]
         assert [(o.name, o.datatype, list(o.shape)) for o in response.outputs] == [
             ("y", "FP32", [1, 3])
         ]

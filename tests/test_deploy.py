@@ -544,7 +544,7 @@ def test_envoy_in_front_of_gateway_and_triton(gateway, workdir):
             stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
             reply, call = stub.ModelInfer.with_call(linear_request(), timeout=10)
             assert reply.model_name == "linear"
-            assert ("x-tensorgate-variant", "stable") in call.initial_metadata()
+            assert ("x-tensorgate-variant", "stable") in call.trailing_metadata()
             # The admin API is not routed through Envoy.
             admin = admin_pb2_grpc.AdminServiceStub(channel)
             with pytest.raises(grpc.RpcError) as err:

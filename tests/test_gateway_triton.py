@@ -135,7 +135,7 @@ async def test_aio_client_all_rpcs(gateway):
 def test_version_pinning_and_variant_header(stub):
     response, call = stub.ModelInfer.with_call(linear_request(version="2"))
     assert output(response) == Y_V2
-    headers = dict(call.initial_metadata())
+    headers = dict(call.trailing_metadata())
     assert headers["x-tensorgate-variant"] == "canary"
     assert headers["x-tensorgate-backend"] == "triton-a"
 
@@ -144,7 +144,7 @@ def test_renamed_and_pinned_variant(stub):
     response, call = stub.ModelInfer.with_call(linear_request(model="fraud", version="5"))
     assert output(response) == Y_V2
     assert (response.model_name, response.model_version) == ("fraud", "5")
-    assert dict(call.initial_metadata())["x-tensorgate-variant"] == "xgb"
+    assert dict(call.trailing_metadata())["x-tensorgate-variant"] == "xgb"
 
 
 async def test_weighted_split_80_20(gateway):
@@ -158,7 +158,7 @@ async def test_weighted_split_80_20(gateway):
             for _ in range(n):
                 call = stub.ModelInfer(linear_request())
                 response = await call
-                variant = dict(await call.initial_metadata())["x-tensorgate-variant"]
+                variant = dict(await call.trailing_metadata())["x-tensorgate-variant"]
                 seen[variant] += 1
                 # The header must tell the truth: the answer is that version's output.
                 outputs[
@@ -185,7 +185,9 @@ def test_route_key_is_sticky(stub):
             _, call = stub.ModelInfer.with_call(
                 linear_request(), metadata=(("x-tensorgate-route-key", key),)
             )
-            chosen.setdefault(key, set()).add(dict(call.initial_metadata())["x-tensorgate-variant"])
+            chosen.setdefault(key, set()).add(
+                dict(call.trailing_metadata())["x-tensorgate-variant"]
+            )
     assert all(len(v) == 1 for v in chosen.values()), chosen
     assert {next(iter(v)) for v in chosen.values()} == {"stable", "canary"}
 

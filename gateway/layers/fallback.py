@@ -2,7 +2,7 @@
 full), walk the route's fallback chain: another variant, another model, a static answer.
 
 The caller gets a degraded answer instead of an error, and learns it was degraded from the
-x-tensorgate-degraded header and the tensorgate_fallbacks metric. A request the backend rejected
+x-tensorgate-degraded trailer and the tensorgate_fallbacks metric. A request the backend rejected
 as invalid is never "rescued": caller errors pass straight through.
 """
 
