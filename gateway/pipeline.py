@@ -8,7 +8,7 @@ path reads top to bottom in one place (gateway/app.py) instead of hiding in one 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from tritonclient.grpc import service_pb2 as oip
@@ -47,3 +47,19 @@ def compose(*layers: Layer, service: InferService) -> InferService:
     for layer in reversed(layers):
         service = layer(service)
     return service
+
+
+def per_backend(guards: Callable[[], Mapping[str, object]]) -> Layer:
+    """A layer running each call through its backend's guard (a breaker, a bulkhead): any
+    object with `async call(fn)`. Backends without a guard pass straight through."""
+
+    def layer(inner: InferService) -> InferService:
+        async def guarded(call: InferCall) -> oip.ModelInferResponse:
+            guard = guards().get(call.target.backend)
+            if guard is None:
+                return await inner(call)
+            return await guard.call(lambda: inner(call))
+
+        return guarded
+
+    return layer

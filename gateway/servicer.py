@@ -52,30 +52,29 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 return oip.ModelReadyResponse(ready=True)
         return oip.ModelReadyResponse(ready=False)
 
+    def _primary(self, request):
+        """The route, its primary variant for the requested version, and that variant's adapter:
+        metadata requests get one stable answer, not a weighted pick."""
+        plan = self._runtime.table.plan(request.name)
+        target = plan.primary(request.version)
+        return plan, target, self._runtime.adapters[target.backend]
+
     async def ModelMetadata(self, request, context):
         try:
-            plan = self._runtime.table.plan(request.name)
-            target = plan.primary(request.version)
+            plan, target, adapter = self._primary(request)
             if target.schema is not None:
                 reply = _schema_metadata(target.schema)
             else:
-                adapter = self._runtime.adapters[target.backend]
                 reply = await adapter.metadata(
                     target.backend_model,
                     target.backend_version,
                     timeout=_timeout(context),
                     target=target,
                 )
+                _public_names(reply, target)
         except GatewayError as err:
             await context.abort(err.code, err.message)
         reply.name = plan.model
-        for tensors, names in (
-            (reply.inputs, target.input_names),
-            (reply.outputs, target.output_names),
-        ):
-            public = {b: p for p, b in names}
-            for tensor in tensors:
-                tensor.name = public.get(tensor.name, tensor.name)
         del reply.versions[:]
         reply.versions.extend(plan.versions)
         await _announce(context, target)
@@ -83,9 +82,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelConfig(self, request, context):
         try:
-            plan = self._runtime.table.plan(request.name)
-            target = plan.primary(request.version)
-            adapter = self._runtime.adapters[target.backend]
+            plan, target, adapter = self._primary(request)
             reply = await adapter.model_config(
                 target.backend_model,
                 target.backend_version,
@@ -125,6 +122,17 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         # docs/benchmarks.md).
         context.set_trailing_metadata(headers)
         return response
+
+
+def _public_names(reply: oip.ModelMetadataResponse, target) -> None:
+    """Backend tensor names -> the route's public names (Variant.input_names/output_names)."""
+    for tensors, names in (
+        (reply.inputs, target.input_names),
+        (reply.outputs, target.output_names),
+    ):
+        public = {b: p for p, b in names}
+        for tensor in tensors:
+            tensor.name = public.get(tensor.name, tensor.name)
 
 
 def _schema_metadata(schema) -> oip.ModelMetadataResponse:

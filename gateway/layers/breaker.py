@@ -14,11 +14,10 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 import pybreaker
-from tritonclient.grpc import service_pb2 as oip
 
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
-from gateway.pipeline import InferCall, InferService
+from gateway.pipeline import Layer, per_backend
 from gateway.policy import BACKEND_FAILURES, BreakerSettings
 from gateway.resilience.window import WindowCounter
 
@@ -135,14 +134,5 @@ class BackendBreaker:
                 self._metrics.breaker_transitions.labels(self.backend, pybreaker.STATE_OPEN).inc()
 
 
-def breaker(breakers: Callable[[], Mapping[str, BackendBreaker]]):
-    def layer(inner: InferService) -> InferService:
-        async def guarded(call: InferCall) -> oip.ModelInferResponse:
-            guard = breakers().get(call.target.backend)
-            if guard is None:
-                return await inner(call)
-            return await guard.call(lambda: inner(call))
-
-        return guarded
-
-    return layer
+def breaker(breakers: Callable[[], Mapping[str, BackendBreaker]]) -> Layer:
+    return per_backend(breakers)

@@ -11,11 +11,10 @@ import asyncio
 from collections.abc import Callable, Mapping
 
 import grpc
-from tritonclient.grpc import service_pb2 as oip
 
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
-from gateway.pipeline import InferCall, InferService
+from gateway.pipeline import Layer, per_backend
 from gateway.policy import BulkheadSettings
 
 
@@ -56,14 +55,5 @@ class Bulkhead:
             self._free.release()
 
 
-def bulkhead(bulkheads: Callable[[], Mapping[str, Bulkhead]]):
-    def layer(inner: InferService) -> InferService:
-        async def limited(call: InferCall) -> oip.ModelInferResponse:
-            limit = bulkheads().get(call.target.backend)
-            if limit is None:
-                return await inner(call)
-            return await limit.call(lambda: inner(call))
-
-        return limited
-
-    return layer
+def bulkhead(bulkheads: Callable[[], Mapping[str, Bulkhead]]) -> Layer:
+    return per_backend(bulkheads)
