@@ -66,19 +66,15 @@ class Runtime:
         )
         self.specs = validation.SpecCache()
         self.recent = RecentStats()
-        defaults = config.defaults
-        self.breakers = {
-            b.name: breaker.BackendBreaker(
-                b.name, breaker_settings(b, defaults.circuit_breaker), self.metrics
-            )
-            for b in config.backends
-            if not breaker_settings(b, defaults.circuit_breaker).disabled
-        }
-        self.bulkheads = {
-            b.name: bulkhead.Bulkhead(b.name, bulkhead_settings(b, defaults.bulkhead), self.metrics)
-            for b in config.backends
-            if not bulkhead_settings(b, defaults.bulkhead).disabled
-        }
+        self.breakers: dict[str, breaker.BackendBreaker] = {}
+        self.bulkheads: dict[str, bulkhead.Bulkhead] = {}
+        for b in config.backends:
+            breaking = breaker_settings(b, config.defaults.circuit_breaker)
+            if not breaking.disabled:
+                self.breakers[b.name] = breaker.BackendBreaker(b.name, breaking, self.metrics)
+            limiting = bulkhead_settings(b, config.defaults.bulkhead)
+            if not limiting.disabled:
+                self.bulkheads[b.name] = bulkhead.Bulkhead(b.name, limiting, self.metrics)
         self.retry_budgets = retry.RetryBudgets()
         self.latencies = hedge.LatencyTracker()
         self.shadows = shadow.ShadowRunner(self.metrics, self.per_try_timeout.__getitem__)

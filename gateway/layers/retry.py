@@ -19,18 +19,21 @@ from gateway.resilience.budget import RetryBudget
 
 
 class RetryBudgets:
-    """One budget per route, kept across calls (and rebuilt when the route table changes)."""
+    """One budget per route, kept across calls and across route-table revisions (a new budget
+    only when the route's retry settings change)."""
 
     def __init__(self) -> None:
-        self._budgets: dict[int, RetryBudget] = {}
+        self._budgets: dict[str, tuple[object, RetryBudget]] = {}
 
     def for_plan(self, plan) -> RetryBudget:
-        budget = self._budgets.get(id(plan))
-        if budget is None:
-            r = plan.settings.retry
-            budget = RetryBudget(r.budget_ratio, r.budget_min_per_second, r.budget_window)
-            self._budgets[id(plan)] = budget
-        return budget
+        settings = plan.settings.retry
+        entry = self._budgets.get(plan.model)
+        if entry is None or entry[0] != settings:
+            budget = RetryBudget(
+                settings.budget_ratio, settings.budget_min_per_second, settings.budget_window
+            )
+            entry = self._budgets[plan.model] = (settings, budget)
+        return entry[1]
 
 
 def retry(budgets: RetryBudgets, metrics: GatewayMetrics) -> Layer:
