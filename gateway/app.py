@@ -9,13 +9,13 @@ import signal
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc
 
 import gateway
 from adapters.base import Adapter
 from adapters.registry import build_adapter
+from gateway import reflection
 from gateway.config import seconds
 from gateway.health import Readiness
 from gateway.layers import (
@@ -183,7 +183,7 @@ class Gateway:
         servicer = InferenceServicer(self.runtime, self.runtime.request_path())
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.runtime.readiness.servicer, self.server)
-        reflection.enable_server_reflection(
+        reflection.enable(
             (
                 OIP_SERVICE,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -242,7 +242,7 @@ class Gateway:
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
             service.AdminServicer(self.runtime, manager, self._rollouts), server
         )
-        reflection.enable_server_reflection(
+        reflection.enable(
             (
                 admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
                 reflection.SERVICE_NAME,

