@@ -55,7 +55,10 @@ def test_list_describe_and_infer(gateway):
     assert called.returncode == 0, called.stderr
     assert "x-tensorgate-variant: stable" in called.stdout  # in "Response trailers received"
     body = json.loads(called.stdout[called.stdout.index("{") : called.stdout.rindex("}") + 1])
-    assert body.get("modelName", body.get("model_name")) == "linear" and body["outputs"][0]["name"] == "OUTPUT0"
+    assert (
+        body.get("modelName", body.get("model_name")) == "linear"
+        and body["outputs"][0]["name"] == "OUTPUT0"
+    )
     health = grpcurl(
         "-plaintext",
         "-d",
