@@ -116,13 +116,8 @@ class RoutePlan:
 
     def alternative(self, version: str, exclude) -> Target | None:
         """Another variant for the same request (same pinned version), for retries and hedges."""
-        group = self.by_version.get(version) if version else self.unpinned
-        if group is None:
-            return None
-        others = [t for t in group.targets if t not in exclude]
-        if not others:
-            return None
-        return max(others, key=lambda t: t.weight)
+        others = [t for t in self.candidates(version) if t not in exclude]
+        return max(others, key=lambda t: t.weight) if others else None
 
     def resolve(
         self,
@@ -149,15 +144,13 @@ class RoutePlan:
 
     def primary(self, version: str = "") -> Target:
         """The variant with the largest weight: a stable answer for metadata requests."""
-        if version:
-            candidates = self.by_version[version].targets if version in self.by_version else ()
-            if not candidates:
-                self.resolve(version, None)  # raises NOT_FOUND with the versions listed
-        else:
-            candidates = self.unpinned.targets
+        candidates = self.candidates(version)
+        if not candidates:
+            self.resolve(version, None)  # raises NOT_FOUND with the versions listed
         return max(candidates, key=lambda t: t.weight)
 
     def candidates(self, version: str = "") -> tuple[Target, ...]:
+        """The variants that may answer a request for `version` ("" = unpinned)."""
         if version:
             return self.by_version[version].targets if version in self.by_version else ()
         return self.unpinned.targets
