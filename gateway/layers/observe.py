@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
@@ -31,8 +32,11 @@ def observe(metrics: GatewayMetrics, known_model, recent: RecentStats | None = N
             except GatewayError as err:
                 code = err.code.name
                 raise
-            except BaseException:
+            except asyncio.CancelledError:  # the caller went away or the server is stopping
                 code = grpc.StatusCode.CANCELLED.name
+                raise
+            except Exception:  # a bug of ours: the servicer answers INTERNAL
+                code = grpc.StatusCode.INTERNAL.name
                 raise
             finally:
                 gauge.dec()
