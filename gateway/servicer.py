@@ -15,7 +15,7 @@ from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc
 
 import gateway
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, invalid
 from gateway.pipeline import InferCall, InferService
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def _primary(self, request):
         """The route, its primary variant for the requested version, and that variant's adapter:
         metadata requests get one stable answer, not a weighted pick."""
+        if not request.name:
+            raise invalid("name is required: the public model name")
         plan = self._runtime.table.plan(request.name)
         target = plan.primary(request.version)
         return plan, target, self._runtime.adapters[target.backend]
