@@ -206,7 +206,10 @@ def test_unknown_model_and_version_are_not_found(stub):
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.RpcError) as err:
         stub.ModelConfig(oip.ModelConfigRequest(name=""))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "name is required" in err.value.details()
+    assert (
+        err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        and "name is required" in err.value.details()
+    )
 
 
 # --- validation: INVALID_ARGUMENT, and Triton never sees the request ---------------------------
