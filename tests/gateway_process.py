@@ -66,7 +66,9 @@ class GatewayProcess:
         self._startup_timeout = startup_timeout
         self.proc: subprocess.Popen | None = None
 
-    def start(self, *, wait_ready: bool = True) -> GatewayProcess:
+    def start(self, *, wait: str = "ready") -> GatewayProcess:
+        """wait: "ready" (ServerReady true), "live" (ServerLive answers: for configs whose
+        backends are down or cannot be probed), or "none" (e.g. a TLS listener)."""
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [str(TENSORGATE), "serve", "--config", str(self.config_path)],
@@ -76,11 +78,25 @@ class GatewayProcess:
             start_new_session=True,
             env={**os.environ, **(self._env or {})},
         )
-        if wait_ready:
-            self.wait_ready()
+        if wait == "ready":
+            self._wait_for(
+                "ready",
+                lambda stub: stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=1).ready,
+            )
+        elif wait == "live":
+            self._wait_for(
+                "live",
+                lambda stub: stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=1).live,
+            )
         return self
 
     def wait_ready(self) -> None:
+        self._wait_for(
+            "ready",
+            lambda stub: stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=1).ready,
+        )
+
+    def _wait_for(self, what: str, check) -> None:
         deadline = time.monotonic() + self._startup_timeout
         with grpc.insecure_channel(self.address) as channel:
             stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
@@ -88,12 +104,12 @@ class GatewayProcess:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"gateway exited {self.proc.returncode}:\n{self.log()}")
                 try:
-                    if stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=1).ready:
+                    if check(stub):
                         return
                 except grpc.RpcError:
                     pass
                 time.sleep(0.1)
-        raise RuntimeError(f"gateway not ready in {self._startup_timeout}s:\n{self.log()}")
+        raise RuntimeError(f"gateway not {what} in {self._startup_timeout}s:\n{self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -115,7 +131,7 @@ class GatewayProcess:
         return self.proc.returncode
 
     def __enter__(self) -> GatewayProcess:
-        return self.start()
+        return self if self.proc is not None else self.start()  # start(wait=...) may have run
 
     def __exit__(self, *exc) -> None:
         self.stop()

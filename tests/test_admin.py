@@ -550,7 +550,7 @@ def test_tls_on_the_data_plane(triton, tmp_path):
     key, cert = issue(tmp_path, ca, "gateway", server=True)
     config = base_config(triton)
     config["listeners"] = {"data_plane_tls": {"cert_file": str(cert), "key_file": str(key)}}
-    gw = GatewayProcess(config).start(wait_ready=False)
+    gw = GatewayProcess(config).start(wait="none")  # TLS listener: checked below
     try:
         creds = grpc.ssl_channel_credentials(ca[1].read_bytes())
         with grpc.secure_channel(gw.address, creds) as channel:

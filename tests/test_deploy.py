@@ -39,7 +39,6 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 import yaml
-from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc
 
 from gateway.metrics import GatewayMetrics
@@ -563,12 +562,9 @@ def test_envoy_retries_unavailable_once_and_caller_errors_never(workdir):
         "lifecycle": {"shutdown_grace": "1s"},
     }  # fmt: skip
     (workdir / "gateway").mkdir()
-    gw = GatewayProcess(config, directory=str(workdir / "gateway")).start(wait_ready=False)
+    gw = GatewayProcess(config, directory=str(workdir / "gateway")).start(wait="live")
     envoy = None
     try:
-        with grpc.insecure_channel(gw.address) as channel:
-            live = service_pb2_grpc.GRPCInferenceServiceStub(channel).ServerLive
-            wait_for(lambda: live(oip.ServerLiveRequest(), timeout=1).live, 20, "gateway live")
         # Not ready (its backend is down): Envoy's only host is unhealthy, and Envoy still
         # routes to it (panic threshold), so the gateway's own answer comes back.
         envoy = EnvoyProcess(host_port(gw.address)[1], workdir)

@@ -332,26 +332,16 @@ def test_refused_backend_is_unavailable_never_unknown():
     dead = f"127.0.0.1:{free_port()}"
     config = {"backends": [triton_backend(dead, "dead")],
               "routes": [{"model": "linear", "variants": [{"name": "a", "backend": "dead", "weight": 1}]}]}  # fmt: skip
-    gw = GatewayProcess(config).start(wait_ready=False)
-    try:
-        with grpc.insecure_channel(gw.address) as channel:
-            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-            grpc.channel_ready_future(channel).result(timeout=20)
-            deadline = time.monotonic() + 20
-            while True:  # the listener is up before the first probe round finishes
-                try:
-                    assert stub.ServerLive(oip.ServerLiveRequest(), timeout=1).live
-                    break
-                except grpc.RpcError:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.1)
-            assert not stub.ServerReady(oip.ServerReadyRequest()).ready
-            with pytest.raises(grpc.RpcError) as err:
-                stub.ModelInfer(linear_request())
-            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert "backend 'dead' unavailable" in err.value.details()
-    finally:
-        gw.stop()
+    with (
+        GatewayProcess(config).start(wait="live") as gw,
+        grpc.insecure_channel(gw.address) as channel,
+    ):
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        assert not stub.ServerReady(oip.ServerReadyRequest()).ready
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(linear_request())
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "backend 'dead' unavailable" in err.value.details()
 
 
 # --- health, reflection, metrics -------------------------------------------------------------

@@ -45,17 +45,14 @@ def gateway(torchserve):
         ],
         "lifecycle": {"health_check_interval": "1s", "shutdown_grace": "1s"},
     }  # fmt: skip
-    gw = GatewayProcess(config).start(wait_ready=False)
-    try:
+    gw = GatewayProcess(config)  # some routes point at missing models: never "ready"
+    with gw.start(wait="live"):
         yield gw
-    finally:
-        gw.stop()
 
 
 @pytest.fixture(scope="module")
 def stub(gateway):
     with grpc.insecure_channel(gateway.address) as channel:
-        grpc.channel_ready_future(channel).result(timeout=30)
         yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
 
 
