@@ -123,23 +123,20 @@ def from_contents(
     return np.asarray(values, dtype=NUMPY_DTYPE[datatype]).reshape(shape)
 
 
+def _tensor_array(tensor, raw, index: int) -> np.ndarray:
+    if raw:
+        return from_raw(tensor.datatype, tensor.shape, raw[index], tensor.name)
+    return from_contents(tensor.datatype, tensor.shape, tensor.contents, tensor.name)
+
+
 def input_array(request: oip.ModelInferRequest, index: int) -> np.ndarray:
     """The numpy value of request.inputs[index], from raw or typed contents."""
-    tensor = request.inputs[index]
-    if request.raw_input_contents:
-        return from_raw(
-            tensor.datatype, tensor.shape, request.raw_input_contents[index], tensor.name
-        )
-    return from_contents(tensor.datatype, tensor.shape, tensor.contents, tensor.name)
+    return _tensor_array(request.inputs[index], request.raw_input_contents, index)
 
 
 def output_array(response: oip.ModelInferResponse, index: int) -> np.ndarray:
-    tensor = response.outputs[index]
-    if response.raw_output_contents:
-        return from_raw(
-            tensor.datatype, tensor.shape, response.raw_output_contents[index], tensor.name
-        )
-    return from_contents(tensor.datatype, tensor.shape, tensor.contents, tensor.name)
+    """The numpy value of response.outputs[index], from raw or typed contents."""
+    return _tensor_array(response.outputs[index], response.raw_output_contents, index)
 
 
 def to_raw(array: np.ndarray, datatype: str) -> bytes:
