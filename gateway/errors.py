@@ -16,6 +16,9 @@ class GatewayError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+        # True when the caller's own deadline (or the route timeout), not the backend's per-try
+        # timeout, ended the call: the backend was not shown to be slow, so breakers ignore it.
+        self.budget_ran_out = False
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"

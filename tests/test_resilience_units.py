@@ -115,6 +115,27 @@ async def test_breaker_state_machine():
     assert text == 2
 
 
+async def test_breaker_ignores_deadlines_the_caller_set():
+    cb = breaker.BackendBreaker("b", BreakerSettings(consecutive_failures=2), GatewayMetrics())
+
+    async def caller_deadline():
+        err = GatewayError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline")
+        err.budget_ran_out = True
+        raise err
+
+    async def per_try_timeout():
+        raise GatewayError(grpc.StatusCode.DEADLINE_EXCEEDED, "per-try timeout")
+
+    for _ in range(5):
+        with pytest.raises(GatewayError):
+            await cb.call(caller_deadline)
+    assert cb.state == "closed"  # a short caller deadline says nothing about the backend
+    for _ in range(2):
+        with pytest.raises(GatewayError):
+            await cb.call(per_try_timeout)
+    assert cb.state == "open"
+
+
 async def test_breaker_ignores_cancelled_trials():
     cb = breaker.BackendBreaker(
         "b", BreakerSettings(consecutive_failures=1, open_duration=0.05), GatewayMetrics()

@@ -102,7 +102,7 @@ class BackendBreaker:
         try:
             result = await fn()
         except GatewayError as err:
-            failed = err.code in BACKEND_FAILURES
+            failed = err.code in BACKEND_FAILURES and not err.budget_ran_out
             self._account(err if failed else None)  # a backend that answers is healthy
             self._record(failed=failed)
             raise

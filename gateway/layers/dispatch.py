@@ -27,11 +27,13 @@ def dispatch(
         adapter = adapters()[target.backend]
         timeout = per_try_timeout(target.backend)
         remaining = call.remaining()
+        budget_bound = False
         if remaining is not None:
             if remaining <= 0:
                 raise GatewayError(
                     grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the backend call"
                 )
+            budget_bound = remaining < timeout
             timeout = min(timeout, remaining)
         request = call.request
         request.model_name = target.backend_model
@@ -44,6 +46,10 @@ def dispatch(
         gauge.inc()
         try:
             response = await adapter.infer(request, timeout=timeout, target=target)
+        except GatewayError as err:
+            if budget_bound and err.code is grpc.StatusCode.DEADLINE_EXCEEDED:
+                err.budget_ran_out = True
+            raise
         finally:
             gauge.dec()
             if renamed:  # a retry or fallback may go to a variant with other names
