@@ -78,16 +78,17 @@ class GatewayProcess:
             start_new_session=True,
             env={**os.environ, **(self._env or {})},
         )
-        if wait == "ready":
-            self._wait_for(
-                "ready",
-                lambda stub: stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=1).ready,
-            )
-        elif wait == "live":
-            self._wait_for(
-                "live",
-                lambda stub: stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=1).live,
-            )
+        try:
+            if wait == "ready":
+                self.wait_ready()
+            elif wait == "live":
+                self._wait_for(
+                    "live",
+                    lambda stub: stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=1).live,
+                )
+        except BaseException:
+            self.stop()  # a gateway that never came up must not outlive the test
+            raise
         return self
 
     def wait_ready(self) -> None:
