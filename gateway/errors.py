@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import grpc
 
+# Caller-controlled strings (model, tensor and parameter names, versions) are quoted in error
+# messages at most this long: a status message travels in a header, and an unbounded echo would
+# turn the caller's mistake into RESOURCE_EXHAUSTED (gRPC's metadata limit) or a log flood.
+SHOWN_CHARS = 80
+
 
 class GatewayError(Exception):
     """Raised anywhere on the request path; the servicer turns it into the RPC's status.
 
     `message` is shown to the caller as is, so it must say what was wrong and must never carry
-    secrets (tokens, credentials in addresses).
+    secrets (tokens, credentials in addresses). Quote caller-supplied strings with `shown`.
     """
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
@@ -19,9 +24,20 @@ class GatewayError(Exception):
         # True when the caller's own deadline (or the route timeout), not the backend's per-try
         # timeout, ended the call: the backend was not shown to be slow, so breakers ignore it.
         self.budget_ran_out = False
+        # True when the gateway refused to call the backend at all (an open breaker): retrying
+        # the same backend can only fail the same way, so retry moves on or gives up at once.
+        self.fail_fast = False
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"
+
+
+def shown(value: str | bytes, limit: int = SHOWN_CHARS) -> str:
+    """`repr` of a caller-supplied string, cut to `limit` characters with a marker saying how
+    much was left out, so any message quoting it stays small whatever the caller sent."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}...(+{len(value) - limit} more)"
 
 
 def invalid(message: str) -> GatewayError:
