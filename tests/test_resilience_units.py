@@ -314,6 +314,145 @@ async def test_retry_goes_to_other_variant_and_respects_budget():
     )
 
 
+async def test_breaker_rejection_is_marked_fail_fast():
+    cb = breaker.BackendBreaker("b", BreakerSettings(consecutive_failures=1), GatewayMetrics())
+    with pytest.raises(GatewayError) as err:
+        await cb.call(_fail)
+    assert not err.value.fail_fast  # the backend's own failure: it was called
+    with pytest.raises(GatewayError) as err:
+        await cb.call(_ok)
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE and err.value.fail_fast
+
+
+async def _open_breakers(metrics: GatewayMetrics, *open_backends: str, closed=()) -> dict:
+    """Breakers for backends ba/bb/bs; the named ones opened (one failure, open for 60 s)."""
+    breakers = {}
+    for name in (*open_backends, *closed):
+        settings = BreakerSettings(consecutive_failures=1, open_duration=60)
+        breakers[name] = breaker.BackendBreaker(name, settings, metrics)
+    for name in open_backends:
+        with pytest.raises(GatewayError):
+            await breakers[name].call(_fail)
+    return breakers
+
+
+def _counted(metrics: GatewayMetrics, name: str, **labels) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0
+
+
+async def test_retry_never_retries_a_breaker_fail_fast_on_the_same_backend():
+    # Slow backoff: any sleep spent on a refusal would show in the elapsed time.
+    table = _plan({"retry": {"max_attempts": 3, "base_delay": "0.2s", "max_delay": "0.2s"}})
+    metrics = GatewayMetrics()
+    breakers = await _open_breakers(metrics, "ba")
+    script = Script(ba=["ok"], bb=["ok"])
+    service = compose(
+        retry.retry(retry.RetryBudgets(), metrics),
+        breaker.breaker(lambda: breakers),
+        service=script,
+    )
+    started = time.perf_counter()
+    for _ in range(20):
+        with pytest.raises(GatewayError) as err:
+            await service(_call(table))
+        assert err.value.fail_fast
+    assert time.perf_counter() - started < 0.1  # 20 refusals, no backoff slept on any
+    assert script.calls == []  # no retry after a refusal: "ba" refuses again, up to fallback
+    assert _counted(metrics, "tensorgate_breaker_rejections_total", backend="ba") == 20
+    assert _counted(metrics, "tensorgate_retries_total", model="m", code="UNAVAILABLE") == 0
+    assert _counted(metrics, "tensorgate_retry_budget_exhausted_total", model="m") == 0
+
+
+async def test_fail_fast_moves_to_another_backend_at_once_without_spending_budget():
+    table = _plan(
+        {
+            "retry": {
+                "max_attempts": 2,
+                "base_delay": "0.2s",
+                "max_delay": "0.2s",
+                "other_variant": True,
+                "budget_ratio": 0,
+                "budget_min_per_second": 1,  # one retry in the 1 s window, no more
+                "budget_window": "1s",
+            }
+        },
+        variants=[
+            {"name": "a", "backend": "ba", "weight": 100},
+            {"name": "a2", "backend": "ba", "weight": 50},  # same backend: refuses too
+            {"name": "b", "backend": "bb", "weight": 1},
+        ],
+    )
+    metrics = GatewayMetrics()
+    budgets = retry.RetryBudgets()
+    breakers = await _open_breakers(metrics, "ba", closed=["bb"])
+    script = Script(ba=["ok"], bb=["ok"])
+    service = compose(
+        retry.retry(budgets, metrics), breaker.breaker(lambda: breakers), service=script
+    )
+    started = time.perf_counter()
+    for _ in range(20):
+        call = _call(table)
+        call.target = table.plan("m").variant("a")
+        assert (await service(call)).id == "bb:ok"
+        assert call.target.variant == "b"  # "a2" was skipped: its backend refused this call
+    assert time.perf_counter() - started < 0.1  # no backoff
+    assert script.calls == ["bb"] * 20
+    assert _counted(metrics, "tensorgate_breaker_rejections_total", backend="ba") == 20
+    # Redirects are not retries: not counted, and the budget's single retry is still there.
+    assert _counted(metrics, "tensorgate_retries_total", model="m", code="UNAVAILABLE") == 0
+    script.behaviour["bb"] = [UNAVAILABLE, "ok"]
+    breakers["bb"] = breaker.BackendBreaker("bb", BreakerSettings(), metrics)
+    call = _call(table)
+    call.target = table.plan("m").variant("a")
+    assert (await service(call)).id == "bb:ok"  # refused by ba, failed on bb, retried on bb
+    assert _counted(metrics, "tensorgate_retries_total", model="m", code="UNAVAILABLE") == 1
+    assert _counted(metrics, "tensorgate_retry_budget_exhausted_total", model="m") == 0
+
+
+async def test_a_retry_the_breaker_refuses_is_not_counted_as_sent():
+    # The first try fails for real and opens the breaker; the retry is then refused.
+    table = _plan({"retry": {"max_attempts": 3, "base_delay": "0.001s", "max_delay": "0.001s"}})
+    metrics = GatewayMetrics()
+    breakers = await _open_breakers(metrics, closed=["ba"])
+    script = Script(ba=[UNAVAILABLE])
+    service = compose(
+        retry.retry(retry.RetryBudgets(), metrics),
+        breaker.breaker(lambda: breakers),
+        service=script,
+    )
+    with pytest.raises(GatewayError) as err:
+        await service(_call(table))
+    assert err.value.fail_fast and script.calls == ["ba"]  # one real try, one refusal, no third
+    assert _counted(metrics, "tensorgate_breaker_rejections_total", backend="ba") == 1
+    assert _counted(metrics, "tensorgate_retries_total", model="m", code="UNAVAILABLE") == 0
+
+
+async def test_fallback_answers_at_once_when_the_primary_breaker_is_open():
+    static = {"outputs": [{"name": "y", "datatype": "FP32", "shape": [1], "fp_values": [0.0]}]}
+    table = _plan(
+        {
+            "retry": {"max_attempts": 3, "base_delay": "0.2s", "max_delay": "0.2s"},
+            "fallback": [{"variant": "b"}, {"static_response": static}],
+        }
+    )
+    metrics = GatewayMetrics()
+    breakers = await _open_breakers(metrics, "ba", "bb")
+    service = compose(
+        fallback.fallback(lambda: table, metrics),
+        retry.retry(retry.RetryBudgets(), metrics),
+        breaker.breaker(lambda: breakers),
+        service=Script(ba=["ok"], bb=["ok"]),
+    )
+    started = time.perf_counter()
+    for _ in range(10):
+        call = _call(table)
+        response = await service(call)
+        assert call.degraded == "static" and response.outputs[0].name == "y"
+    assert time.perf_counter() - started < 0.05
+    assert _counted(metrics, "tensorgate_retries_total", model="m", code="UNAVAILABLE") == 0
+    assert _counted(metrics, "tensorgate_breaker_rejections_total", backend="ba") == 10
+
+
 async def test_fallback_chain_and_invalid_never_rescued():
     policy = {
         "fallback": [

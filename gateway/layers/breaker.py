@@ -59,11 +59,15 @@ class BackendBreaker:
 
     def _reject(self) -> GatewayError:
         self._metrics.breaker_rejections.labels(self.backend).inc()
-        return GatewayError(
+        error = GatewayError(
             grpc.StatusCode.UNAVAILABLE,
             f"circuit breaker for backend {self.backend!r} is {self._cb.current_state}: failing "
             f"fast (it admits a trial call every {self.settings.open_duration:g}s)",
         )
+        # Never sent: retry must not try this backend again (it would only be refused again),
+        # but move to another backend's variant or hand the call to fallback, without backoff.
+        error.fail_fast = True
+        return error
 
     def _admit(self) -> bool:
         """True when a call may go to the backend now; moves an expired open breaker to
