@@ -16,6 +16,7 @@ from tritonclient.grpc import service_pb2 as oip
 from gateway.errors import GatewayError
 
 if TYPE_CHECKING:
+    from adapters.parameters import ParameterRules
     from gateway.routing import Target
 
 
@@ -33,7 +34,7 @@ class BackendError(GatewayError):
 
 @dataclass(frozen=True, slots=True)
 class TensorSpec:
-    """One input a model accepts, as far as the backend tells us."""
+    """One input a model accepts (or one output it produces), as far as the backend tells us."""
 
     name: str
     datatype: str
@@ -41,10 +42,38 @@ class TensorSpec:
     optional: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """What request validation knows about one model version, in the backend's tensor names.
+
+    `outputs` is None when the backend does not list its outputs (then any requested output
+    name is left to the backend). `max_batch_size` > 0 means the model batches: the first
+    dimension of every input (included in its `shape`, as -1) is the batch size, between 1 and
+    `max_batch_size`, the same for every input. 0 means no batch dimension, or none known.
+    """
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...] | None = None
+    max_batch_size: int = 0
+
+
+def declared_spec(schema) -> ModelSpec:
+    """The ModelSpec a route's declared schema (config_pb2.ModelSchema) gives, in public names."""
+
+    def specs(tensors) -> tuple[TensorSpec, ...]:
+        return tuple(
+            TensorSpec(t.name, t.datatype, tuple(t.shape) or None, t.optional) for t in tensors
+        )
+
+    return ModelSpec(specs(schema.inputs), specs(schema.outputs) if schema.outputs else None)
+
+
 class Adapter(Protocol):
     """What the gateway needs from a backend. Model names and versions are the backend's own."""
 
     name: str
+    # Which InferParameters this backend is sent (an allowlist; adapters/parameters.py).
+    parameters: ParameterRules
 
     async def infer(
         self, request: oip.ModelInferRequest, *, timeout: float | None, target: Target
@@ -67,10 +96,11 @@ class Adapter(Protocol):
         """Backends without a model config raise BackendError(UNIMPLEMENTED)."""
         ...
 
-    async def input_specs(
+    async def model_spec(
         self, model: str, version: str, target: Target | None = None
-    ) -> tuple[TensorSpec, ...] | None:
-        """The model's inputs for request validation; None when the backend cannot say."""
+    ) -> ModelSpec | None:
+        """The model's inputs, outputs and batching for request validation, in the backend's
+        tensor names; None when the backend cannot say."""
         ...
 
     async def close(self) -> None: ...

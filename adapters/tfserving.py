@@ -13,10 +13,12 @@ import time
 import grpc
 from tritonclient.grpc import service_pb2 as oip
 
-from adapters.base import BackendError, TensorSpec
+from adapters import parameters
+from adapters.base import BackendError, ModelSpec, TensorSpec
 from adapters.codecs import oip as oip_codec
 from adapters.codecs import tensorproto
 from adapters.grpc_common import channel_options, rpc_error
+from gateway.errors import shown
 from tensorgate.config.v1 import config_pb2
 from tensorgate.tfserving import serving_pb2, serving_pb2_grpc
 
@@ -26,6 +28,8 @@ _AVAILABLE = serving_pb2.ModelVersionStatus.AVAILABLE
 
 
 class TFServingAdapter:
+    parameters = parameters.TFSERVING
+
     def __init__(self, backend: config_pb2.Backend, *, max_request_bytes: int) -> None:
         self.name = backend.name
         self._channel = grpc.aio.insecure_channel(
@@ -112,7 +116,7 @@ class TFServingAdapter:
         if name not in signatures.signature_def:
             raise BackendError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"model {model!r} has no signature {name!r} "
+                f"model {shown(model)} has no signature {shown(name)} "
                 f"(signatures: {', '.join(sorted(signatures.signature_def))})",
                 backend=self.name,
             )
@@ -159,23 +163,27 @@ class TFServingAdapter:
             backend=self.name,
         )
 
-    async def input_specs(
-        self, model: str, version: str, target=None
-    ) -> tuple[TensorSpec, ...] | None:
+    async def model_spec(self, model: str, version: str, target=None) -> ModelSpec | None:
+        """From the variant's SignatureDef. A signature says nothing of server-side batching
+        limits, so max_batch_size stays 0 (unknown); a batch dimension shows as -1."""
         try:
             signature = await self._signature(model, version, target, 5.0)
         except BackendError:
             return None
-        return tuple(
-            TensorSpec(
-                name,
-                tensorproto.OIP_DATATYPE.get(info.dtype, ""),
-                None
-                if info.tensor_shape.unknown_rank
-                else tuple(d.size for d in info.tensor_shape.dim),
+
+        def specs(infos) -> tuple[TensorSpec, ...]:
+            return tuple(
+                TensorSpec(
+                    name,
+                    tensorproto.OIP_DATATYPE.get(info.dtype, ""),
+                    None
+                    if info.tensor_shape.unknown_rank
+                    else tuple(d.size for d in info.tensor_shape.dim),
+                )
+                for name, info in infos.items()
             )
-            for name, info in signature.inputs.items()
-        )
+
+        return ModelSpec(specs(signature.inputs), specs(signature.outputs))
 
     async def close(self) -> None:
         await self._channel.close()

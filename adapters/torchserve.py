@@ -16,10 +16,11 @@ import httpx
 import numpy as np
 from tritonclient.grpc import service_pb2 as oip
 
-from adapters.base import BackendError
+from adapters import parameters
+from adapters.base import BackendError, ModelSpec, declared_spec
 from adapters.codecs import kserve_json
 from adapters.codecs import oip as oip_codec
-from gateway.errors import invalid
+from gateway.errors import invalid, shown
 from tensorgate.config.v1 import config_pb2
 
 # torch has no unsigned integer types wider than 8 bits.
@@ -39,6 +40,8 @@ _MAX_MESSAGE = 500
 
 
 class TorchServeAdapter:
+    parameters = parameters.TORCHSERVE
+
     def __init__(self, backend: config_pb2.Backend) -> None:
         self.name = backend.name
         conn = backend.connection
@@ -91,7 +94,7 @@ class TorchServeAdapter:
         for index, tensor in enumerate(request.inputs):
             if tensor.datatype in UNSUPPORTED:
                 raise invalid(
-                    f"input {tensor.name!r}: datatype {tensor.datatype} is not supported by "
+                    f"input {shown(tensor.name)}: datatype {tensor.datatype} is not supported by "
                     f"TorchServe backend {self.name!r} (torch has no such type)"
                 )
             arrays.append((tensor, oip_codec.input_array(request, index)))
@@ -195,7 +198,7 @@ class TorchServeAdapter:
         ):
             raise self._error(
                 grpc.StatusCode.INTERNAL,
-                f"TorchServe output {name!r} has shape {list(array.shape)}, the route schema "
+                f"TorchServe output {shown(name)} has shape {list(array.shape)}, the route schema "
                 f"declares {list(want)}",
             )
         if spec.datatype == "BYTES" or array.dtype == oip_codec.NUMPY_DTYPE[spec.datatype]:
@@ -206,7 +209,8 @@ class TorchServeAdapter:
         ):
             raise self._error(
                 grpc.StatusCode.INTERNAL,
-                f"TorchServe output {name!r} does not fit the declared datatype {spec.datatype}",
+                f"TorchServe output {shown(name)} does not fit the declared datatype "
+                f"{spec.datatype}",
             )
         return converted, spec.datatype
 
@@ -249,8 +253,12 @@ class TorchServeAdapter:
             "(ModelMetadata describes the model from the route schema)",
         )
 
-    async def input_specs(self, model: str, version: str, target=None):
-        return None  # TorchServe cannot describe tensors; the route schema is used instead
+    async def model_spec(self, model: str, version: str, target=None) -> ModelSpec | None:
+        """TorchServe cannot describe tensors: the route's declared schema, when there is one
+        (in public names, which is what a schema declares)."""
+        if target is None or target.schema is None or not target.schema.inputs:
+            return None
+        return declared_spec(target.schema)
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -11,12 +11,15 @@ import grpc
 from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc
 
-from adapters.base import BackendError, TensorSpec
+from adapters import parameters
+from adapters.base import BackendError, ModelSpec, TensorSpec
 from adapters.grpc_common import channel_options, rpc_error
 from tensorgate.config.v1 import config_pb2
 
 
 class TritonAdapter:
+    parameters = parameters.TRITON
+
     def __init__(self, backend: config_pb2.Backend, *, max_request_bytes: int) -> None:
         self.name = backend.name
         self._channel = grpc.aio.insecure_channel(
@@ -35,6 +38,9 @@ class TritonAdapter:
     async def infer(
         self, request: oip.ModelInferRequest, *, timeout: float | None, target=None
     ) -> oip.ModelInferResponse:
+        # Validation already applied the primary variant's table; a retry, hedge, fallback or
+        # shadow may bring the call here from another backend kind, so Triton checks its own.
+        parameters.check_parameters(request, self.parameters)
         try:
             return await self._infer(request, timeout=timeout)
         except grpc.aio.AioRpcError as err:
@@ -72,17 +78,22 @@ class TritonAdapter:
         except grpc.aio.AioRpcError as err:
             raise self._error(err) from None
 
-    async def input_specs(
-        self, model: str, version: str, target=None
-    ) -> tuple[TensorSpec, ...] | None:
+    async def model_spec(self, model: str, version: str, target=None) -> ModelSpec | None:
+        """From ModelMetadata (tensors; a batching model's shapes start with -1 for the batch)
+        and ModelConfig (optional inputs, max_batch_size)."""
         try:
             meta = await self.metadata(model, version, timeout=5.0)
             config = await self.model_config(model, version, timeout=5.0)
         except BackendError:
             return None
         optional = {i.name for i in config.config.input if i.optional}
-        return tuple(
-            TensorSpec(t.name, t.datatype, tuple(t.shape), t.name in optional) for t in meta.inputs
+        return ModelSpec(
+            inputs=tuple(
+                TensorSpec(t.name, t.datatype, tuple(t.shape), t.name in optional)
+                for t in meta.inputs
+            ),
+            outputs=tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in meta.outputs),
+            max_batch_size=max(0, config.config.max_batch_size),
         )
 
     async def close(self) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from uhashring import HashRing
 
-from gateway.errors import not_found
+from gateway.errors import not_found, shown
 from gateway.policy import RouteSettings, route_settings
 from tensorgate.config.v1 import config_pb2
 
@@ -130,7 +130,8 @@ class RoutePlan:
             if picker is None:
                 listed = ", ".join(self.versions) or "none; omit model_version"
                 raise not_found(
-                    f"model {self.model!r} has no version {version!r} (versions: {listed})"
+                    f"model {shown(self.model)} has no version {shown(version)} "
+                    f"(versions: {listed})"
                 )
         else:
             picker = self.unpinned
@@ -215,7 +216,7 @@ class RouteTable:
     def plan(self, model: str) -> RoutePlan:
         plan = self._plans.get(model)
         if plan is None:
-            raise not_found(f"unknown model {model!r}: no route for it in the gateway")
+            raise not_found(f"unknown model {shown(model)}: no route for it in the gateway")
         return plan
 
     def get(self, model: str) -> RoutePlan | None:

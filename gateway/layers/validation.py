@@ -1,9 +1,12 @@
-"""Reject malformed ModelInfer requests before any backend sees them.
+"""Reject malformed and hostile ModelInfer requests before any backend sees them.
 
-Two layers. `structure` needs nothing but the request: sizes, datatypes, shapes against the bytes
-or typed contents actually sent, duplicates. `schema` runs after routing and checks the request
-against the chosen model's inputs as the backend describes them (cached per model version).
-Every message names the input and says what is wrong and what was expected.
+Two layers. `structure` needs nothing but the request: sizes, name lengths, datatypes, shapes
+against the bytes or typed contents actually sent, duplicates. `schema` runs after routing: the
+request's parameters against the chosen backend's allowlist (adapters/parameters.py), then the
+request against the chosen model's description (inputs, outputs, batching; cached per model
+version). Every message names the input, output or parameter and says what is wrong and what was
+expected; caller-supplied strings are quoted with `shown`, so a message stays small whatever the
+caller sent.
 """
 
 from __future__ import annotations
@@ -16,10 +19,17 @@ from collections.abc import Callable, Mapping
 
 from tritonclient.grpc import service_pb2 as oip
 
-from adapters.base import Adapter, TensorSpec
+from adapters.base import Adapter, ModelSpec, TensorSpec, declared_spec
 from adapters.codecs.oip import CONTENTS_FIELD, NUMPY_DTYPE
-from gateway.errors import invalid
+from adapters.parameters import ParameterRules, check_parameters
+from gateway.errors import invalid, shown
 from gateway.pipeline import InferCall, InferService, Layer
+
+# Longest accepted names, in UTF-8 bytes. Model, tensor and parameter names of real models are
+# far shorter; the bounds keep hostile names out of route lookups, backend calls and messages.
+MAX_NAME_BYTES = 256  # model_name, input and output names, parameter names
+MAX_VERSION_BYTES = 64  # model_version
+MAX_ID_BYTES = 256  # the request id (echoed back in the response)
 
 # Bytes per element of each fixed-size OIP datatype; BYTES elements carry their own 4-byte
 # little-endian length prefix. Typed-contents fields: adapters.codecs.oip.CONTENTS_FIELD.
@@ -45,12 +55,33 @@ def _bytes_elements(buffer: bytes) -> int | None:
     return count if offset == end else None
 
 
+def check_name(field: str, value: str, limit: int = MAX_NAME_BYTES) -> None:
+    """Raise INVALID_ARGUMENT when `value` is longer than `limit` UTF-8 bytes; the message names
+    `field` (e.g. "model_name", "name"), states the bound and quotes `value` cut short."""
+    if len(value) > limit // 4:  # UTF-8 takes at most 4 bytes a character: no encoding below
+        size = len(value.encode("utf-8", "surrogatepass"))
+        if size > limit:
+            raise invalid(
+                f"{field} is {size} bytes, over the limit of {limit} bytes: {shown(value)}"
+            )
+
+
+def _check_parameter_names(where: str, parameters) -> None:
+    for key in parameters:
+        check_name(f"{where} parameter name", key)
+
+
 def check_structure(
     request: oip.ModelInferRequest, *, max_request_bytes: int, max_inputs: int
 ) -> None:
     """Raise INVALID_ARGUMENT naming the first problem; return None for a well-formed request."""
     if not request.model_name:
         raise invalid("model_name is required")
+    check_name("model_name", request.model_name)
+    check_name("model_version", request.model_version, MAX_VERSION_BYTES)
+    check_name("id", request.id, MAX_ID_BYTES)
+    if request.parameters:
+        _check_parameter_names("request", request.parameters)
     size = request.ByteSize()
     if size > max_request_bytes:
         raise invalid(
@@ -59,7 +90,7 @@ def check_structure(
         )
     inputs = request.inputs
     if not inputs:
-        raise invalid(f"request for model {request.model_name!r} has no inputs")
+        raise invalid(f"request for model {shown(request.model_name)} has no inputs")
     if len(inputs) > max_inputs:
         raise invalid(f"request has {len(inputs)} inputs, over the limit of {max_inputs}")
     raw = request.raw_input_contents
@@ -73,24 +104,27 @@ def check_structure(
         name = tensor.name
         if not name:
             raise invalid(f"inputs[{index}] has no name")
+        check_name(f"inputs[{index}].name", name)
         if name in seen:
-            raise invalid(f"input {name!r} appears more than once")
+            raise invalid(f"input {shown(name)} appears more than once")
         seen.add(name)
+        if tensor.parameters:
+            _check_parameter_names(f"input {shown(name)}", tensor.parameters)
         datatype = tensor.datatype
         if datatype not in CONTENTS_FIELD and datatype not in ELEMENT_SIZE:
             raise invalid(
-                f"input {name!r}: datatype {datatype!r} is not an Open Inference Protocol "
-                f"datatype (one of {_DATATYPE_LIST})"
+                f"input {shown(name)}: datatype {shown(datatype)} is not an Open Inference "
+                f"Protocol datatype (one of {_DATATYPE_LIST})"
             )
         shape = tensor.shape
         if any(d < 0 for d in shape):
-            raise invalid(f"input {name!r}: shape {_shape(shape)} has a negative dimension")
+            raise invalid(f"input {shown(name)}: shape {_shape(shape)} has a negative dimension")
         elements = math.prod(shape)
         has_contents = tensor.HasField("contents")
         if raw:
             if has_contents:
                 raise invalid(
-                    f"input {name!r} has both typed contents and raw_input_contents[{index}]"
+                    f"input {shown(name)} has both typed contents and raw_input_contents[{index}]"
                 )
             _check_raw(name, datatype, shape, elements, raw[index], index)
         elif has_contents:
@@ -98,14 +132,18 @@ def check_structure(
         elif elements:
             field = CONTENTS_FIELD.get(datatype)
             how = f"contents.{field} or raw_input_contents" if field else "raw_input_contents"
-            raise invalid(f"input {name!r} has no data: send {how}")
+            raise invalid(f"input {shown(name)} has no data: send {how}")
     outputs: set[str] = set()
-    for requested in request.outputs:
-        if not requested.name:
+    for index, requested in enumerate(request.outputs):
+        name = requested.name
+        if not name:
             raise invalid("a requested output has no name")
-        if requested.name in outputs:
-            raise invalid(f"output {requested.name!r} is requested more than once")
-        outputs.add(requested.name)
+        check_name(f"outputs[{index}].name", name)
+        if name in outputs:
+            raise invalid(f"output {shown(name)} is requested more than once")
+        outputs.add(name)
+        if requested.parameters:
+            _check_parameter_names(f"output {shown(name)}", requested.parameters)
 
 
 def _check_raw(name: str, datatype: str, shape, elements: int, buffer: bytes, index: int) -> None:
@@ -114,19 +152,19 @@ def _check_raw(name: str, datatype: str, shape, elements: int, buffer: bytes, in
         expected = elements * size
         if len(buffer) != expected:
             raise invalid(
-                f"input {name!r}: shape {_shape(shape)} of {datatype} needs {expected} bytes, "
+                f"input {shown(name)}: shape {_shape(shape)} of {datatype} needs {expected} bytes, "
                 f"raw_input_contents[{index}] has {len(buffer)}"
             )
         return
     found = _bytes_elements(buffer)
     if found is None:
         raise invalid(
-            f"input {name!r}: raw_input_contents[{index}] is not a sequence of 4-byte "
+            f"input {shown(name)}: raw_input_contents[{index}] is not a sequence of 4-byte "
             "little-endian length-prefixed BYTES elements"
         )
     if found != elements:
         raise invalid(
-            f"input {name!r}: shape {_shape(shape)} needs {elements} BYTES elements, "
+            f"input {shown(name)}: shape {_shape(shape)} needs {elements} BYTES elements, "
             f"raw_input_contents[{index}] has {found}"
         )
 
@@ -134,17 +172,17 @@ def _check_raw(name: str, datatype: str, shape, elements: int, buffer: bytes, in
 def _check_contents(name: str, datatype: str, shape, elements: int, contents) -> None:
     field = CONTENTS_FIELD.get(datatype)
     if field is None:
-        raise invalid(f"input {name!r}: {datatype} data must be sent in raw_input_contents")
+        raise invalid(f"input {shown(name)}: {datatype} data must be sent in raw_input_contents")
     for descriptor, values in contents.ListFields():
         if descriptor.name != field and len(values):
             raise invalid(
-                f"input {name!r}: datatype {datatype} takes contents.{field}, "
+                f"input {shown(name)}: datatype {datatype} takes contents.{field}, "
                 f"got contents.{descriptor.name}"
             )
     found = len(getattr(contents, field))
     if found != elements:
         raise invalid(
-            f"input {name!r}: shape {_shape(shape)} needs {elements} elements, "
+            f"input {shown(name)}: shape {_shape(shape)} needs {elements} elements, "
             f"contents.{field} has {found}"
         )
 
@@ -162,45 +200,120 @@ def structure(*, max_request_bytes: int, max_inputs: int) -> Layer:
     return layer
 
 
+_LISTED = 16  # names a message lists at most
+
+
+def _listed(names) -> str:
+    names = list(names)
+    shown_names = ", ".join(names[:_LISTED]) or "none"
+    return shown_names + (f", ... ({len(names)} in all)" if len(names) > _LISTED else "")
+
+
 @functools.lru_cache(maxsize=4096)
-def _index(specs: tuple[TensorSpec, ...]) -> tuple[dict[str, TensorSpec], tuple[str, ...]]:
-    """Specs by name and the required names: built once per model description, not per call."""
-    return {s.name: s for s in specs}, tuple(s.name for s in specs if not s.optional)
+def _index(spec: ModelSpec):
+    """Built once per model description, not per call: inputs by name, the required input
+    names, output names (None = not known) and the batch limit."""
+    outputs = None if spec.outputs is None else frozenset(s.name for s in spec.outputs)
+    return (
+        {s.name: s for s in spec.inputs},
+        tuple(s.name for s in spec.inputs if not s.optional),
+        outputs,
+        spec.max_batch_size,
+    )
 
 
-def check_schema(request: oip.ModelInferRequest, model: str, specs: tuple[TensorSpec, ...]) -> None:
-    by_name, required = _index(specs)
+@functools.lru_cache(maxsize=1024)
+def _public(spec: ModelSpec, input_names: tuple[tuple[str, str], ...], output_names) -> ModelSpec:
+    """`spec` (backend tensor names) in the route's public names (Variant.input_names and
+    output_names map public -> backend), built once per model description and variant."""
+
+    def renamed(specs, names):
+        public = {b: p for p, b in names}
+        return tuple(
+            TensorSpec(public.get(s.name, s.name), s.datatype, s.shape, s.optional) for s in specs
+        )
+
+    return ModelSpec(
+        renamed(spec.inputs, input_names),
+        None if spec.outputs is None else renamed(spec.outputs, output_names),
+        spec.max_batch_size,
+    )
+
+
+def check_schema(request: oip.ModelInferRequest, model: str, spec: ModelSpec) -> None:
+    """Raise INVALID_ARGUMENT for the first way `request` does not fit `spec` (in the names the
+    caller uses): what the backend itself would refuse, found before any backend call."""
+    by_name, required, outputs, max_batch = _index(spec)
+    batch: tuple[int, str] | None = None  # (batch size, the input that set it)
     for tensor in request.inputs:
-        spec = by_name.get(tensor.name)
-        if spec is None:
-            known = ", ".join(by_name) or "none"
-            raise invalid(f"model {model!r} has no input {tensor.name!r} (inputs: {known})")
-        if spec.datatype != tensor.datatype:
+        name = tensor.name
+        tensor_spec = by_name.get(name)
+        if tensor_spec is None:
             raise invalid(
-                f"input {tensor.name!r}: model {model!r} expects {spec.datatype}, "
+                f"model {shown(model)} has no input {shown(name)} (inputs: {_listed(by_name)})"
+            )
+        if tensor_spec.datatype != tensor.datatype:
+            raise invalid(
+                f"input {shown(name)}: model {shown(model)} expects {tensor_spec.datatype}, "
                 f"request has {tensor.datatype}"
             )
         shape = tensor.shape
-        if spec.shape is not None and (
-            len(shape) != len(spec.shape)
-            or any(want not in (-1, got) for want, got in zip(spec.shape, shape, strict=True))
+        want = tensor_spec.shape
+        if want is not None and (
+            len(shape) != len(want)
+            or any(w not in (-1, got) for w, got in zip(want, shape, strict=True))
         ):
             raise invalid(
-                f"input {tensor.name!r}: shape {_shape(shape)} does not match model "
-                f"{model!r} input shape {_shape(spec.shape)} (-1 = any size)"
+                f"input {shown(name)}: shape {_shape(shape)} does not match model "
+                f"{shown(model)} input shape {_shape(want)} (-1 = any size)"
             )
-    sent = {t.name for t in request.inputs}
-    missing = [name for name in required if name not in sent]
-    if missing:
-        raise invalid(f"model {model!r} requires input(s) {', '.join(map(repr, missing))}, missing")
+        if max_batch:
+            # Triton 2.51 refuses a batch of 0 (as a byte size mismatch), a batch over
+            # max_batch_size, and inputs whose batch sizes differ. A 0 in any other -1
+            # dimension it accepts, and so does this check.
+            if not shape:
+                raise invalid(
+                    f"input {shown(name)}: model {shown(model)} batches (max_batch_size "
+                    f"{max_batch}): its shape needs the batch size as first dimension"
+                )
+            size = shape[0]
+            if not 1 <= size <= max_batch:
+                raise invalid(
+                    f"input {shown(name)}: batch size {size} (first dimension of "
+                    f"{_shape(shape)}) is outside 1..{max_batch}, model {shown(model)}'s "
+                    f"max_batch_size"
+                )
+            if batch is None:
+                batch = (size, name)
+            elif size != batch[0]:
+                raise invalid(
+                    f"input {shown(name)}: batch size {size} differs from input "
+                    f"{shown(batch[1])}'s {batch[0]}: every input of model {shown(model)} "
+                    "has the batch size as first dimension"
+                )
+    if required:
+        sent = {t.name for t in request.inputs}
+        missing = [name for name in required if name not in sent]
+        if missing:
+            raise invalid(
+                f"model {shown(model)} requires input(s) {', '.join(map(shown, missing))}, missing"
+            )
+    if outputs is not None:
+        for requested in request.outputs:
+            if requested.name not in outputs:
+                raise invalid(
+                    f"model {shown(model)} has no output {shown(requested.name)} "
+                    f"(outputs: {_listed(sorted(outputs))})"
+                )
 
 
 class SpecCache:
-    """Input specs per (backend, model, version), fetched once and refreshed after a TTL.
+    """Model descriptions per (backend, model, version), fetched once and refreshed after a TTL.
 
     A backend that cannot describe its model (or not within `wait`) yields None and the request
     goes through unchecked: the schema check only ever adds early, clearer errors, and must not
-    make a slow backend's metadata call every caller's problem.
+    make a slow backend's metadata call every caller's problem. (Parameters are checked whatever
+    happens here: that check needs no backend call.)
     """
 
     def __init__(self, ttl: float = 60.0, miss_ttl: float = 5.0, wait: float = 1.0) -> None:
@@ -208,20 +321,30 @@ class SpecCache:
         self._miss_ttl = miss_ttl
         self._wait = wait
         self._entries: dict[tuple, tuple[float, asyncio.Task]] = {}
+        # Route schemas (config messages, unhashable) -> their ModelSpec, built once per config
+        # revision; the schema is kept alongside so its id cannot be reused while cached.
+        self._declared: dict[int, tuple[object, ModelSpec]] = {}
+
+    def declared(self, schema) -> ModelSpec:
+        entry = self._declared.get(id(schema))
+        if entry is None or entry[0] is not schema:
+            if len(self._declared) > 4096:  # old config revisions
+                self._declared.clear()
+            entry = (schema, declared_spec(schema))
+            self._declared[id(schema)] = entry
+        return entry[1]
 
     async def get(self, adapter: Adapter, target, remaining: float | None = None):
-        """The input specs of `target`'s model on `adapter` (route schema first), or None."""
+        """The ModelSpec of `target`'s model: the route's declared schema (public names) when it
+        declares inputs, else `adapter`'s description (backend names); None when neither."""
         if target.schema is not None and target.schema.inputs:
-            return tuple(
-                TensorSpec(t.name, t.datatype, tuple(t.shape) or None, t.optional)
-                for t in target.schema.inputs
-            )
+            return self.declared(target.schema)
         model, version = target.backend_model, target.backend_version
         key = (adapter.name, model, version, target.signature_name, target.version_label)
         now = time.monotonic()
         entry = self._entries.get(key)
         if entry is None or (now >= entry[0] and entry[1].done()):
-            task = asyncio.ensure_future(adapter.input_specs(model, version, target))
+            task = asyncio.ensure_future(adapter.model_spec(model, version, target))
             task.add_done_callback(lambda t, key=key, now=now: self._settled(key, now, t))
             self._entries[key] = (now + self._ttl, task)
         else:
@@ -240,22 +363,24 @@ class SpecCache:
 
     def clear(self) -> None:
         self._entries.clear()
+        self._declared.clear()
+
+
+_NO_PARAMETERS = ParameterRules("this backend")
 
 
 def schema(adapters: Callable[[], Mapping[str, Adapter]], cache: SpecCache) -> Layer:
     def layer(inner: InferService) -> InferService:
         async def validate(call: InferCall) -> oip.ModelInferResponse:
             target = call.target
-            specs = await cache.get(adapters()[target.backend], target, call.remaining())
-            if specs is not None:
+            adapter = adapters()[target.backend]
+            check_parameters(call.request, getattr(adapter, "parameters", _NO_PARAMETERS))
+            spec = await cache.get(adapter, target, call.remaining())
+            if spec is not None:
                 from_backend = target.schema is None or not target.schema.inputs
-                if target.input_names and from_backend:  # backend names -> public names
-                    public = {b: p for p, b in target.input_names}
-                    specs = tuple(
-                        TensorSpec(public.get(s.name, s.name), s.datatype, s.shape, s.optional)
-                        for s in specs
-                    )
-                check_schema(call.request, call.model, specs)
+                if from_backend and (target.input_names or target.output_names):
+                    spec = _public(spec, target.input_names, target.output_names)
+                check_schema(call.request, call.model, spec)
             return await inner(call)
 
         return validate

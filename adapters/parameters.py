@@ -1,0 +1,122 @@
+"""Which Open Inference Protocol parameters each kind of backend is sent: an allowlist.
+
+A caller's `parameters` (on the request, on an input, on a requested output) travel to the
+backend with the gateway's identity. Some would make the gateway a confused deputy: Triton's
+`shared_memory_region` (with `shared_memory_byte_size` and `shared_memory_offset`) reads inputs
+from, or writes outputs into, a memory region some other client registered with that Triton.
+Others the gateway cannot honour remotely (`binary_data*` belong to Triton's HTTP protocol).
+So nothing passes unless the backend's table below names it, with the value types it accepts;
+everything else is refused with INVALID_ARGUMENT before any backend call.
+
+Each adapter holds its table (`adapter.parameters`); request validation only applies it, and never
+names a backend field itself. Tables follow what the backend honours over the protocol the adapter
+speaks (Triton 2.51 gRPC: src/grpc/infer_handler.cc SetInferenceRequestMetadata and
+ParseClassificationParams; docs/protocol/extension_sequence.md, extension_schedule_policy.md,
+extension_classification.md), and what the adapter itself forwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from tritonclient.grpc import service_pb2 as oip
+
+from gateway.errors import invalid, shown
+
+# The InferParameter oneof, in the order messages list them.
+KINDS = ("bool_param", "int64_param", "string_param", "double_param", "uint64_param")
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One accepted parameter: its value kinds, and the smallest integer value the backend takes
+    (None = any)."""
+
+    kinds: tuple[str, ...]
+    minimum: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ParameterRules:
+    """The parameters one backend kind is sent, per place; anything not listed is refused."""
+
+    backend: str  # the backend kind, for messages ("Triton")
+    request: Mapping[str, Rule] = field(default_factory=dict)
+    inputs: Mapping[str, Rule] = field(default_factory=dict)
+    outputs: Mapping[str, Rule] = field(default_factory=dict)
+
+
+_SHARED_MEMORY = frozenset(
+    {"shared_memory_region", "shared_memory_byte_size", "shared_memory_offset"}
+)
+_HTTP_ONLY = frozenset({"binary_data", "binary_data_size", "binary_data_output"})
+
+TRITON = ParameterRules(
+    "Triton",
+    request={
+        # extension_sequence: 0 / "" = not part of a sequence (Triton also reads int64 only).
+        "sequence_id": Rule(("int64_param", "string_param")),
+        "sequence_start": Rule(("bool_param",)),
+        "sequence_end": Rule(("bool_param",)),
+        # extension_schedule_policy: Triton refuses a negative int64 priority.
+        "priority": Rule(("int64_param", "uint64_param"), minimum=0),
+        "timeout": Rule(("int64_param",)),  # microseconds
+    },
+    # Over gRPC Triton reads only shared-memory parameters on inputs: nothing passes.
+    inputs={},
+    # extension_classification: top-n classes instead of the tensor; n must be > 0.
+    outputs={"classification": Rule(("int64_param",), minimum=1)},
+)
+# The TF Serving adapter builds a PredictRequest from inputs and requested output names only, and
+# the TorchServe adapter a JSON body from inputs, id and output names: neither forwards any
+# parameter, so a caller's parameter would be silently ignored. Refused instead.
+TFSERVING = ParameterRules("TF Serving")
+TORCHSERVE = ParameterRules("TorchServe")
+
+
+def _why(name: str) -> str:
+    if name in _SHARED_MEMORY:
+        return (
+            "shared-memory regions are registered by the backend's own clients, and the gateway "
+            "never lets a caller name one"
+        )
+    if name in _HTTP_ONLY:
+        return "binary data parameters belong to the HTTP protocol, not gRPC"
+    return "not on the gateway's allowlist"
+
+
+def _check(where: str, params, rules: Mapping[str, Rule], backend: str) -> None:
+    for name, value in params.items():
+        rule = rules.get(name)
+        if rule is None:
+            accepted = ", ".join(sorted(rules)) or "none"
+            raise invalid(
+                f"{where}: parameter {shown(name)} is not accepted: {_why(name)} "
+                f"({backend} accepts here: {accepted})"
+            )
+        kind = value.WhichOneof("parameter_choice")
+        if kind not in rule.kinds:
+            raise invalid(
+                f"{where}: parameter {shown(name)} must be {' or '.join(rule.kinds)}, "
+                f"got {kind or 'no value'}"
+            )
+        if rule.minimum is not None and getattr(value, kind) < rule.minimum:
+            raise invalid(
+                f"{where}: parameter {shown(name)} must be >= {rule.minimum}, "
+                f"got {getattr(value, kind)}"
+            )
+
+
+def check_parameters(request: oip.ModelInferRequest, rules: ParameterRules) -> None:
+    """Raise INVALID_ARGUMENT for the first parameter `rules` does not accept, naming it and
+    where it was (request, input 'x', output 'y'). Costs one emptiness test per place when the
+    request carries no parameters, the common case."""
+    if request.parameters:
+        _check("request", request.parameters, rules.request, rules.backend)
+    for tensor in request.inputs:
+        if tensor.parameters:
+            _check(f"input {shown(tensor.name)}", tensor.parameters, rules.inputs, rules.backend)
+    for tensor in request.outputs:
+        if tensor.parameters:
+            _check(f"output {shown(tensor.name)}", tensor.parameters, rules.outputs, rules.backend)
