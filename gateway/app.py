@@ -18,6 +18,7 @@ from adapters.registry import build_adapter
 from gateway import reflection
 from gateway.config import seconds
 from gateway.health import Readiness
+from gateway.intake import Intake
 from gateway.layers import (
     breaker,
     bulkhead,
@@ -166,6 +167,11 @@ class Gateway:
         self._state_dir = config.admin.state_dir or state_dir
         self._rollouts = None
         self._stopped = asyncio.Event()
+        self.intake = Intake(
+            self.runtime.metrics,
+            max_request_bytes=config.limits.max_request_bytes,
+            max_in_flight_bytes=config.limits.max_in_flight_bytes,
+        )
 
     async def start(self) -> None:
         config = self.config
@@ -181,15 +187,18 @@ class Gateway:
             ]
         )
         servicer = InferenceServicer(self.runtime, self.runtime.request_path())
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.runtime.readiness.servicer, self.server)
+        # Every service is registered through the intake: undecodable bodies, the in-flight
+        # byte budget and the shutdown gate are handled before any handler (gateway/intake.py).
+        registrar = self.intake.register(self.server)
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, registrar)
+        health_pb2_grpc.add_HealthServicer_to_server(self.runtime.readiness.servicer, registrar)
         reflection.enable(
             (
                 OIP_SERVICE,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
-            self.server,
+            registrar,
         )
         address = config.listeners.data_plane
         tls = (
@@ -239,23 +248,29 @@ class Gateway:
             interceptors=[auth.AuthInterceptor(auth.Authenticator(tokens, admin.client_cert_role))],
             options=[("grpc.so_reuseport", 0)],
         )
+        registrar = self.intake.register(server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
-            service.AdminServicer(self.runtime, manager, self._rollouts), server
+            service.AdminServicer(self.runtime, manager, self._rollouts), registrar
         )
         reflection.enable(
             (
                 admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
                 reflection.SERVICE_NAME,
             ),
-            server,
+            registrar,
         )
         tls = admin.tls if admin.HasField("tls") else None
         self.admin_port = _bind(server, self.config.listeners.admin, "listeners.admin", tls)
         return server
 
     async def shutdown(self) -> None:
-        """Drain: report NOT_SERVING, keep serving for drain_delay, then refuse new calls and
-        give in-flight ones shutdown_grace to finish."""
+        """Drain: report NOT_SERVING, keep serving for drain_delay, then answer new calls
+        UNAVAILABLE and give in-flight ones shutdown_grace to finish.
+
+        The server is stopped only once admitted calls are done and arrivals have dried up:
+        grpcio's stop cancels calls that reached the transport but not yet a handler, and a
+        CANCELLED caller does not retry. Until then every call reaches a handler, which either
+        runs it (accepted before the gate closed) or answers UNAVAILABLE (retryable)."""
         if self._stopped.is_set():
             return
         life = self.config.lifecycle
@@ -264,11 +279,15 @@ class Gateway:
         await asyncio.sleep(seconds(life.drain_delay))
         grace = seconds(life.shutdown_grace)
         log.info("refusing new calls; waiting up to %.1fs for in-flight calls", grace)
+        started = asyncio.get_running_loop().time()
+        self.intake.close()
         if self.admin_server is not None:
             await self.admin_server.stop(0)
         if self._rollouts is not None:
             await self._rollouts.close()
-        await self.server.stop(grace)
+        await self.intake.quiesce(grace)
+        left = grace - (asyncio.get_running_loop().time() - started)
+        await self.server.stop(max(left, 0.0))
         await self.runtime.readiness.stop()
         await self.runtime.close()
         if self._metrics_server is not None:

@@ -160,6 +160,8 @@ def _apply_defaults(config: config_pb2.GatewayConfig) -> None:
         config.limits.max_request_bytes = DEFAULT_MAX_REQUEST_BYTES
     if not config.limits.max_inputs:
         config.limits.max_inputs = DEFAULT_MAX_INPUTS
+    if not config.limits.max_in_flight_bytes:
+        config.limits.max_in_flight_bytes = 8 * config.limits.max_request_bytes
     life = config.lifecycle
     if not life.HasField("shutdown_grace"):
         life.shutdown_grace.FromMilliseconds(int(DEFAULT_SHUTDOWN_GRACE_S * 1000))
@@ -465,6 +467,10 @@ def _check_settings(config: config_pb2.GatewayConfig, problems: list[Problem]) -
                 problems.append(Problem(f"{at}.{field}", "must be positive"))
     if config.limits.max_request_bytes < 1024:
         problems.append(Problem("limits.max_request_bytes", "must be at least 1024"))
+    if config.limits.max_in_flight_bytes < config.limits.max_request_bytes:
+        problems.append(
+            Problem("limits.max_in_flight_bytes", "must be at least limits.max_request_bytes")
+        )
     if config.limits.max_request_bytes > 1024 * 1024 * 1024:
         problems.append(Problem("limits.max_request_bytes", "must be at most 1 GiB"))
     if config.limits.max_inputs < 1:

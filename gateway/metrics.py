@@ -139,6 +139,22 @@ class GatewayMetrics:
             ("model", "variant"),
             registry=self.registry,
         )
+        self.undecodable = prom.Counter(
+            "tensorgate_undecodable_requests",
+            "Requests whose body is not a valid message of the method's type (INVALID_ARGUMENT).",
+            ("method",),
+            registry=self.registry,
+        )
+        self.request_bytes_in_flight = prom.Gauge(
+            "tensorgate_request_bytes_in_flight",
+            "Bytes of request bodies held by calls being handled (limits.max_in_flight_bytes).",
+            registry=self.registry,
+        )
+        self.memory_rejections = prom.Counter(
+            "tensorgate_memory_rejections",
+            "Requests refused RESOURCE_EXHAUSTED because the in-flight byte budget was full.",
+            registry=self.registry,
+        )
         # Children are cached: labels() takes a lock and builds a tuple on every call.
         self._outcomes: dict[tuple[str, str, str, str], tuple] = {}
         self._in_flight: dict[str, prom.Gauge] = {}
