@@ -132,7 +132,11 @@ def check_structure(
         elif elements:
             field = CONTENTS_FIELD.get(datatype)
             how = f"contents.{field} or raw_input_contents" if field else "raw_input_contents"
-            raise invalid(f"input {shown(name)} has no data: send {how}")
+            hint = ""
+            if tensor.parameters:  # data by reference (shared memory) is not for callers
+                names = ", ".join(shown(k) for k in sorted(tensor.parameters)[:3])
+                hint = f"; its parameters ({names}) cannot supply data through the gateway"
+            raise invalid(f"input {shown(name)} has no data: send {how}{hint}")
     outputs: set[str] = set()
     for index, requested in enumerate(request.outputs):
         name = requested.name
