@@ -9,6 +9,7 @@ path; nothing is ever half-applied.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import pathlib
 import re
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ _MODEL = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$")
 _HEADER = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -58,7 +61,12 @@ def load_file(path: str | pathlib.Path) -> config_pb2.GatewayConfig:
         text = pathlib.Path(path).read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(source, [Problem("", f"cannot read file: {err.strerror}")]) from None
-    return load_yaml(text, source=source)
+    config = load_yaml(text, source=source)
+    # Startup (`serve`, `check-config`) is where an insecure choice must be heard: logged here
+    # once per load, not in validate(), which also checks every admin API change.
+    for warning in warnings(config):
+        log.warning("%s: %s", source, warning)
+    return config
 
 
 def load_yaml(text: str, *, source: str = "<config>") -> config_pb2.GatewayConfig:
@@ -136,6 +144,7 @@ def validate(
     checked.CopyFrom(config)
     _apply_defaults(checked)
     _check_listeners(checked.listeners, problems)
+    _check_admin_transport(checked, problems)
     backends = _check_backends(checked.backends, problems)
     _check_routes(checked.routes, backends, problems)
     _check_settings(checked, problems)
@@ -208,6 +217,60 @@ def _check_listeners(listeners: config_pb2.Listeners, problems: list[Problem]) -
         elif value in seen and not value.endswith(":0"):
             problems.append(Problem(f"listeners.{field}", f"same address as {seen[value]}"))
         seen[value] = f"listeners.{field}"
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 (also as [::1] or ::ffff:127.x.y.z) and localhost. Anything else,
+    0.0.0.0, [::] and every other host name included, may be reached from the network."""
+    host = host.removeprefix("[").removesuffix("]")
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a host name: whatever it resolves to today, it is not pinned to loopback
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def _admin_in_clear_on_network(config: config_pb2.GatewayConfig) -> str | None:
+    """listeners.admin when it is a usable address that is not loopback and has no TLS."""
+    address = config.listeners.admin
+    if address in ("", "off") or address_problem(address):
+        return None
+    if config.admin.tls.cert_file or is_loopback(address.rpartition(":")[0]):
+        return None
+    return address
+
+
+def _check_admin_transport(config: config_pb2.GatewayConfig, problems: list[Problem]) -> None:
+    address = _admin_in_clear_on_network(config)
+    if address is None or config.admin.insecure_plaintext_on_network:
+        return
+    problems.append(
+        Problem(
+            "listeners.admin",
+            f"{address!r} is not a loopback address and the admin API has no TLS: bearer tokens "
+            "would cross the network in clear. Set admin.tls (cert_file, key_file), or bind "
+            "listeners.admin to 127.0.0.1, or, on a network you trust end to end, set "
+            "admin.insecure_plaintext_on_network: true",
+        )
+    )
+
+
+def warnings(config: config_pb2.GatewayConfig) -> list[str]:
+    """Insecure choices a valid config makes on purpose, one sentence each, for the serving code
+    to log at WARNING when it starts. Empty for a config that makes none."""
+    found = []
+    address = _admin_in_clear_on_network(config)
+    if address is not None and config.admin.insecure_plaintext_on_network:
+        found.append(
+            f"listeners.admin {address!r} serves the admin API in PLAINTEXT on a non-loopback "
+            "address (admin.insecure_plaintext_on_network: true): bearer tokens cross the network "
+            "in clear; set admin.tls to encrypt them"
+        )
+    return found
 
 
 def _check_backends(

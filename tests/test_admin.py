@@ -475,6 +475,27 @@ def test_admin_needs_credentials_to_start(triton, tmp_path):
     assert run.returncode == 1 and "no credentials are configured" in run.stderr
 
 
+def test_admin_on_the_network_in_plaintext_is_refused_by_check_config_and_serve(tmp_path):
+    import yaml
+
+    from tests.backends.triton import free_port
+    from tests.gateway_process import TENSORGATE
+
+    config = {
+        "backends": [triton_backend("127.0.0.1:1")],
+        "routes": [linear_route(("stable", "demo_linear", 1))],
+        "listeners": {"admin": f"0.0.0.0:{free_port()}", "data_plane": f"127.0.0.1:{free_port()}"},
+        "admin": {"tokens_env": "TENSORGATE_ADMIN_TOKENS"},
+    }
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(config))
+    for command in (["check-config", path], ["serve", "--config", path]):
+        run = subprocess.run([TENSORGATE, *command], capture_output=True, text=True, timeout=30)
+        assert run.returncode == 1, run.stderr
+        assert f"listeners.admin: '{config['listeners']['admin']}' is not a loopback" in run.stderr
+        assert "admin.tls" in run.stderr and "insecure_plaintext_on_network" in run.stderr
+
+
 def test_cli_reads_token_from_environment(gateway):
     from tests.gateway_process import TENSORGATE
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import subprocess
 import time
 
 import pytest
 
-from gateway.config import ConfigError, load_yaml
+from gateway.config import ConfigError, load_file, load_yaml, warnings
 from tests.backends.triton import free_port
 from tests.gateway_process import TENSORGATE
 
@@ -117,3 +118,64 @@ def test_serve_refuses_a_busy_port(tmp_path):
         )
     assert run.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in run.stderr
+
+
+ADMIN_TOKENS = "admin: {tokens_env: TENSORGATE_ADMIN_TOKENS}\n"
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["0.0.0.0:8002", "[::]:8002", "10.1.2.3:8002", "gw.internal:8002", "localhost.evil:8002"],
+)
+def test_admin_on_the_network_in_plaintext_is_rejected(address):
+    found = problems(GOOD + f"listeners: {{admin: '{address}'}}\n" + ADMIN_TOKENS)
+    assert found == [
+        f"listeners.admin: {address!r} is not a loopback address and the admin API has no TLS: "
+        "bearer tokens would cross the network in clear. Set admin.tls (cert_file, key_file), or "
+        "bind listeners.admin to 127.0.0.1, or, on a network you trust end to end, set "
+        "admin.insecure_plaintext_on_network: true"
+    ]
+
+
+@pytest.mark.parametrize(
+    "address", ["127.0.0.1:8002", "127.9.9.9:8002", "[::1]:8002", "localhost:8002", "off"]
+)
+def test_admin_on_loopback_needs_no_tls(address):
+    config = load_yaml(GOOD + f"listeners: {{admin: '{address}'}}\n" + ADMIN_TOKENS)
+    assert config.listeners.admin == address and warnings(config) == []
+
+
+def test_admin_on_the_network_with_tls_is_accepted():
+    config = load_yaml(
+        GOOD
+        + "listeners: {admin: '0.0.0.0:8002'}\n"
+        + "admin: {tokens_env: T, tls: {cert_file: admin.pem, key_file: admin.key}}\n"
+    )
+    assert config.admin.tls.cert_file == "admin.pem" and warnings(config) == []
+    # The opt-out changes nothing when TLS is on: there is nothing to warn about.
+    config.admin.insecure_plaintext_on_network = True
+    assert warnings(config) == []
+
+
+def test_admin_plaintext_opt_out_is_accepted_and_loud(tmp_path, caplog):
+    text = (
+        GOOD
+        + "listeners: {admin: '0.0.0.0:8002'}\n"
+        + "admin: {tokens_env: T, insecure_plaintext_on_network: true}\n"
+    )
+    config = load_yaml(text)
+    (warning,) = warnings(config)
+    assert warning.startswith("listeners.admin '0.0.0.0:8002' serves the admin API in PLAINTEXT")
+    assert "bearer tokens cross the network in clear" in warning
+    # Loading the file (what serve and check-config do) logs it at WARNING.
+    path = tmp_path / "g.yaml"
+    path.write_text(text)
+    with caplog.at_level(logging.WARNING, logger="gateway.config"):
+        load_file(path)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", f"{path}: {warning}")
+    ]
+    run = subprocess.run([TENSORGATE, "check-config", path], capture_output=True, text=True)
+    assert run.returncode == 0 and "PLAINTEXT" in run.stderr, run.stderr
+    # On loopback the opt-out has no effect, so nothing is said.
+    assert warnings(load_yaml(text.replace("0.0.0.0:8002", "127.0.0.1:8002"))) == []
