@@ -22,6 +22,7 @@ class Outcome:
     variant: str = ""
     degraded: str = ""
     response: oip.ModelInferResponse | None = None
+    started: float = 0.0  # time.monotonic() when the call was sent
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Results:
 
 
 async def infer(stub, request, *, timeout: float | None = None, metadata=()) -> Outcome:
+    started = time.monotonic()
     start = time.perf_counter()
     call = stub.ModelInfer(request, timeout=timeout, metadata=metadata)
     try:
@@ -51,7 +53,10 @@ async def infer(stub, request, *, timeout: float | None = None, metadata=()) -> 
     except grpc.aio.AioRpcError as err:
         trailing = dict(err.trailing_metadata() or ())
         return Outcome(
-            err.code().name, time.perf_counter() - start, trailing.get("x-tensorgate-variant", "")
+            err.code().name,
+            time.perf_counter() - start,
+            trailing.get("x-tensorgate-variant", ""),
+            started=started,
         )
     headers = dict(await call.trailing_metadata())
     return Outcome(
@@ -60,6 +65,7 @@ async def infer(stub, request, *, timeout: float | None = None, metadata=()) -> 
         headers.get("x-tensorgate-variant", ""),
         headers.get("x-tensorgate-degraded", ""),
         response,
+        started,
     )
 
 
