@@ -17,6 +17,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 import gateway
 from gateway.errors import GatewayError, invalid, shown
+from gateway.layers.validation import MAX_VERSION_BYTES, check_name
 from gateway.pipeline import InferCall, InferService
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return oip.ServerMetadataResponse(name="tensorgate", version=gateway.__version__)
 
     async def ModelReady(self, request, context):
+        try:
+            check_name("name", request.name)
+            check_name("version", request.version, MAX_VERSION_BYTES)
+        except GatewayError as err:
+            return _fail(context, err)
         plan = self._runtime.table.get(request.name)
         if plan is None:
             return oip.ModelReadyResponse(ready=False)
@@ -58,6 +64,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         metadata requests get one stable answer, not a weighted pick."""
         if not request.name:
             raise invalid("name is required: the public model name")
+        check_name("name", request.name)
+        check_name("version", request.version, MAX_VERSION_BYTES)
         plan = self._runtime.table.plan(request.name)
         target = plan.primary(request.version)
         return plan, target, self._runtime.adapters[target.backend]

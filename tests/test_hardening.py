@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2 as oip
+from tritonclient.grpc import service_pb2_grpc
 
 from tests.faults.proxy import FaultProxy
 from tests.gateway_process import ADMIN_TOKEN, GatewayProcess, triton_backend
@@ -252,3 +253,20 @@ def test_random_bytes_never_reach_a_handler_as_garbage(gateway):
                 seen.add(err.code().name)
     assert not seen & {"UNKNOWN", "INTERNAL"}, seen
     assert os.path.exists(gateway.log_path)
+
+
+def test_metadata_rpcs_refuse_huge_names_with_a_short_message(gateway):
+    with grpc.insecure_channel(gateway.address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        huge = "m" * 100_000
+        for rpc, request in (
+            (stub.ModelMetadata, oip.ModelMetadataRequest(name=huge)),
+            (stub.ModelConfig, oip.ModelConfigRequest(name=huge)),
+            (stub.ModelReady, oip.ModelReadyRequest(name=huge)),
+            (stub.ModelMetadata, oip.ModelMetadataRequest(name="linear", version="9" * 10_000)),
+        ):
+            with pytest.raises(grpc.RpcError) as caught:
+                rpc(request, timeout=5)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "over the limit" in caught.value.details()
+            assert len(caught.value.details()) < 300
