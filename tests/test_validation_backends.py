@@ -6,8 +6,9 @@ before execution (a batch over max_batch_size, an unknown output, a wrongly type
 success and fail counts unchanged; measured), so statistics cannot tell "the gateway refused it"
 from "Triton refused it". The gateway's backend address is therefore a recording pass-through: a
 gRPC server that forwards every inference.GRPCInferenceService call byte for byte to the real
-Triton and keeps each ModelInfer request it forwards. A refused request must not appear there;
-the allowed ones must (with their parameters intact), and Triton must answer them.
+Triton and keeps each ModelInfer request it forwards (tests/recording_proxy.py). A refused
+request must not appear there; the allowed ones must (with their parameters intact), and Triton
+must answer them.
 
 Where the gateway refuses what Triton would refuse too, the same request (in the backend's names)
 is also sent straight to Triton, which must answer INVALID_ARGUMENT: the gateway rejects what the
@@ -17,8 +18,6 @@ backend rejects, only earlier.
 from __future__ import annotations
 
 import re
-import threading
-from concurrent import futures
 
 import grpc
 import numpy as np
@@ -28,51 +27,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 from tests.gateway_process import GatewayProcess, triton_backend
 from tests.oip import linear_request
-
-_SERVICE = "/inference.GRPCInferenceService/"
-_UNLIMITED = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
-
-
-class RecordingProxy:
-    """Forwards every GRPCInferenceService call to `upstream` unchanged; keeps ModelInfer
-    requests it forwarded in `infers`."""
-
-    def __init__(self, upstream: str) -> None:
-        self.infers: list[oip.ModelInferRequest] = []
-        self._lock = threading.Lock()
-        self._channel = grpc.insecure_channel(upstream, options=_UNLIMITED)
-        self._server = grpc.server(
-            futures.ThreadPoolExecutor(8), options=[*_UNLIMITED, ("grpc.so_reuseport", 0)]
-        )
-        self._server.add_generic_rpc_handlers((_Forward(self),))
-        self.address = f"127.0.0.1:{self._server.add_insecure_port('127.0.0.1:0')}"
-        self._server.start()
-
-    def forward(self, method: str, request: bytes, context) -> bytes:
-        if method.endswith("/ModelInfer"):
-            with self._lock:
-                self.infers.append(oip.ModelInferRequest.FromString(request))
-        try:
-            return self._channel.unary_unary(method)(request, timeout=context.time_remaining())
-        except grpc.RpcError as err:
-            context.abort(err.code(), err.details())
-
-    def close(self) -> None:
-        self._server.stop(0)
-        self._channel.close()
-
-
-class _Forward(grpc.GenericRpcHandler):
-    def __init__(self, proxy: RecordingProxy) -> None:
-        self._proxy = proxy
-
-    def service(self, details):
-        method = details.method
-        if not method.startswith(_SERVICE):
-            return None
-        return grpc.unary_unary_rpc_method_handler(  # no (de)serializers: bytes in, bytes out
-            lambda request, context: self._proxy.forward(method, request, context)
-        )
+from tests.recording_proxy import UNLIMITED, RecordingProxy
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +58,7 @@ def gateway(proxy):
 
 @pytest.fixture(scope="module")
 def stub(gateway):
-    with grpc.insecure_channel(gateway.address, options=_UNLIMITED) as channel:
+    with grpc.insecure_channel(gateway.address, options=UNLIMITED) as channel:
         yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
 
 
