@@ -17,9 +17,6 @@ for calls they sent before SIGTERM. `Intake` wraps each method handler as it is 
   goes to another replica), and `quiesce()` waits for admitted calls to finish, so the server is
   only stopped when nothing is pending.
 
-Handlers answer errors by setting the status rather than raising (grpcio discards the response
-of a call whose code is not OK): a raised abort keeps the request alive in a reference cycle
-(traceback -> frame -> request) until the cycle collector happens to run.
 """
 
 from __future__ import annotations
@@ -49,6 +46,11 @@ class _Rejected:
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         self.code, self.message = code, message
+
+
+_SHUTTING_DOWN = _Rejected(
+    grpc.StatusCode.UNAVAILABLE, "tensorgate is shutting down: retry on another replica"
+)
 
 
 class Intake:
@@ -150,32 +152,25 @@ class Intake:
         )
         self._last_log, self._unlogged = now, 0
 
-    def _gate(self, context) -> bool:
-        """True when new calls are accepted; else the status is set on `context`."""
+    def _refusal(self, decoded) -> _Rejected | None:
+        """Why a new call must not run, or None when it may. Refusals are answered with a raised
+        abort: only that gives a trailers-only response, where proxies such as Envoy read
+        grpc-status to decide on a retry (UNAVAILABLE at shutdown must be retried elsewhere)."""
         self._last_arrival = time.monotonic()
-        if self._accepting:
-            return True
-        context.set_code(grpc.StatusCode.UNAVAILABLE)
-        context.set_details("tensorgate is shutting down: retry on another replica")
-        return False
-
-    def _admit(self, decoded, context) -> tuple | None:
-        """(request, size) when the call may run; else the status is set on `context`."""
-        if not self._gate(context):
-            return None
+        if not self._accepting:
+            return _SHUTTING_DOWN
         if type(decoded) is _Rejected:
-            context.set_code(decoded.code)
-            context.set_details(decoded.message)
-            return None
-        return decoded
+            return decoded
+        return None
 
     def _unary(self, behavior: Callable) -> Callable:
         async def guarded(decoded, context):
-            admitted = self._admit(decoded, context)
-            if admitted is None:
-                return None
-            request, size = admitted
-            del decoded, admitted
+            refusal = self._refusal(decoded)
+            if refusal is not None:
+                del decoded  # not held by the abort's traceback
+                await context.abort(refusal.code, refusal.message)
+            request, size = decoded
+            del decoded
             self.bytes_in_flight += size
             self.calls_in_flight += 1
             self._idle.clear()
@@ -195,19 +190,19 @@ class Intake:
         if inspect.isasyncgenfunction(behavior):
 
             async def streamed(decoded, context):
-                admitted = self._admit(decoded, context)
-                if admitted is None:
-                    return
-                async for item in behavior(admitted[0], context):
+                refusal = self._refusal(decoded)
+                if refusal is not None:
+                    await context.abort(refusal.code, refusal.message)
+                async for item in behavior(decoded[0], context):
                     yield item
 
             return streamed
 
         async def written(decoded, context):
-            admitted = self._admit(decoded, context)
-            if admitted is None:
-                return None
-            return await behavior(admitted[0], context)
+            refusal = self._refusal(decoded)
+            if refusal is not None:
+                await context.abort(refusal.code, refusal.message)
+            return await behavior(decoded[0], context)
 
         return written
 
@@ -224,16 +219,16 @@ class Intake:
             if inspect.isasyncgenfunction(behavior):
 
                 async def streamed(request_iterator, context):
-                    if not self._gate(context):
-                        return
+                    if self._refusal(None) is not None:
+                        await context.abort(_SHUTTING_DOWN.code, _SHUTTING_DOWN.message)
                     async for item in behavior(messages(request_iterator, context), context):
                         yield item
 
                 return streamed
 
             async def unary(request_iterator, context):
-                if not self._gate(context):
-                    return None
+                if self._refusal(None) is not None:
+                    await context.abort(_SHUTTING_DOWN.code, _SHUTTING_DOWN.message)
                 return await behavior(messages(request_iterator, context), context)
 
             return unary

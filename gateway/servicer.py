@@ -47,7 +47,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             check_name("name", request.name)
             check_name("version", request.version, MAX_VERSION_BYTES)
         except GatewayError as err:
-            return _fail(context, err)
+            failure = _failure(err)
+            await context.abort(*failure)
         plan = self._runtime.table.get(request.name)
         if plan is None:
             return oip.ModelReadyResponse(ready=False)
@@ -84,12 +85,14 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 )
                 _public_names(reply, target)
         except GatewayError as err:
-            return _fail(context, err)
-        reply.name = plan.model
-        del reply.versions[:]
-        reply.versions.extend(plan.versions)
-        await _announce(context, target)
-        return reply
+            failure = _failure(err)
+        else:
+            reply.name = plan.model
+            del reply.versions[:]
+            reply.versions.extend(plan.versions)
+            await _announce(context, target)
+            return reply
+        await context.abort(*failure)
 
     async def ModelConfig(self, request, context):
         try:
@@ -101,10 +104,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 target=target,
             )
         except GatewayError as err:
-            return _fail(context, err)
-        reply.config.name = plan.model
-        await _announce(context, target)
-        return reply
+            failure = _failure(err)
+        else:
+            reply.config.name = plan.model
+            await _announce(context, target)
+            return reply
+        await context.abort(*failure)
 
     async def ModelInfer(self, request, context):
         remaining = context.time_remaining()
@@ -118,15 +123,20 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             response = await self._infer(call)
         except GatewayError as err:
-            if call.target is not None:
-                context.set_trailing_metadata(_headers(call.target))
-            return _fail(context, err)
+            failure = _failure(err)
         except Exception as err:
             # A bug of ours must not surface as UNKNOWN with a stack trace in the message.
             log.exception("ModelInfer failed for model %s", shown(call.model))
-            return _fail(
-                context, GatewayError(grpc.StatusCode.INTERNAL, "internal gateway error"), err
+            failure = _failure(
+                err, GatewayError(grpc.StatusCode.INTERNAL, "internal gateway error")
             )
+        else:
+            return self._answer(call, response, context)
+        if call.target is not None:
+            context.set_trailing_metadata(_headers(call.target))
+        await context.abort(*failure)
+
+    def _answer(self, call, response, context):
         headers = _headers(call.target)
         if call.degraded:
             headers += ((DEGRADED_HEADER, call.degraded),)
@@ -137,18 +147,24 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return response
 
 
-def _fail(context, err: GatewayError, cause: BaseException | None = None) -> None:
-    """Answer `err` as the call's status without raising: grpcio discards the response of a call
-    whose code is not OK. A raised abort, and the traceback of `err` itself, would keep the
-    request alive in a reference cycle (traceback -> frames -> request) until the cycle
-    collector runs: after a burst of rejected 40 MiB requests, hundreds of MB stayed resident."""
-    context.set_code(err.code)
-    context.set_details(err.message)
-    for raised in (err, cause):
-        while raised is not None:
-            traceback.clear_frames(raised.__traceback__)
-            raised = raised.__context__
-    return None
+def _failure(
+    raised: BaseException, answer: GatewayError | None = None
+) -> tuple[grpc.StatusCode, str]:
+    """The status to abort with for `raised` (or `answer`), after clearing the locals of every
+    frame its traceback holds. Otherwise an exception kept in a layer's local (fallback's
+    primary error, hedge's errors) closes a cycle through its own traceback (exception ->
+    frames -> request), and a rejected 40 MiB request stays resident until the cycle collector
+    happens to run. Abort is called outside the `except` block so the abort exception has no
+    __context__ to hold either.
+
+    Aborting (not set_code + return) matters: only a raised abort gives a trailers-only
+    response, which is where Envoy and other proxies read grpc-status to decide on retries."""
+    answer = answer or raised
+    error: BaseException | None = raised
+    while error is not None:
+        traceback.clear_frames(error.__traceback__)
+        error = error.__context__
+    return answer.code, answer.message
 
 
 def _public_names(reply: oip.ModelMetadataResponse, target) -> None:

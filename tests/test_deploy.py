@@ -43,6 +43,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 from gateway.metrics import GatewayMetrics
 from tensorgate.admin.v1 import admin_pb2, admin_pb2_grpc
+from tests import certs
 from tests.backends.process import tool
 from tests.backends.triton import REPO_ROOT, free_port
 from tests.gateway_process import GatewayProcess, triton_backend
@@ -424,7 +425,8 @@ def test_services_hpa_pdb_and_network_policy():
 
 def test_configmap_gateway_config_serves_with_its_admin_api(triton, tmp_path):
     """The ConfigMap's config, with only addresses and paths made local: every backend -> the
-    test's Triton, listeners -> free loopback ports, tokens file and state dir -> a temp dir."""
+    test's Triton, listeners -> free loopback ports, tokens file, TLS files and state dir -> a
+    temp dir. The admin API answers over TLS only (its port is on the pod network)."""
     config = yaml.safe_load(configmap_gateway_yaml())
     for backend in config["backends"]:
         backend["address"] = triton.address
@@ -433,6 +435,9 @@ def test_configmap_gateway_config_serves_with_its_admin_api(triton, tmp_path):
     token = "k8s-test-token-0123456789"
     (tmp_path / "tokens.yaml").write_text(yaml.safe_dump([{"name": "ops", "role": "admin", "token": token}]))  # fmt: skip
     config["admin"] |= {"tokens_file": str(tmp_path / "tokens.yaml"), "state_dir": str(tmp_path / "state")}  # fmt: skip
+    ca = certs.make_ca(tmp_path, "ca")
+    key, cert = certs.issue(tmp_path, ca, "gateway", server=True)
+    config["admin"]["tls"] = {"cert_file": str(cert), "key_file": str(key)}
     config["lifecycle"] |= {"drain_delay": "0s", "shutdown_grace": "2s"}
     with GatewayProcess(config, directory=str(tmp_path)) as gw:
         with grpc.insecure_channel(gw.address) as channel:
@@ -440,6 +445,12 @@ def test_configmap_gateway_config_serves_with_its_admin_api(triton, tmp_path):
             reply = stub.ModelInfer(linear_request(version="1"), timeout=10)
         assert np.frombuffer(reply.raw_output_contents[0], dtype=np.float32).tolist() == Y_V1
         with grpc.insecure_channel(gw.admin_address) as channel:
+            with pytest.raises(grpc.RpcError):  # plaintext is not spoken there
+                admin_pb2_grpc.AdminServiceStub(channel).GetRouteTable(
+                    admin_pb2.GetRouteTableRequest(), timeout=5
+                )
+        tls = grpc.ssl_channel_credentials(root_certificates=ca[1].read_bytes())
+        with grpc.secure_channel(gw.admin_address, tls) as channel:
             admin = admin_pb2_grpc.AdminServiceStub(channel)
             table = admin.GetRouteTable(
                 admin_pb2.GetRouteTableRequest(),
