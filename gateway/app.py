@@ -167,6 +167,8 @@ class Gateway:
         self._metrics_server = None
         self._state_dir = config.admin.state_dir or state_dir
         self._rollouts = None
+        self.route_manager = None
+        self.control_plane = None  # Envoy mode (listeners.xds): gateway/envoy/
         self._stopped = asyncio.Event()
         self.intake = Intake(
             self.runtime.metrics,
@@ -215,6 +217,13 @@ class Gateway:
         if self.admin_server is not None:
             await self.admin_server.start()
         await self.runtime.readiness.start()
+        if config.listeners.xds != "off":
+            from gateway.envoy.control import ControlPlane
+
+            self.control_plane = ControlPlane(self.runtime.metrics.registry)
+            await self.control_plane.start(config.listeners.xds, self.runtime.config)
+            if self.route_manager is not None:
+                self.route_manager.on_change.append(self.control_plane.update)
         host = address.rpartition(":")[0]
         log.info(
             "tensorgate %s serving Open Inference Protocol on %s:%d, metrics on %s",
@@ -244,6 +253,7 @@ class Gateway:
             store.FileStore(self._state_dir, keep=admin.history or 100),
             audit.AuditLog(self._state_dir),
         )
+        self.route_manager = manager
         self._rollouts = rollout.RolloutController(manager, self.runtime.recent)
         server = grpc.aio.server(
             interceptors=[auth.AuthInterceptor(auth.Authenticator(tokens, admin.client_cert_role))],
@@ -287,6 +297,8 @@ class Gateway:
         if self._rollouts is not None:
             await self._rollouts.close()
         await self.intake.quiesce(grace)
+        if self.control_plane is not None:
+            await self.control_plane.stop()  # Envoys keep serving their last config
         left = grace - (asyncio.get_running_loop().time() - started)
         await self.server.stop(max(left, 0.0))
         await self.runtime.readiness.stop()

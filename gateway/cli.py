@@ -21,6 +21,15 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--log-level", default="INFO")
     check = sub.add_parser("check-config", help="validate a gateway YAML file and exit")
     check.add_argument("file")
+    boot = sub.add_parser(
+        "envoy-bootstrap",
+        help="write the bootstrap of an Envoy that takes its config from this gateway (xDS)",
+    )
+    boot.add_argument("--config", "-c", required=True, help="gateway YAML file (listeners.xds)")
+    boot.add_argument("--output", "-o", default="-", help="file to write; - for stdout")
+    boot.add_argument("--node-id", default="envoy", help="this Envoy's name in the fleet")
+    boot.add_argument("--admin", default="127.0.0.1:9901", help="Envoy's own admin address")
+    boot.add_argument("--xds-address", help="where Envoy reaches the control plane")
     from gateway.admin import cli as admin_cli
 
     admin_cli.add_parser(sub)
@@ -36,7 +45,12 @@ def main(argv: list[str] | None = None) -> int:
             print(err, file=sys.stderr)
             return 1
         print(f"{args.file}: OK ({len(config.backends)} backends, {len(config.routes)} routes)")
+        if config.listeners.xds != "off":
+            _print_paths(config)
         return 0
+
+    if args.command == "envoy-bootstrap":
+        return _envoy_bootstrap(args)
 
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -59,6 +73,36 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         print(f"tensorgate: {err}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _print_paths(config) -> None:
+    """Envoy mode: which data plane answers each route, and why."""
+    from gateway.envoy.compile import decide
+
+    print(f"Envoy mode: xDS on {config.listeners.xds}, Envoys listen on {config.envoy.listen}")
+    for decision in decide(config):
+        where = "envoy  " if decision.path == "envoy" else "gateway"
+        print(f"  {where} {decision.model}")
+        for reason in decision.reasons:
+            print(f"            - {reason}")
+
+
+def _envoy_bootstrap(args) -> int:
+    from gateway.envoy.bootstrap import bootstrap, render
+
+    try:
+        config = load_file(args.config)
+        text = render(
+            bootstrap(config, node_id=args.node_id, admin=args.admin, xds_address=args.xds_address)
+        )
+    except (ConfigError, ValueError) as err:
+        print(err, file=sys.stderr)
+        return 1
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        pathlib.Path(args.output).write_text(text, encoding="utf-8")
     return 0
 
 

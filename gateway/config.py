@@ -29,6 +29,8 @@ DEFAULT_MAX_INPUTS = 64
 DEFAULT_PER_TRY_TIMEOUT_S = 30.0
 DEFAULT_SHUTDOWN_GRACE_S = 15.0
 DEFAULT_HEALTH_CHECK_INTERVAL_S = 2.0
+DEFAULT_ENVOY_LISTEN = "127.0.0.1:8080"
+DEFAULT_ENVOY_MAX_BODY_BYTES = 4 * 1024 * 1024
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 _MODEL = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
@@ -148,6 +150,7 @@ def validate(
     backends = _check_backends(checked.backends, problems)
     _check_routes(checked.routes, backends, problems)
     _check_settings(checked, problems)
+    _check_envoy(checked, problems)
     if problems:
         raise ConfigError(source, problems)
     return checked
@@ -160,6 +163,19 @@ def _apply_defaults(config: config_pb2.GatewayConfig) -> None:
         config.listeners.metrics = DEFAULT_METRICS
     if not config.listeners.admin:
         config.listeners.admin = "off"
+    if not config.listeners.xds:
+        config.listeners.xds = "off"
+    if config.listeners.xds != "off":
+        envoy = config.envoy
+        if not envoy.listen:
+            envoy.listen = DEFAULT_ENVOY_LISTEN
+        if not envoy.gateway_address:
+            host, _, port = config.listeners.data_plane.rpartition(":")
+            if host in ("0.0.0.0", "[::]", "::"):
+                host = "127.0.0.1"
+            envoy.gateway_address = f"{host}:{port}"
+        if not envoy.max_body_bytes:
+            envoy.max_body_bytes = DEFAULT_ENVOY_MAX_BODY_BYTES
     d = config.defaults
     if not d.HasField("per_try_timeout"):
         d.per_try_timeout.FromMilliseconds(int(DEFAULT_PER_TRY_TIMEOUT_S * 1000))
@@ -207,7 +223,7 @@ def address_problem(address: str) -> str | None:
 
 def _check_listeners(listeners: config_pb2.Listeners, problems: list[Problem]) -> None:
     seen: dict[str, str] = {}
-    for field in ("data_plane", "metrics", "admin"):
+    for field in ("data_plane", "metrics", "admin", "xds"):
         value = getattr(listeners, field)
         if field != "data_plane" and value == "off":
             continue
@@ -552,6 +568,36 @@ def _check_settings(config: config_pb2.GatewayConfig, problems: list[Problem]) -
             problems.append(Problem(f"lifecycle.{field}", "must not be negative"))
     if _duration_s(life.health_check_interval) <= 0:
         problems.append(Problem("lifecycle.health_check_interval", "must be positive"))
+
+
+def _check_envoy(config: config_pb2.GatewayConfig, problems: list[Problem]) -> None:
+    """Envoy mode (listeners.xds, envoy.*): addresses, and xDS kept on loopback unless asked."""
+    envoy = config.envoy
+    if config.listeners.xds == "off":
+        if envoy.ByteSize():
+            problems.append(Problem("envoy", "set listeners.xds to serve Envoy resources"))
+        return
+    for field in ("listen", "gateway_address"):
+        reason = address_problem(getattr(envoy, field))
+        if reason:
+            problems.append(Problem(f"envoy.{field}", reason))
+    if not address_problem(config.listeners.xds):
+        host = config.listeners.xds.rpartition(":")[0]
+        if not is_loopback(host) and not envoy.xds_on_network:
+            problems.append(
+                Problem(
+                    "listeners.xds",
+                    f"{config.listeners.xds!r} is not a loopback address: the route table would "
+                    "be readable from the network. Bind it to 127.0.0.1 (an Envoy sidecar), or "
+                    "set envoy.xds_on_network: true on a network you trust",
+                )
+            )
+    if envoy.max_body_bytes < 1024:
+        problems.append(Problem("envoy.max_body_bytes", "must be at least 1024"))
+    models = {r.model for r in config.routes}
+    for i, model in enumerate(envoy.gateway_routes):
+        if model not in models:
+            problems.append(Problem(f"envoy.gateway_routes[{i}]", f"no route for model {model!r}"))
 
 
 def _duration_s(duration) -> float:

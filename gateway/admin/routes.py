@@ -29,6 +29,8 @@ class RouteManager:
         self._store = store
         self._audit = audit
         self._lock = asyncio.Lock()
+        # Called with each newly applied config (e.g. the xDS control plane pushes it to Envoys).
+        self.on_change: list[Callable[[config_pb2.GatewayConfig], None]] = []
         self.revision: StoredRevision = self._boot()
 
     def _boot(self) -> StoredRevision:
@@ -91,6 +93,8 @@ class RouteManager:
             self._store.append(revision)
             self._runtime.apply(validated)
             self.revision = revision
+            for notify in self.on_change:
+                notify(self._runtime.config)
             self._audit.record(
                 who=who, method=method, revision=revision.number, summary=summary,
                 before=before, after=validated.routes,

@@ -1,0 +1,63 @@
+"""The Envoy bootstrap: only the admin endpoint and the way to the control plane (ADS); the
+listener, routes, clusters and endpoints all come over xDS from `tensorgate serve`."""
+
+from __future__ import annotations
+
+import json
+
+from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import config_source_pb2, grpc_service_pb2
+from google.protobuf import json_format
+
+from gateway.envoy.compile import _cluster, _socket
+from tensorgate.config.v1 import config_pb2
+
+XDS_CLUSTER = "tensorgate_xds"
+
+
+def bootstrap(
+    config: config_pb2.GatewayConfig,
+    *,
+    node_id: str = "envoy",
+    admin: str = "127.0.0.1:9901",
+    xds_address: str | None = None,
+) -> bootstrap_pb2.Bootstrap:
+    """A bootstrap for one Envoy of the fleet (`node_id` names it in the control plane's logs)."""
+    address = xds_address or config.listeners.xds
+    if address in ("", "off"):
+        raise ValueError("listeners.xds is off: set it (e.g. 127.0.0.1:18000) to use Envoy mode")
+    host, _, port = address.rpartition(":")
+    if host in ("0.0.0.0", "[::]", "::"):
+        address = f"127.0.0.1:{port}"
+    boot = bootstrap_pb2.Bootstrap()
+    boot.node.id = node_id
+    boot.node.cluster = "tensorgate"
+    boot.admin.address.CopyFrom(_socket(admin))
+    xds, endpoints = _cluster(XDS_CLUSTER, address, connect_timeout=1.0)
+    if endpoints is not None:  # no EDS before there is a control plane: inline, static
+        xds.type = cluster_pb2.Cluster.STATIC
+        xds.ClearField("eds_cluster_config")
+        xds.load_assignment.CopyFrom(endpoints)
+    xds.ClearField("common_lb_config")
+    # Reconnect quickly when the control plane restarts.
+    xds.upstream_connection_options.tcp_keepalive.keepalive_time.value = 30
+    boot.static_resources.clusters.append(xds)
+    dynamic = boot.dynamic_resources
+    dynamic.ads_config.api_type = config_source_pb2.ApiConfigSource.GRPC
+    dynamic.ads_config.transport_api_version = config_source_pb2.V3
+    dynamic.ads_config.set_node_on_first_message_only = True
+    dynamic.ads_config.grpc_services.append(
+        grpc_service_pb2.GrpcService(
+            envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=XDS_CLUSTER)
+        )
+    )
+    for source in (dynamic.cds_config, dynamic.lds_config):
+        source.ads.SetInParent()
+        source.resource_api_version = config_source_pb2.V3
+    return boot
+
+
+def render(boot: bootstrap_pb2.Bootstrap) -> str:
+    """The bootstrap as JSON (which Envoy reads as YAML too)."""
+    return json.dumps(json_format.MessageToDict(boot), indent=2) + "\n"

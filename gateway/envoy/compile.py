@@ -1,0 +1,585 @@
+"""GatewayConfig -> Envoy resources (listener, route configuration, clusters, endpoints).
+
+Pure: the same config gives the same resources, byte for byte, so a push is skipped when nothing
+changed and versions are content hashes. No I/O, no clock.
+
+Each route takes one of two paths, decided here (`decide`) and printed by `check-config`:
+
+- **envoy**: Envoy answers it alone. Every variant is a cluster `tg|<model>|<variant>`; the route
+  is a weighted_clusters action over them (sticky keys hash the route-key header), with the
+  route's retries, timeouts, mirror (shadow) and fallback (an aggregate cluster walked by retry
+  priorities). Breakers are outlier detection on the variant's cluster, bulkheads its
+  circuit_breakers. A per-cluster upstream Lua filter renames the model for the backend, shows
+  the public name in the answer and adds the x-tensorgate-variant / -backend trailers.
+- **gateway**: the Python gateway answers it (Envoy forwards to it as the cluster
+  `tensorgate_gateway`): whatever Envoy cannot express (backend translation, static answers,
+  schema validation, hedging, shadow comparison, ...). Unknown models and versions and every RPC
+  other than ModelInfer (metadata, readiness) go there too, so callers get the gateway's answers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import pathlib
+from dataclasses import dataclass, field
+
+from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, protocol_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.clusters.aggregate.v3 import cluster_pb2 as aggregate_pb2
+from envoy.extensions.filters.http.lua.v3 import lua_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.http.upstream_codec.v3 import upstream_codec_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.retry.priority.previous_priorities.v3 import (
+    previous_priorities_config_pb2,
+)
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.type.v3 import percent_pb2
+from google.protobuf import any_pb2, duration_pb2, message
+
+from gateway.policy import breaker_settings, bulkhead_settings, route_settings
+from tensorgate.config.v1 import config_pb2
+
+LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+TYPES = (CLUSTER, ENDPOINT, LISTENER, ROUTE)  # the order pushes go out in
+
+LISTENER_NAME = "tensorgate"
+ROUTE_NAME = "tensorgate"
+GATEWAY_CLUSTER = "tensorgate_gateway"
+INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
+MODEL_HEADER = "x-tensorgate-model"
+VERSION_HEADER = "x-tensorgate-version"
+
+_LUA = pathlib.Path(__file__).parent / "lua"
+_HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_UNLIMITED = 1_000_000
+
+# gRPC codes a route may retry -> Envoy's x-envoy-retry-on words for them. Connection failures
+# and resets are what the Python path sees as UNAVAILABLE; a per-try timeout is Envoy's 504,
+# retried under gateway-error, as the Python path retries a try's DEADLINE_EXCEEDED.
+_RETRY_ON = {
+    "UNAVAILABLE": ("unavailable", "reset", "connect-failure", "refused-stream"),
+    "DEADLINE_EXCEEDED": ("deadline-exceeded", "gateway-error"),
+    "INTERNAL": ("internal",),
+    "RESOURCE_EXHAUSTED": ("resource-exhausted",),
+    "CANCELLED": ("cancelled",),
+}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Which data plane answers a route, and why."""
+
+    model: str
+    path: str  # "envoy" or "gateway"
+    reasons: tuple[str, ...] = ()  # why the gateway (path "gateway"), or notes (path "envoy")
+
+
+@dataclass
+class Resources:
+    """Envoy resources by type URL, each a {name: message} dict, and the per-route decisions."""
+
+    by_type: dict[str, dict[str, message.Message]] = field(default_factory=dict)
+    decisions: tuple[Decision, ...] = ()
+
+    def version(self, type_url: str) -> str:
+        """A content hash of one type's resources: equal resources, equal version."""
+        digest = hashlib.sha256()
+        for name, resource in sorted(self.by_type.get(type_url, {}).items()):
+            digest.update(name.encode())
+            digest.update(resource.SerializeToString(deterministic=True))
+        return digest.hexdigest()[:16]
+
+    def cluster_names_referenced(self) -> set[str]:
+        """Clusters the route configuration names (what must exist before it is pushed)."""
+        names: set[str] = set()
+        for config in self.by_type.get(ROUTE, {}).values():
+            for host in config.virtual_hosts:
+                for route in host.routes:
+                    action = route.route
+                    if action.cluster:
+                        names.add(action.cluster)
+                    names.update(c.name for c in action.weighted_clusters.clusters)
+                    names.update(m.cluster for m in action.request_mirror_policies)
+        return names
+
+
+def variant_cluster(model: str, variant: str) -> str:
+    return f"tg|{model}|{variant}"
+
+
+def aggregate_cluster(model: str, variant: str) -> str:
+    return f"tga|{model}|{variant}"
+
+
+def _stat_name(name: str) -> str:
+    # Envoy splits stat names at dots; model and variant names may contain them.
+    return name.replace(".", "_")
+
+
+# --- which path --------------------------------------------------------------------------------
+
+
+def decide(config: config_pb2.GatewayConfig) -> tuple[Decision, ...]:
+    """Per route: can Envoy serve it alone? The reasons name each feature that needs Python."""
+    backends = {b.name: b for b in config.backends}
+    forced = set(config.envoy.gateway_routes)
+    decisions = []
+    for route in config.routes:
+        reasons: list[str] = []
+        notes: list[str] = []
+        if route.model in forced:
+            reasons.append("listed in envoy.gateway_routes")
+        kinds = {backends[v.backend].kind for v in route.variants if v.backend in backends}
+        for kind in sorted(kinds - {config_pb2.BACKEND_KIND_TRITON}):
+            name = config_pb2.BackendKind.Name(kind).removeprefix("BACKEND_KIND_")
+            reasons.append(f"a {name} backend: the gateway translates the protocol")
+        if route.HasField("schema"):
+            reasons.append("schema: requests are validated against the route's schema")
+        if any(v.input_names or v.output_names for v in route.variants):
+            reasons.append("input_names/output_names: tensors are renamed")
+        settings = route_settings(route, config.defaults.route_policy)
+        codes = {c.name for c in settings.retry.retry_on}
+        if codes - _RETRY_ON.keys():
+            reasons.append(
+                f"retry.retry_on {sorted(codes - _RETRY_ON.keys())}: Envoy cannot match these "
+                "gRPC codes"
+            )
+        if settings.retry.other_variant and settings.retry.max_attempts > 1:
+            reasons.append("retry.other_variant: Envoy retries stay on the variant it picked")
+        if settings.hedge.enabled:
+            reasons.append("hedge: Envoy hedges only on a per-try timeout, to the same variant")
+        for step in settings.fallback:
+            kind = step.WhichOneof("step")
+            if kind == "static_response":
+                reasons.append("fallback static_response: the gateway builds the answer")
+            elif kind == "model":
+                reasons.append(f"fallback to model {step.model!r}: another route's table")
+        if settings.shadow is not None:
+            notes.append(
+                f"shadow: {settings.shadow.fraction:g} of requests mirrored to "
+                f"{settings.shadow.variant!r}; outputs are not compared (the gateway compares)"
+            )
+        if any(settings.fallback):
+            notes.append("fallback variants: aggregate cluster, taken on retry or ejection")
+        if reasons:
+            decisions.append(Decision(route.model, "gateway", tuple(reasons)))
+        else:
+            decisions.append(Decision(route.model, "envoy", tuple(notes)))
+    return tuple(decisions)
+
+
+# --- small builders ----------------------------------------------------------------------------
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(round(seconds * 1e9))
+    return d
+
+
+def _any(msg: message.Message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(msg)
+    return packed
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _socket(address: str) -> address_pb2.Address:
+    host, port = _split(address)
+    return address_pb2.Address(
+        socket_address=address_pb2.SocketAddress(address=host, port_value=port)
+    )
+
+
+def _load_assignment(name: str, address: str) -> endpoint_pb2.ClusterLoadAssignment:
+    return endpoint_pb2.ClusterLoadAssignment(
+        cluster_name=name,
+        endpoints=[
+            endpoint_components_pb2.LocalityLbEndpoints(
+                lb_endpoints=[
+                    endpoint_components_pb2.LbEndpoint(
+                        endpoint=endpoint_components_pb2.Endpoint(address=_socket(address))
+                    )
+                ]
+            )
+        ],
+    )
+
+
+def _ads_source() -> config_source_pb2.ConfigSource:
+    return config_source_pb2.ConfigSource(
+        ads=config_source_pb2.AggregatedConfigSource(),
+        resource_api_version=config_source_pb2.V3,
+    )
+
+
+def _http2() -> protocol_pb2.Http2ProtocolOptions:
+    return protocol_pb2.Http2ProtocolOptions(
+        max_concurrent_streams={"value": 1024},
+        initial_stream_window_size={"value": 1 << 20},
+        initial_connection_window_size={"value": 1 << 24},
+    )
+
+
+def _lua_string(value: str) -> str:
+    return '"' + "".join(c if c.isalnum() or c in "_.-" else f"\\{ord(c):03d}" for c in value) + '"'
+
+
+def lua_source(name: str) -> str:
+    return (_LUA / name).read_text(encoding="utf-8")
+
+
+def variant_lua(route: config_pb2.Route, variant: config_pb2.Variant) -> str:
+    """The upstream filter of one variant's cluster: its identity as constants, then the code."""
+    rename = variant.backend_model != route.model or variant.backend_version != variant.version
+    constants = {
+        "model": route.model,
+        "version": variant.version,
+        "variant": variant.name,
+        "backend": variant.backend,
+        "backend_model": variant.backend_model,
+        "backend_version": variant.backend_version,
+    }
+    fields = ", ".join(f"{k} = {_lua_string(v)}" for k, v in constants.items())
+    prelude = f"local V = {{{fields}, rename = {'true' if rename else 'false'}}}\n"
+    return prelude + lua_source("variant.lua")
+
+
+def _cluster(
+    name: str,
+    address: str,
+    *,
+    upstream_lua: str | None = None,
+    connect_timeout: float = 5.0,
+    buffer_limit: int = 0,
+) -> tuple[cluster_pb2.Cluster, endpoint_pb2.ClusterLoadAssignment | None]:
+    """An HTTP/2 cluster of one address: EDS for an IP (endpoints pushed over ADS), STRICT_DNS
+    for a host name (Envoy resolves it)."""
+    cluster = cluster_pb2.Cluster(
+        name=name, alt_stat_name=_stat_name(name), connect_timeout=_duration(connect_timeout)
+    )
+    if buffer_limit:
+        # What the upstream filter may buffer to rename a request or an answer.
+        cluster.per_connection_buffer_limit_bytes.value = buffer_limit
+    assignment = _load_assignment(name, address)
+    endpoints = None
+    if _is_ip(_split(address)[0]):
+        cluster.type = cluster_pb2.Cluster.EDS
+        cluster.eds_cluster_config.eds_config.CopyFrom(_ads_source())
+        endpoints = assignment
+    else:
+        cluster.type = cluster_pb2.Cluster.STRICT_DNS
+        cluster.load_assignment.CopyFrom(assignment)
+    options = http_protocol_options_pb2.HttpProtocolOptions()
+    options.explicit_http_config.http2_protocol_options.CopyFrom(_http2())
+    if upstream_lua is not None:
+        options.http_filters.add(
+            name="envoy.filters.http.lua",
+            typed_config=_any(lua_pb2.Lua(default_source_code={"inline_string": upstream_lua})),
+        )
+        options.http_filters.add(
+            name="envoy.filters.http.upstream_codec",
+            typed_config=_any(upstream_codec_pb2.UpstreamCodec()),
+        )
+    cluster.typed_extension_protocol_options[_HTTP_OPTIONS].CopyFrom(_any(options))
+    # An ejected (breaker-open) variant must get no calls: never "panic" back onto it.
+    cluster.common_lb_config.healthy_panic_threshold.value = 0
+    return cluster, endpoints
+
+
+def _breaker(cluster: cluster_pb2.Cluster, backend: config_pb2.Backend, config) -> None:
+    """The backend's breaker as outlier detection and its bulkhead as circuit_breakers."""
+    b = breaker_settings(backend, config.defaults.circuit_breaker)
+    if not b.disabled:
+        od = outlier_detection_pb2.OutlierDetection()
+        od.consecutive_5xx.value = b.consecutive_failures
+        od.enforcing_consecutive_5xx.value = 100
+        od.enforcing_consecutive_gateway_failure.value = 0
+        od.enforcing_success_rate.value = 0
+        od.base_ejection_time.CopyFrom(_duration(b.open_duration))
+        od.max_ejection_time.CopyFrom(_duration(max(b.open_duration, 300.0)))
+        od.max_ejection_percent.value = 100
+        od.interval.CopyFrom(_duration(min(b.window, 1.0)))
+        if b.failure_ratio > 0:
+            od.failure_percentage_threshold.value = round(b.failure_ratio * 100)
+            od.enforcing_failure_percentage.value = 100
+            od.failure_percentage_minimum_hosts.value = 1
+            od.failure_percentage_request_volume.value = b.minimum_calls
+        cluster.outlier_detection.CopyFrom(od)
+    limit = bulkhead_settings(backend, config.defaults.bulkhead)
+    threshold = cluster.circuit_breakers.thresholds.add()
+    threshold.priority = base_pb2.DEFAULT
+    threshold.track_remaining = True
+    if limit.disabled:
+        threshold.max_requests.value = _UNLIMITED
+        threshold.max_pending_requests.value = _UNLIMITED
+    else:
+        threshold.max_requests.value = limit.max_concurrency
+        # HTTP/2 queues nothing per stream; "pending" is waiting for a connection, which the first
+        # calls on a new connection always do, so it is never below the concurrency.
+        threshold.max_pending_requests.value = max(limit.max_queue, limit.max_concurrency)
+
+
+# --- compile -----------------------------------------------------------------------------------
+
+
+def compile_config(config: config_pb2.GatewayConfig) -> Resources:
+    """The Envoy resources for a validated (defaulted) config with listeners.xds set."""
+    decisions = decide(config)
+    backends = {b.name: b for b in config.backends}
+    clusters: dict[str, cluster_pb2.Cluster] = {}
+    endpoints: dict[str, endpoint_pb2.ClusterLoadAssignment] = {}
+
+    gateway_cluster, gateway_endpoints = _cluster(GATEWAY_CLUSTER, config.envoy.gateway_address)
+    clusters[GATEWAY_CLUSTER] = gateway_cluster
+    if gateway_endpoints is not None:
+        endpoints[GATEWAY_CLUSTER] = gateway_endpoints
+
+    routes: list[route_components_pb2.Route] = []
+    envoy_models = {d.model for d in decisions if d.path == "envoy"}
+    for route in sorted(config.routes, key=lambda r: r.model):
+        if route.model not in envoy_models:
+            continue
+        settings = route_settings(route, config.defaults.route_policy)
+        for variant in route.variants:
+            backend = backends[variant.backend]
+            name = variant_cluster(route.model, variant.name)
+            connect = backend.connection.connect_timeout
+            cluster, assignment = _cluster(
+                name,
+                backend.address,
+                upstream_lua=variant_lua(route, variant),
+                connect_timeout=(connect.seconds + connect.nanos / 1e9) or 5.0,
+                buffer_limit=config.envoy.max_body_bytes,
+            )
+            _breaker(cluster, backend, config)
+            if settings.retry.max_attempts > 1:
+                budget = cluster.circuit_breakers.thresholds[0].retry_budget
+                budget.budget_percent.value = settings.retry.budget_ratio * 100
+                budget.min_retry_concurrency.value = int(settings.retry.budget_min_per_second)
+            if settings.shadow is not None and variant.name == settings.shadow.variant:
+                shadow_limit = cluster.circuit_breakers.thresholds[0]
+                shadow_limit.max_requests.value = settings.shadow.max_concurrency
+            clusters[name] = cluster
+            if assignment is not None:
+                endpoints[name] = assignment
+        fallback = [s.variant for s in settings.fallback if s.WhichOneof("step") == "variant"]
+        if fallback:
+            for variant in route.variants:
+                chain = [variant.name] + [f for f in fallback if f != variant.name]
+                clusters[aggregate_cluster(route.model, variant.name)] = _aggregate(
+                    aggregate_cluster(route.model, variant.name),
+                    [variant_cluster(route.model, v) for v in chain],
+                )
+        routes.extend(_routes(route, settings, config, backends, bool(fallback)))
+
+    routes.append(_gateway_route())
+    route_config = route_pb2.RouteConfiguration(
+        name=ROUTE_NAME,
+        virtual_hosts=[
+            route_components_pb2.VirtualHost(name="tensorgate", domains=["*"], routes=routes)
+        ],
+    )
+    listener = _listener(config)
+    return Resources(
+        {
+            CLUSTER: dict(clusters),
+            ENDPOINT: dict(endpoints),
+            LISTENER: {LISTENER_NAME: listener},
+            ROUTE: {ROUTE_NAME: route_config},
+        },
+        decisions,
+    )
+
+
+def _aggregate(name: str, members: list[str]) -> cluster_pb2.Cluster:
+    cluster = cluster_pb2.Cluster(name=name, alt_stat_name=_stat_name(name))
+    cluster.connect_timeout.CopyFrom(_duration(5.0))
+    cluster.lb_policy = cluster_pb2.Cluster.CLUSTER_PROVIDED
+    cluster.cluster_type.CopyFrom(
+        cluster_pb2.Cluster.CustomClusterType(
+            name="envoy.clusters.aggregate",
+            typed_config=_any(aggregate_pb2.ClusterConfig(clusters=members)),
+        )
+    )
+    return cluster
+
+
+def _routes(route, settings, config, backends, has_fallback: bool):
+    """Envoy routes of one model: one per pinned version, then the unpinned one. A request for
+    an unknown version matches none and falls through to the gateway (NOT_FOUND, versions
+    listed)."""
+    target = aggregate_cluster if has_fallback else variant_cluster
+    versions = sorted({v.version for v in route.variants if v.version}, key=int)
+    out = []
+    for version in versions:
+        group = [v for v in route.variants if v.version == version]
+        weights = [v.weight for v in group]
+        if not any(weights):  # a version is served when pinned even if it takes no traffic
+            weights = [1] * len(group)
+        picks = [(target(route.model, v.name), w) for v, w in zip(group, weights, strict=True)]
+        match = _match(route.model, version)
+        out.append(_route(f"{route.model}@{version}", match, picks, route, settings, config))
+    unpinned = [(target(route.model, v.name), v.weight) for v in route.variants if v.weight > 0]
+    if unpinned:
+        match = _match(route.model, None)
+        out.append(_route(route.model, match, unpinned, route, settings, config))
+    del backends
+    return out
+
+
+def _match(model: str, version: str | None) -> route_components_pb2.RouteMatch:
+    def exact(name: str, value: str) -> route_components_pb2.HeaderMatcher:
+        return route_components_pb2.HeaderMatcher(name=name, string_match={"exact": value})
+
+    headers = [exact(MODEL_HEADER, model)]
+    if version is None:
+        headers.append(route_components_pb2.HeaderMatcher(name=VERSION_HEADER, present_match=False))
+    else:
+        headers.append(exact(VERSION_HEADER, version))
+    return route_components_pb2.RouteMatch(path=INFER_PATH, headers=headers)
+
+
+def _route(name, match, picks, route, settings, config) -> route_components_pb2.Route:
+    action = route_components_pb2.RouteAction()
+    if len(picks) == 1:
+        action.cluster = picks[0][0]
+    else:
+        for cluster, weight in picks:
+            action.weighted_clusters.clusters.add(name=cluster, weight={"value": weight})
+        # Sticky: the route-key header's hash picks the weighted cluster (random without it).
+        action.weighted_clusters.use_hash_policy.value = True
+        action.hash_policy.add(header={"header_name": config.defaults.route_key_header})
+    # The caller's grpc-timeout is the deadline, capped by the route's timeout when it has one;
+    # without either there is no timeout (Envoy's default of 15 s would otherwise apply).
+    timeout = _duration(settings.timeout or 0.0)
+    action.timeout.CopyFrom(timeout)
+    action.max_stream_duration.grpc_timeout_header_max.CopyFrom(timeout)
+    retry = settings.retry
+    backends = {b.name: b for b in config.backends}
+    per_try = max(
+        b.per_try_timeout.seconds + b.per_try_timeout.nanos / 1e9
+        for b in (backends[v.backend] for v in route.variants)
+    )
+    fallback = [s for s in settings.fallback if s.WhichOneof("step") == "variant"]
+    retries = retry.max_attempts - 1
+    if fallback:
+        retries = max(retries, len(fallback))
+    if retries > 0:
+        policy = action.retry_policy
+        words: list[str] = []
+        for code in sorted(c.name for c in retry.retry_on):
+            words.extend(w for w in _RETRY_ON[code] if w not in words)
+        policy.retry_on = ",".join(words)
+        policy.num_retries.value = retries
+        policy.per_try_timeout.CopyFrom(_duration(per_try))
+        policy.retry_back_off.base_interval.CopyFrom(_duration(max(retry.base_delay, 0.001)))
+        policy.retry_back_off.max_interval.CopyFrom(
+            _duration(max(retry.max_delay, retry.base_delay, 0.001))
+        )
+        if fallback:
+            # Each retry moves one priority down the aggregate cluster: the next fallback variant.
+            policy.retry_priority.name = "envoy.retry_priorities.previous_priorities"
+            policy.retry_priority.typed_config.CopyFrom(
+                _any(previous_priorities_config_pb2.PreviousPrioritiesConfig(update_frequency=1))
+            )
+    if settings.shadow is not None:
+        mirror = action.request_mirror_policies.add(
+            cluster=variant_cluster(route.model, settings.shadow.variant),
+            disable_shadow_host_suffix_append=True,
+        )
+        mirror.runtime_fraction.default_value.CopyFrom(
+            percent_pb2.FractionalPercent(
+                numerator=round(settings.shadow.fraction * 1_000_000),
+                denominator=percent_pb2.FractionalPercent.MILLION,
+            )
+        )
+    return route_components_pb2.Route(name=name, match=match, route=action)
+
+
+def _gateway_route() -> route_components_pb2.Route:
+    """Everything Envoy does not answer alone goes to the Python gateway, caller deadline
+    honoured; one retry when a gateway instance refused or reset the call."""
+    action = route_components_pb2.RouteAction(cluster=GATEWAY_CLUSTER)
+    action.timeout.CopyFrom(_duration(0))
+    action.max_stream_duration.grpc_timeout_header_max.CopyFrom(_duration(0))
+    action.retry_policy.retry_on = "reset,connect-failure,refused-stream"
+    action.retry_policy.num_retries.value = 1
+    return route_components_pb2.Route(
+        name="gateway", match=route_components_pb2.RouteMatch(prefix="/"), route=action
+    )
+
+
+def _listener(config: config_pb2.GatewayConfig) -> listener_pb2.Listener:
+    manager = hcm_pb2.HttpConnectionManager(
+        stat_prefix="tensorgate",
+        codec_type=hcm_pb2.HttpConnectionManager.HTTP2,
+        rds=hcm_pb2.Rds(config_source=_ads_source(), route_config_name=ROUTE_NAME),
+        http2_protocol_options=_http2(),
+        stream_idle_timeout=_duration(300),
+        generate_request_id={"value": False},
+        http_filters=[
+            hcm_pb2.HttpFilter(
+                name="envoy.filters.http.lua",
+                typed_config=_any(
+                    lua_pb2.Lua(default_source_code={"inline_string": lua_source("model.lua")})
+                ),
+            ),
+            hcm_pb2.HttpFilter(
+                name="envoy.filters.http.router", typed_config=_any(router_pb2.Router())
+            ),
+        ],
+    )
+    listener = listener_pb2.Listener(
+        name=LISTENER_NAME,
+        address=_socket(config.envoy.listen),
+        # Bounds what Envoy buffers per connection: a request over it whose model must be read
+        # from the body is refused; callers sending x-tensorgate-model are streamed, any size.
+        per_connection_buffer_limit_bytes={"value": config.envoy.max_body_bytes},
+        filter_chains=[
+            listener_components_pb2.FilterChain(
+                filters=[
+                    listener_components_pb2.Filter(
+                        name="envoy.filters.network.http_connection_manager",
+                        typed_config=_any(manager),
+                    )
+                ]
+            )
+        ],
+    )
+    return listener
+
+
+__all__ = [
+    "CLUSTER",
+    "ENDPOINT",
+    "LISTENER",
+    "ROUTE",
+    "TYPES",
+    "Decision",
+    "Resources",
+    "compile_config",
+    "decide",
+]

@@ -1,0 +1,95 @@
+-- tensorgate, Envoy listener filter (envoy.filters.http.lua, before the router).
+--
+-- Stock Open Inference Protocol clients send the model only in the protobuf body
+-- (ModelInferRequest.model_name = field 1, model_version = field 2). This reads both from the
+-- first gRPC message, in whatever order the fields arrive (the last occurrence wins, as in
+-- protobuf), sets x-tensorgate-model / x-tensorgate-version and re-selects the route, so the
+-- route table can match on headers.
+--
+-- Callers that send x-tensorgate-model themselves are not buffered at all. Otherwise the body is
+-- buffered up to the listener's per_connection_buffer_limit_bytes (envoy.max_body_bytes); only
+-- the field keys and the two strings are copied out (length-delimited fields such as
+-- raw_input_contents are skipped by their length). A body that cannot be read (compressed,
+-- malformed, several messages, a name that is not a route name) is left unlabelled: it matches
+-- no model route and goes to the Python gateway, which answers it as it would directly.
+
+local INFER = "/inference.GRPCInferenceService/ModelInfer"
+local MAX_NAME = 128
+
+local function varint(buf, pos, stop)
+  local n = stop - pos
+  if n > 10 then n = 10 end
+  if n <= 0 then return nil end
+  local s = buf:getBytes(pos, n)
+  local value, scale = 0, 1
+  for i = 1, #s do
+    local c = s:byte(i)
+    if c < 128 then return value + c * scale, pos + i end
+    value = value + (c - 128) * scale
+    scale = scale * 128
+  end
+  return nil
+end
+
+-- Fields 1 and 2 of the message in buf[start, stop); nil when it does not parse.
+local function name_and_version(buf, start, stop)
+  local name, version = nil, ""
+  local pos = start
+  while pos < stop do
+    local key, after = varint(buf, pos, stop)
+    if key == nil then return nil end
+    local field, wire = math.floor(key / 8), key % 8
+    pos = after
+    if wire == 0 then
+      local _, a = varint(buf, pos, stop)
+      if a == nil then return nil end
+      pos = a
+    elseif wire == 1 then
+      pos = pos + 8
+    elseif wire == 5 then
+      pos = pos + 4
+    elseif wire == 2 then
+      local len, a = varint(buf, pos, stop)
+      if len == nil or a + len > stop then return nil end
+      if (field == 1 or field == 2) and len > MAX_NAME then return nil end
+      if field == 1 then
+        name = buf:getBytes(a, len)
+      elseif field == 2 then
+        version = buf:getBytes(a, len)
+      end
+      pos = a + len
+    else
+      return nil
+    end
+  end
+  if pos ~= stop then return nil end
+  return name, version
+end
+
+local function routable(s)
+  return s ~= nil and s ~= "" and s:find("^[%w_.%-]+$") ~= nil
+end
+
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  if headers:get("x-tensorgate-model") ~= nil then return end
+  if headers:get(":path") ~= INFER then return end
+  headers:remove("x-tensorgate-version")
+  local body = handle:body()
+  if body == nil then return end
+  local size = body:length()
+  if size < 5 then return end
+  local prefix = body:getBytes(0, 5)
+  if prefix:byte(1) ~= 0 then return end
+  local len = ((prefix:byte(2) * 256 + prefix:byte(3)) * 256 + prefix:byte(4)) * 256
+    + prefix:byte(5)
+  if 5 + len ~= size then return end
+  local name, version = name_and_version(body, 5, 5 + len)
+  if not routable(name) then return end
+  if version ~= "" and not routable(version) then return end
+  -- The headers object from before body() is out of scope once the body arrived.
+  headers = handle:headers()
+  headers:replace("x-tensorgate-model", name)
+  if version ~= "" then headers:replace("x-tensorgate-version", version) end
+  handle:clearRouteCache()
+end
