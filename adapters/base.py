@@ -68,6 +68,21 @@ def declared_spec(schema) -> ModelSpec:
     return ModelSpec(specs(schema.inputs), specs(schema.outputs) if schema.outputs else None)
 
 
+def backend_tensors(request: oip.ModelInferRequest, target: Target) -> oip.ModelInferRequest:
+    """`request` with input and requested-output names as the variant's backend knows them:
+    `request` itself when the variant renames nothing, else a renamed copy."""
+    if not (target.input_names or target.output_names):
+        return request
+    copy = oip.ModelInferRequest()
+    copy.CopyFrom(request)
+    for tensors, names in ((copy.inputs, target.input_names), (copy.outputs, target.output_names)):
+        if names:
+            backend = dict(names)
+            for tensor in tensors:
+                tensor.name = backend.get(tensor.name, tensor.name)
+    return copy
+
+
 class Adapter(Protocol):
     """What the gateway needs from a backend. Model names and versions are the backend's own."""
 
@@ -78,8 +93,10 @@ class Adapter(Protocol):
     async def infer(
         self, request: oip.ModelInferRequest, *, timeout: float | None, target: Target
     ) -> oip.ModelInferResponse:
-        """`request` already names the backend's model and version; `target` carries the
-        variant's backend-specific options (signature, version label, body contract, schema)."""
+        """`request` is the caller's, in the route's public names, and must not be edited: the
+        adapter builds its backend's request from it, asking for `target.backend_model` and
+        `target.backend_version`, with tensors under their backend names (`backend_tensors`).
+        `target` also carries the variant's backend-specific options."""
         ...
 
     async def ready(self, model: str = "", version: str = "", *, timeout: float = 2.0) -> bool:

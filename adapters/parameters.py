@@ -30,11 +30,13 @@ KINDS = ("bool_param", "int64_param", "string_param", "double_param", "uint64_pa
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """One accepted parameter: its value kinds, and the smallest integer value the backend takes
-    (None = any)."""
+    """One accepted parameter: its value kinds, the smallest integer value the backend takes
+    (None = any), and for a requested output's parameter the output datatypes it may be used with
+    (None = any; checked against the model's description by `check_output_datatypes`)."""
 
     kinds: tuple[str, ...]
     minimum: int | None = None
+    datatypes: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +53,13 @@ _SHARED_MEMORY = frozenset(
     {"shared_memory_region", "shared_memory_byte_size", "shared_memory_offset"}
 )
 _HTTP_ONLY = frozenset({"binary_data", "binary_data_size", "binary_data_output"})
+# The output datatypes Triton 2.51 can classify (src/classification.cc TopkClassifications).
+# Classifying a BYTES output crashes tritonserver 2.51 outright (its element count divides the
+# output's byte size by the datatype's size, 0 for BYTES: the process dies and every model on it
+# is gone, measured with demo_identity's OUTPUT1); BOOL, FP16 and BF16 are refused by Triton.
+CLASSIFIABLE = frozenset(
+    {"UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP32", "FP64"}
+)
 
 TRITON = ParameterRules(
     "Triton",
@@ -66,7 +75,8 @@ TRITON = ParameterRules(
     # Over gRPC Triton reads only shared-memory parameters on inputs: nothing passes.
     inputs={},
     # extension_classification: top-n classes instead of the tensor; n must be > 0.
-    outputs={"classification": Rule(("int64_param",), minimum=1)},
+    # Only on outputs of a numeric datatype (CLASSIFIABLE).
+    outputs={"classification": Rule(("int64_param",), minimum=1, datatypes=CLASSIFIABLE)},
 )
 # The TF Serving adapter builds a PredictRequest from inputs and requested output names only, and
 # the TorchServe adapter a JSON body from inputs, id and output names: neither forwards any
@@ -120,3 +130,36 @@ def check_parameters(request: oip.ModelInferRequest, rules: ParameterRules) -> N
     for tensor in request.outputs:
         if tensor.parameters:
             _check(f"output {shown(tensor.name)}", tensor.parameters, rules.outputs, rules.backend)
+
+
+def check_output_datatypes(
+    request: oip.ModelInferRequest,
+    rules: ParameterRules,
+    model: str,
+    datatypes: Mapping[str, str] | None,
+) -> None:
+    """Raise INVALID_ARGUMENT for a requested output whose parameter needs a datatype the output
+    does not have. `datatypes`: the model's output names (as the caller names them) -> datatype,
+    from its description; None when the description does not list outputs, and then such a
+    parameter is refused too, since what it would do to the backend cannot be known. Run after
+    `check_parameters` (the parameter itself is allowed)."""
+    for tensor in request.outputs:
+        if not tensor.parameters:
+            continue
+        for name in tensor.parameters:
+            rule = rules.outputs.get(name)
+            if rule is None or rule.datatypes is None:
+                continue
+            accepted = ", ".join(sorted(rule.datatypes))
+            where = f"output {shown(tensor.name)}: parameter {shown(name)}"
+            datatype = None if datatypes is None else datatypes.get(tensor.name)
+            if datatype is None:
+                raise invalid(
+                    f"{where} needs an output of datatype {accepted}, and the description of "
+                    f"model {shown(model)} does not give this output's datatype"
+                )
+            if datatype not in rule.datatypes:
+                raise invalid(
+                    f"{where} needs an output of datatype {accepted}; model {shown(model)}'s "
+                    f"output {shown(tensor.name)} is {datatype}"
+                )

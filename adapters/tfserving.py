@@ -14,7 +14,7 @@ import grpc
 from tritonclient.grpc import service_pb2 as oip
 
 from adapters import parameters
-from adapters.base import BackendError, ModelSpec, TensorSpec
+from adapters.base import BackendError, ModelSpec, TensorSpec, backend_tensors
 from adapters.codecs import oip as oip_codec
 from adapters.codecs import tensorproto
 from adapters.grpc_common import channel_options, rpc_error
@@ -54,11 +54,11 @@ class TFServingAdapter:
         return spec
 
     async def infer(
-        self, request: oip.ModelInferRequest, *, timeout: float | None, target=None
+        self, request: oip.ModelInferRequest, *, timeout: float | None, target
     ) -> oip.ModelInferResponse:
-        predict = serving_pb2.PredictRequest(
-            model_spec=self._spec(request.model_name, request.model_version, target)
-        )
+        request = backend_tensors(request, target)
+        model, version = target.backend_model, target.backend_version
+        predict = serving_pb2.PredictRequest(model_spec=self._spec(model, version, target))
         for index, tensor in enumerate(request.inputs):
             array = oip_codec.input_array(request, index)
             tensorproto.to_tensor_proto(array, tensor.datatype, predict.inputs[tensor.name])
@@ -68,7 +68,7 @@ class TFServingAdapter:
         except grpc.aio.AioRpcError as err:
             raise rpc_error(err, self.name) from None
         response = oip.ModelInferResponse(
-            model_name=request.model_name,
+            model_name=model,
             model_version=str(reply.model_spec.version.value)
             if reply.model_spec.HasField("version")
             else "",
@@ -82,13 +82,12 @@ class TFServingAdapter:
     async def _ordered_outputs(self, request, reply, target) -> list[str]:
         if request.outputs:
             return [o.name for o in request.outputs if o.name in reply.outputs]
-        key = (request.model_name, request.model_version, target.signature_name if target else "")
+        model, version = target.backend_model, target.backend_version
+        key = (model, version, target.signature_name)
         cached = self._output_order.get(key)
         if cached is None or time.monotonic() > cached[0]:
             try:
-                signature = await self._signature(
-                    request.model_name, request.model_version, target, 5.0
-                )
+                signature = await self._signature(model, version, target, 5.0)
                 order = tuple(signature.outputs)
             except BackendError:
                 order = ()

@@ -17,7 +17,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as oip
 
 from adapters import parameters
-from adapters.base import BackendError, ModelSpec, declared_spec
+from adapters.base import BackendError, ModelSpec, backend_tensors, declared_spec
 from adapters.codecs import kserve_json
 from adapters.codecs import oip as oip_codec
 from gateway.errors import invalid, shown
@@ -123,12 +123,14 @@ class TorchServeAdapter:
         return json.dumps(body).encode()
 
     async def infer(
-        self, request: oip.ModelInferRequest, *, timeout: float | None, target=None
+        self, request: oip.ModelInferRequest, *, timeout: float | None, target
     ) -> oip.ModelInferResponse:
-        contract = (target.body_contract if target else 0) or config_pb2.BODY_CONTRACT_OIP_JSON
-        url = f"/predictions/{quote(request.model_name, safe='')}"
-        if request.model_version:
-            url += f"/{quote(request.model_version, safe='')}"
+        request = backend_tensors(request, target)
+        model, version = target.backend_model, target.backend_version
+        contract = target.body_contract or config_pb2.BODY_CONTRACT_OIP_JSON
+        url = f"/predictions/{quote(model, safe='')}"
+        if version:
+            url += f"/{quote(version, safe='')}"
         reply = await self._send(
             "POST",
             url,
@@ -145,10 +147,8 @@ class TorchServeAdapter:
             raise self._error(
                 grpc.StatusCode.INTERNAL, "TorchServe answered with a body that is not JSON"
             ) from None
-        schema = target.schema if target else None
-        response = oip.ModelInferResponse(
-            model_name=request.model_name, model_version=request.model_version, id=request.id
-        )
+        schema = target.schema
+        response = oip.ModelInferResponse(model_name=model, model_version=version, id=request.id)
         if contract == config_pb2.BODY_CONTRACT_INSTANCES_JSON:
             outputs = self._instances_outputs(payload, schema)
         else:

@@ -1,4 +1,4 @@
-"""NVIDIA Triton adapter: Open Inference Protocol over gRPC, so requests pass through unchanged.
+"""NVIDIA Triton adapter: Open Inference Protocol over gRPC, so requests pass through as they are.
 
 One grpc.aio channel per backend, opened once and reused by every call (HTTP/2 multiplexes the
 concurrent calls). The channel's own retries are off: retrying is the gateway's decision, made in
@@ -7,14 +7,38 @@ a layer that can see deadlines and budgets.
 
 from __future__ import annotations
 
+import functools
+
 import grpc
 from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc
 
 from adapters import parameters
-from adapters.base import BackendError, ModelSpec, TensorSpec
+from adapters.base import BackendError, ModelSpec, TensorSpec, backend_tensors
 from adapters.grpc_common import channel_options, rpc_error
 from tensorgate.config.v1 import config_pb2
+
+
+@functools.lru_cache(maxsize=4096)
+def _model_fields(model: str, version: str) -> bytes:
+    """ModelInferRequest fields 1 (model_name) and 2 (model_version), encoded. Appended to the
+    caller's serialized request they ask for the backend's model and version: a protobuf parser
+    keeps the last value of a singular field, so the request is neither copied nor edited."""
+    return _string_field(1, model) + _string_field(2, version)
+
+
+def _string_field(number: int, value: str) -> bytes:
+    data = value.encode()
+    return _varint(number << 3 | 2) + _varint(len(data)) + data  # wire type 2: length-delimited
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 class TritonAdapter:
@@ -26,7 +50,11 @@ class TritonAdapter:
             backend.address, options=channel_options(backend, max_request_bytes)
         )
         stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
-        self._infer = stub.ModelInfer
+        # Sends bytes built by `infer` (the caller's request plus the backend's model fields).
+        self._infer = self._channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            response_deserializer=oip.ModelInferResponse.FromString,
+        )
         self._server_ready = stub.ServerReady
         self._model_ready = stub.ModelReady
         self._metadata = stub.ModelMetadata
@@ -36,13 +64,16 @@ class TritonAdapter:
         return rpc_error(err, self.name)
 
     async def infer(
-        self, request: oip.ModelInferRequest, *, timeout: float | None, target=None
+        self, request: oip.ModelInferRequest, *, timeout: float | None, target
     ) -> oip.ModelInferResponse:
         # Validation already applied the primary variant's table; a retry, hedge, fallback or
         # shadow may bring the call here from another backend kind, so Triton checks its own.
         parameters.check_parameters(request, self.parameters)
+        body = backend_tensors(request, target).SerializeToString() + _model_fields(
+            target.backend_model, target.backend_version
+        )
         try:
-            return await self._infer(request, timeout=timeout)
+            return await self._infer(body, timeout=timeout)
         except grpc.aio.AioRpcError as err:
             raise self._error(err) from None
 

@@ -27,6 +27,9 @@ class GatewayError(Exception):
         # True when the gateway refused to call the backend at all (an open breaker): retrying
         # the same backend can only fail the same way, so retry moves on or gives up at once.
         self.fail_fast = False
+        # The variant (gateway.routing.Target) whose try failed, once routing has chosen one:
+        # for the caller's trailers and the metrics' labels.
+        self.target = None
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"

@@ -1,35 +1,41 @@
-"""The request path as a function: InferCall -> awaitable ModelInferResponse.
+"""The request path as a function: InferCall -> awaitable InferResult.
 
 Every policy on the path is a layer: a function that takes the next service and returns a service
 with the same signature (Finagle's filters, Tower's layers). `compose` stacks them so the request
-path reads top to bottom in one place (gateway/app.py) instead of hiding in one long method.
+path reads top to bottom in one place instead of hiding in one long method.
+
+Information flows one way in each direction. Down: a layer that changes what is asked (routing
+picks a variant, the deadline layer tightens the deadline, retry or fallback try another
+variant) passes a new InferCall; the caller's request inside it is never edited (dispatch builds
+the backend's request from it). Up: each layer returns an InferResult (the response, the variant
+that answered, the fallback step that answered, how many backend tries it took) that outer layers
+read; a failure travels as GatewayError, whose `target` names the variant that failed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from tritonclient.grpc import service_pb2 as oip
 
+from gateway.errors import GatewayError
 from gateway.routing import RoutePlan, Target
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class InferCall:
-    """One ModelInfer call as it travels through the layers."""
+    """One ModelInfer call as it travels down the layers. Immutable: see `to` and `replace`."""
 
-    request: oip.ModelInferRequest
+    request: oip.ModelInferRequest  # the caller's request, in public names; never edited
     model: str  # public model name, as the caller sent it
     version: str  # public version, as the caller sent it ("" = unpinned)
     route_key: str | None = None
     deadline: float | None = None  # time.monotonic() by which the caller stops waiting
-    target: Target | None = None  # set by routing; retry/fallback/hedge set the one that answered
     plan: RoutePlan | None = None  # the route, set by the routing layer
-    degraded: str = ""  # the fallback step that answered, "" for a normal answer
-    primary: Target | None = None  # the variant routing chose first
-    primary_error: str = ""  # its failure's code name, when fallback answered instead
+    target: Target | None = None  # the variant this call is for (routing, then retry/fallback)
 
     def remaining(self) -> float | None:
         """Seconds left before the caller's deadline, or None when it set none."""
@@ -37,8 +43,31 @@ class InferCall:
             return None
         return self.deadline - time.monotonic()
 
+    def to(self, target: Target) -> InferCall:
+        """The same call, for another variant."""
+        return dataclasses.replace(self, target=target)
 
-InferService = Callable[[InferCall], Awaitable[oip.ModelInferResponse]]
+
+@dataclass(frozen=True, slots=True)
+class PrimaryFailure:
+    """The variant routing chose, and how it failed, when a fallback answered instead."""
+
+    target: Target
+    code: str  # grpc.StatusCode name
+
+
+@dataclass(frozen=True, slots=True)
+class InferResult:
+    """What a service answers: the response and how it came about."""
+
+    response: oip.ModelInferResponse
+    target: Target  # the variant that answered
+    degraded: str = ""  # the fallback step that answered, "" for a normal answer
+    attempts: int = 1  # backend tries behind this answer (retries, hedges)
+    primary_failure: PrimaryFailure | None = None  # set when `degraded`
+
+
+InferService = Callable[[InferCall], Awaitable[InferResult]]
 Layer = Callable[[InferService], InferService]
 
 
@@ -49,16 +78,27 @@ def compose(*layers: Layer, service: InferService) -> InferService:
     return service
 
 
+def blame(err: GatewayError, target: Target | None) -> GatewayError:
+    """Name `target` as the variant that failed, unless a layer nearer the backend already did."""
+    if err.target is None:
+        err.target = target
+    return err
+
+
 def per_backend(guards: Callable[[], Mapping[str, object]]) -> Layer:
     """A layer running each call through its backend's guard (a breaker, a bulkhead): any
     object with `async call(fn)`. Backends without a guard pass straight through."""
 
     def layer(inner: InferService) -> InferService:
-        async def guarded(call: InferCall) -> oip.ModelInferResponse:
+        async def guarded(call: InferCall) -> InferResult:
             guard = guards().get(call.target.backend)
             if guard is None:
                 return await inner(call)
-            return await guard.call(lambda: inner(call))
+            try:
+                return await guard.call(lambda: inner(call))
+            except GatewayError as err:
+                blame(err, call.target)
+                raise
 
         return guarded
 

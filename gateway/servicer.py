@@ -18,7 +18,7 @@ from tritonclient.grpc import service_pb2_grpc
 import gateway
 from gateway.errors import GatewayError, invalid, shown
 from gateway.layers.validation import MAX_VERSION_BYTES, check_name
-from gateway.pipeline import InferCall, InferService
+from gateway.pipeline import InferCall, InferResult, InferService
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             check_name("version", request.version, MAX_VERSION_BYTES)
         except GatewayError as err:
             failure = _failure(err)
-            await context.abort(*failure)
+            await context.abort(failure[0], failure[1])
         plan = self._runtime.table.get(request.name)
         if plan is None:
             return oip.ModelReadyResponse(ready=False)
@@ -92,7 +92,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             reply.versions.extend(plan.versions)
             await _announce(context, target)
             return reply
-        await context.abort(*failure)
+        await context.abort(failure[0], failure[1])
 
     async def ModelConfig(self, request, context):
         try:
@@ -109,7 +109,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             reply.config.name = plan.model
             await _announce(context, target)
             return reply
-        await context.abort(*failure)
+        await context.abort(failure[0], failure[1])
 
     async def ModelInfer(self, request, context):
         remaining = context.time_remaining()
@@ -121,7 +121,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             deadline=None if remaining is None else time.monotonic() + remaining,
         )
         try:
-            response = await self._infer(call)
+            result = await self._infer(call)
         except GatewayError as err:
             failure = _failure(err)
         except Exception as err:
@@ -131,26 +131,25 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 err, GatewayError(grpc.StatusCode.INTERNAL, "internal gateway error")
             )
         else:
-            return self._answer(call, response, context)
-        if call.target is not None:
-            context.set_trailing_metadata(_headers(call.target))
-        await context.abort(*failure)
+            return self._answer(result, context)
+        if failure[2] is not None:
+            context.set_trailing_metadata(_headers(failure[2]))
+        await context.abort(failure[0], failure[1])
 
-    def _answer(self, call, response, context):
-        headers = _headers(call.target)
-        if call.degraded:
-            headers += ((DEGRADED_HEADER, call.degraded),)
+    def _answer(self, result: InferResult, context):
+        headers = _headers(result.target)
+        if result.degraded:
+            headers += ((DEGRADED_HEADER, result.degraded),)
         # Trailing metadata rides with the status in the same batch; a separate
         # send_initial_metadata costs a gRPC op per call (~10% of the gateway's CPU, measured in
         # docs/benchmarks.md).
         context.set_trailing_metadata(headers)
-        return response
+        return result.response
 
 
-def _failure(
-    raised: BaseException, answer: GatewayError | None = None
-) -> tuple[grpc.StatusCode, str]:
-    """The status to abort with for `raised` (or `answer`), after clearing the locals of every
+def _failure(raised: BaseException, answer: GatewayError | None = None) -> tuple:
+    """(code, message, target that failed or None) to abort with for `raised` (or `answer`),
+    after clearing the locals of every
     frame its traceback holds. Otherwise an exception kept in a layer's local (fallback's
     primary error, hedge's errors) closes a cycle through its own traceback (exception ->
     frames -> request), and a rejected 40 MiB request stays resident until the cycle collector
@@ -164,7 +163,7 @@ def _failure(
     while error is not None:
         traceback.clear_frames(error.__traceback__)
         error = error.__context__
-    return answer.code, answer.message
+    return answer.code, answer.message, getattr(answer, "target", None)
 
 
 def _public_names(reply: oip.ModelMetadataResponse, target) -> None:

@@ -15,7 +15,7 @@ from gateway.config import from_dict
 from gateway.errors import GatewayError
 from gateway.layers import breaker, bulkhead, fallback, hedge, retry, shadow
 from gateway.metrics import GatewayMetrics
-from gateway.pipeline import InferCall, compose
+from gateway.pipeline import InferCall, InferResult, compose
 from gateway.policy import BreakerSettings, BulkheadSettings
 from gateway.resilience.backoff import full_jitter
 from gateway.resilience.budget import RetryBudget
@@ -244,14 +244,14 @@ class Script:
             await asyncio.sleep(action)
             action = "ok"
         response = oip.ModelInferResponse(id=f"{backend}:{action}")
-        return response
+        return InferResult(response, call.target)
 
 
-def _call(table: RouteTable) -> InferCall:
+def _call(table: RouteTable, variant: str | None = None) -> InferCall:
     plan = table.plan("m")
-    call = InferCall(request=oip.ModelInferRequest(model_name="m"), model="m", version="")
-    call.plan, call.target = plan, plan.resolve("", None)
-    return call
+    target = plan.variant(variant) if variant else plan.resolve("", None)
+    request = oip.ModelInferRequest(model_name="m")
+    return InferCall(request=request, model="m", version="", plan=plan, target=target)
 
 
 async def test_retry_only_retryable_and_bounded_attempts():
@@ -259,7 +259,7 @@ async def test_retry_only_retryable_and_bounded_attempts():
     metrics = GatewayMetrics()
     script = Script(ba=[UNAVAILABLE, UNAVAILABLE, "ok"])
     service = compose(retry.retry(retry.RetryBudgets(), metrics), service=script)
-    assert (await service(_call(table))).id == "ba:ok"
+    assert (await service(_call(table))).response.id == "ba:ok"
     assert script.calls == ["ba"] * 3
     script = Script(ba=[UNAVAILABLE])
     with pytest.raises(GatewayError):
@@ -280,12 +280,13 @@ async def test_retry_goes_to_other_variant_and_respects_budget():
         ],
     )
     script = Script(ba=[UNAVAILABLE], bb=["ok"])
-    call = _call(table)
-    call.target = table.plan("m").variant("a")
-    assert (
-        await compose(retry.retry(retry.RetryBudgets(), GatewayMetrics()), service=script)(call)
-    ).id == "bb:ok"
-    assert call.target.variant == "b"
+    call = _call(table, "a")
+    result = await compose(retry.retry(retry.RetryBudgets(), GatewayMetrics()), service=script)(
+        call
+    )
+    assert result.response.id == "bb:ok"
+    assert result.target.variant == "b" and result.attempts == 2
+    assert call.target.variant == "a"  # the call itself is never changed
     table = _plan(
         {
             "retry": {
@@ -391,10 +392,10 @@ async def test_fail_fast_moves_to_another_backend_at_once_without_spending_budge
     )
     started = time.perf_counter()
     for _ in range(20):
-        call = _call(table)
-        call.target = table.plan("m").variant("a")
-        assert (await service(call)).id == "bb:ok"
-        assert call.target.variant == "b"  # "a2" was skipped: its backend refused this call
+        call = _call(table, "a")
+        result = await service(call)
+        assert result.response.id == "bb:ok"
+        assert result.target.variant == "b"  # "a2" was skipped: its backend refused this call
     assert time.perf_counter() - started < 0.1  # no backoff
     assert script.calls == ["bb"] * 20
     assert _counted(metrics, "tensorgate_breaker_rejections_total", backend="ba") == 20
@@ -402,9 +403,8 @@ async def test_fail_fast_moves_to_another_backend_at_once_without_spending_budge
     assert _counted(metrics, "tensorgate_retries_total", model="m", code="UNAVAILABLE") == 0
     script.behaviour["bb"] = [UNAVAILABLE, "ok"]
     breakers["bb"] = breaker.BackendBreaker("bb", BreakerSettings(), metrics)
-    call = _call(table)
-    call.target = table.plan("m").variant("a")
-    assert (await service(call)).id == "bb:ok"  # refused by ba, failed on bb, retried on bb
+    call = _call(table, "a")
+    assert (await service(call)).response.id == "bb:ok"  # refused by ba, failed on bb, retried
     assert _counted(metrics, "tensorgate_retries_total", model="m", code="UNAVAILABLE") == 1
     assert _counted(metrics, "tensorgate_retry_budget_exhausted_total", model="m") == 0
 
@@ -446,8 +446,10 @@ async def test_fallback_answers_at_once_when_the_primary_breaker_is_open():
     started = time.perf_counter()
     for _ in range(10):
         call = _call(table)
-        response = await service(call)
-        assert call.degraded == "static" and response.outputs[0].name == "y"
+        result = await service(call)
+        assert result.degraded == "static" and result.response.outputs[0].name == "y"
+        assert result.primary_failure.code == "UNAVAILABLE"
+        assert result.primary_failure.target.variant == "a"
     assert time.perf_counter() - started < 0.05
     assert _counted(metrics, "tensorgate_retries_total", model="m", code="UNAVAILABLE") == 0
     assert _counted(metrics, "tensorgate_breaker_rejections_total", backend="ba") == 10
@@ -471,11 +473,13 @@ async def test_fallback_chain_and_invalid_never_rescued():
     metrics = GatewayMetrics()
     layer = fallback.fallback(lambda: table, metrics)
     call = _call(table)
-    assert (await compose(layer, service=Script(ba=[UNAVAILABLE], bb=["ok"]))(call)).id == "bb:ok"
-    assert call.degraded == "variant:b"
+    result = await compose(layer, service=Script(ba=[UNAVAILABLE], bb=["ok"]))(call)
+    assert result.response.id == "bb:ok"
+    assert result.degraded == "variant:b" and result.target.variant == "b"
     call = _call(table)
-    response = await compose(layer, service=Script(ba=[UNAVAILABLE], bb=[UNAVAILABLE]))(call)
-    assert call.degraded == "static"
+    result = await compose(layer, service=Script(ba=[UNAVAILABLE], bb=[UNAVAILABLE]))(call)
+    assert result.degraded == "static"
+    response = result.response
     assert response.outputs[0].name == "y" and response.raw_output_contents[0] == bytes.fromhex(
         "0000003f0000003f"
     )
@@ -503,17 +507,16 @@ async def test_hedge_takes_the_faster_answer():
     service = compose(
         hedge.hedge(hedge.LatencyTracker(), metrics), service=Script(ba=[0.5], bb=[0.01])
     )
-    call = _call(table)
-    call.target = table.plan("m").variant("a")
+    call = _call(table, "a")
     started = time.perf_counter()
-    assert (await service(call)).id == "bb:ok"
+    result = await service(call)
+    assert result.response.id == "bb:ok"
     assert time.perf_counter() - started < 0.2
-    assert call.target.variant == "b"
+    assert result.target.variant == "b"
     service = compose(
         hedge.hedge(hedge.LatencyTracker(), metrics), service=Script(ba=[0.001], bb=[0.001])
     )
-    call = _call(table)
-    call.target = table.plan("m").variant("a")
+    call = _call(table, "a")
     await service(call)
     assert (
         metrics.registry.get_sample_value(
@@ -537,7 +540,7 @@ async def test_shadow_never_delays_or_fails_the_primary():
     service = compose(shadow.shadow(runner, lambda: mirror_path), service=Script(ba=["ok"]))
     started = time.perf_counter()
     for _ in range(5):
-        assert (await service(_call(table))).id == "ba:ok"
+        assert (await service(_call(table))).response.id == "ba:ok"
     assert time.perf_counter() - started < 0.1  # five answers, none waited for the 1 s shadow
     await asyncio.sleep(0)
     assert (
@@ -550,7 +553,7 @@ async def test_shadow_never_delays_or_fails_the_primary():
         shadow.shadow(runner, lambda: Script(bs=[UNAVAILABLE])), service=Script(ba=["ok"])
     )
     await runner.close()
-    assert (await failing(_call(table))).id == "ba:ok"
+    assert (await failing(_call(table))).response.id == "ba:ok"
     await asyncio.sleep(0.01)
     assert (
         metrics.registry.get_sample_value(

@@ -8,23 +8,23 @@ spent rather than when some inner wait happens to end.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import grpc
-from tritonclient.grpc import service_pb2 as oip
 
 from gateway.errors import GatewayError
-from gateway.pipeline import InferCall, InferService, Layer
+from gateway.pipeline import InferCall, InferResult, InferService, Layer
 
 
 def deadline() -> Layer:
     def layer(inner: InferService) -> InferService:
-        async def bounded(call: InferCall) -> oip.ModelInferResponse:
+        async def bounded(call: InferCall) -> InferResult:
             route_timeout = call.plan.settings.timeout
             if route_timeout is not None:
                 capped = time.monotonic() + route_timeout
                 if call.deadline is None or capped < call.deadline:
-                    call.deadline = capped
+                    call = dataclasses.replace(call, deadline=capped)
             remaining = call.remaining()
             if remaining is None:
                 return await inner(call)

@@ -18,7 +18,7 @@ from tritonclient.grpc import service_pb2 as oip
 from adapters.codecs import oip as oip_codec
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
-from gateway.pipeline import InferCall, InferService, Layer
+from gateway.pipeline import InferCall, InferResult, InferService, Layer, PrimaryFailure, blame
 from gateway.policy import BACKEND_FAILURES
 from gateway.routing import RouteTable
 
@@ -49,7 +49,7 @@ def _step_label(step) -> str:
 
 def fallback(table: Callable[[], RouteTable], metrics: GatewayMetrics) -> Layer:
     def layer(inner: InferService) -> InferService:
-        async def rescued(call: InferCall) -> oip.ModelInferResponse:
+        async def rescued(call: InferCall) -> InferResult:
             steps = call.plan.settings.fallback
             if not steps:
                 return await inner(call)
@@ -58,16 +58,19 @@ def fallback(table: Callable[[], RouteTable], metrics: GatewayMetrics) -> Layer:
             except GatewayError as err:
                 if err.code not in BACKEND_FAILURES:
                     raise
-                primary_error = err
-            call.primary_error = primary_error.code.name
-            failed_target = call.target
+                primary_error = blame(err, call.target)
+            failed = PrimaryFailure(call.target, primary_error.code.name)
             for step in steps:
                 label = _step_label(step)
                 kind = step.WhichOneof("step")
                 if kind == "static_response":
-                    call.degraded = label
                     metrics.fallbacks.labels(call.model, label).inc()
-                    return static_response(step.static_response)
+                    return InferResult(
+                        static_response(step.static_response),
+                        call.target,
+                        degraded=label,
+                        primary_failure=failed,
+                    )
                 if kind == "variant":
                     target = call.plan.variant(step.variant)
                 else:
@@ -75,22 +78,23 @@ def fallback(table: Callable[[], RouteTable], metrics: GatewayMetrics) -> Layer:
                     if plan is None:
                         continue
                     target = plan.resolve("", call.route_key)
-                if target is None or target == failed_target:
+                if target is None or target == call.target:
                     continue
-                attempt = dataclasses.replace(call, target=target)
                 try:
-                    response = await inner(attempt)
+                    result = await inner(call.to(target))
                 except GatewayError as err:
                     if err.code not in BACKEND_FAILURES:
                         raise
                     log.debug("fallback %s for %s failed: %s", label, call.model, err)
                     continue
-                call.target = attempt.target
-                call.degraded = label
                 metrics.fallbacks.labels(call.model, label).inc()
-                return response
+                return dataclasses.replace(
+                    result,
+                    degraded=label,
+                    attempts=result.attempts + 1,
+                    primary_failure=failed,
+                )
             metrics.fallbacks.labels(call.model, "exhausted").inc()
-            call.target = failed_target
             raise primary_error
 
         return rescued

@@ -11,11 +11,9 @@ import dataclasses
 import time
 from collections import deque
 
-from tritonclient.grpc import service_pb2 as oip
-
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
-from gateway.pipeline import InferCall, InferService, Layer
+from gateway.pipeline import InferCall, InferResult, InferService, Layer
 
 
 class LatencyTracker:
@@ -46,14 +44,14 @@ class LatencyTracker:
 
 def hedge(tracker: LatencyTracker, metrics: GatewayMetrics) -> Layer:
     def layer(inner: InferService) -> InferService:
-        async def timed(call: InferCall) -> oip.ModelInferResponse:
+        async def timed(call: InferCall) -> InferResult:
             start = time.perf_counter()
-            response = await inner(call)
-            target = call.target
+            result = await inner(call)
+            target = result.target
             tracker.record((target.model, target.variant), time.perf_counter() - start)
-            return response
+            return result
 
-        async def hedged(call: InferCall) -> oip.ModelInferResponse:
+        async def hedged(call: InferCall) -> InferResult:
             policy = call.plan.settings.hedge
             if not policy.enabled:
                 return await inner(call)
@@ -69,12 +67,8 @@ def hedge(tracker: LatencyTracker, metrics: GatewayMetrics) -> Layer:
             done, _ = await asyncio.wait({first}, timeout=delay or None)
             if done:
                 return first.result()
-            # The second try gets its own copy: the adapter rewrites model name and version in
-            # place, and the first try may still be serialising this one.
-            request = oip.ModelInferRequest()
-            request.CopyFrom(call.request)
-            second_call = dataclasses.replace(call, target=other, request=request)
-            second = asyncio.ensure_future(timed(second_call))
+            # Both tries read the same caller's request: nothing on the path edits it.
+            second = asyncio.ensure_future(timed(call.to(other)))
             pending = {first, second}
             errors: list[GatewayError] = []
             try:
@@ -85,9 +79,8 @@ def hedge(tracker: LatencyTracker, metrics: GatewayMetrics) -> Layer:
                         if error is None:
                             winner = "first" if task is first else "second"
                             metrics.hedges.labels(call.model, winner).inc()
-                            if task is second:
-                                call.target = second_call.target
-                            return task.result()
+                            result = task.result()
+                            return dataclasses.replace(result, attempts=result.attempts + 1)
                         if not isinstance(error, GatewayError):
                             raise error
                         errors.append(error)

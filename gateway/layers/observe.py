@@ -6,11 +6,10 @@ import asyncio
 import time
 
 import grpc
-from tritonclient.grpc import service_pb2 as oip
 
 from gateway.errors import GatewayError
 from gateway.metrics import UNROUTED, GatewayMetrics
-from gateway.pipeline import InferCall, InferService, Layer
+from gateway.pipeline import InferCall, InferResult, InferService, Layer
 from gateway.stats import RecentStats
 
 _OK = grpc.StatusCode.OK.name
@@ -21,16 +20,21 @@ def observe(metrics: GatewayMetrics, known_model, recent: RecentStats | None = N
     `recent` keeps the last minutes per variant for rollout analysis."""
 
     def layer(inner: InferService) -> InferService:
-        async def observed(call: InferCall) -> oip.ModelInferResponse:
+        async def observed(call: InferCall) -> InferResult:
             model = call.model if known_model(call.model) else UNROUTED
             gauge = metrics.in_flight_for(model)
             gauge.inc()
             start = time.perf_counter()
+            result = None
+            target = None
             code = _OK
             try:
-                return await inner(call)
+                result = await inner(call)
+                target = result.target
+                return result
             except GatewayError as err:
                 code = err.code.name
+                target = err.target
                 raise
             except asyncio.CancelledError:  # the caller went away or the server is stopping
                 code = grpc.StatusCode.CANCELLED.name
@@ -40,17 +44,17 @@ def observe(metrics: GatewayMetrics, known_model, recent: RecentStats | None = N
                 raise
             finally:
                 gauge.dec()
-                target = call.target
                 seconds = time.perf_counter() - start
                 variant = target.variant if target else ""
                 backend = target.backend if target else ""
                 metrics.observe(model, variant, backend, code, seconds)
                 if recent is not None and target is not None:
-                    if call.degraded and call.primary is not None:
+                    failure = result.primary_failure if result is not None else None
+                    if failure is not None:
                         # The variant that was meant to answer failed; rollouts must see that.
-                        primary = call.primary
+                        primary = failure.target
                         recent.record(
-                            model, primary.variant, primary.backend, call.primary_error, seconds
+                            model, primary.variant, primary.backend, failure.code, seconds
                         )
                     else:
                         recent.record(model, variant, backend, code, seconds)

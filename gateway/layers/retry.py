@@ -12,11 +12,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
-from tritonclient.grpc import service_pb2 as oip
-
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
-from gateway.pipeline import InferCall, InferService, Layer
+from gateway.pipeline import InferCall, InferResult, InferService, Layer
 from gateway.resilience.backoff import full_jitter
 from gateway.resilience.budget import RetryBudget
 from gateway.routing import Target
@@ -42,7 +40,7 @@ class RetryBudgets:
 
 def retry(budgets: RetryBudgets, metrics: GatewayMetrics) -> Layer:
     def layer(inner: InferService) -> InferService:
-        async def retried(call: InferCall) -> oip.ModelInferResponse:
+        async def retried(call: InferCall) -> InferResult:
             policy = call.plan.settings.retry
             if policy.max_attempts <= 1:
                 return await inner(call)
@@ -54,11 +52,9 @@ def retry(budgets: RetryBudgets, metrics: GatewayMetrics) -> Layer:
             attempt = 1  # tries that reached a backend (or may have): what max_attempts bounds
             pending = ""  # code of a retry paid for but not yet seen to reach a backend
             while True:
-                attempt_call = (
-                    call if target is call.target else dataclasses.replace(call, target=target)
-                )
+                attempt_call = call if target is call.target else call.to(target)
                 try:
-                    response = await inner(attempt_call)
+                    result = await inner(attempt_call)
                 except GatewayError as err:
                     error = err
                 except BaseException:  # cancelled: the retry was admitted, so it was sent
@@ -73,8 +69,9 @@ def retry(budgets: RetryBudgets, metrics: GatewayMetrics) -> Layer:
                     metrics.retries.labels(call.model, pending).inc()
                     pending = ""
                 if error is None:
-                    call.target = target
-                    return response
+                    if attempt > 1:
+                        return dataclasses.replace(result, attempts=result.attempts + attempt - 1)
+                    return result
                 if error.fail_fast:
                     # The breaker refused without calling the backend: the same backend can
                     # only refuse again, so move to a variant on another backend at once, or
@@ -88,22 +85,18 @@ def retry(budgets: RetryBudgets, metrics: GatewayMetrics) -> Layer:
                     if error.code in policy.retry_on and policy.other_variant:
                         other = _elsewhere(call, tried, refused)
                     if other is None:
-                        call.target = target
                         raise error
                     target = other
                     tried.append(other)
                     continue
                 if error.code not in policy.retry_on or attempt >= policy.max_attempts:
-                    call.target = target
                     raise error
                 if not budget.try_spend():
                     metrics.retry_budget_exhausted.labels(call.model).inc()
-                    call.target = target
                     raise error
                 delay = full_jitter(attempt, policy.base_delay, policy.max_delay)
                 remaining = call.remaining()
                 if remaining is not None and delay >= remaining:
-                    call.target = target
                     raise error
                 pending = error.code.name
                 await asyncio.sleep(delay)

@@ -7,11 +7,11 @@ response metadata).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
-from tritonclient.grpc import service_pb2 as oip
-
-from gateway.pipeline import InferCall, InferService, Layer
+from gateway.errors import GatewayError
+from gateway.pipeline import InferCall, InferResult, InferService, Layer, blame
 from gateway.routing import RouteTable
 
 
@@ -22,15 +22,19 @@ def route(
     `down` returns the variants health checks currently find unable to answer."""
 
     def layer(inner: InferService) -> InferService:
-        async def routed(call: InferCall) -> oip.ModelInferResponse:
+        async def routed(call: InferCall) -> InferResult:
             plan = table().plan(call.model)
-            call.plan = plan
-            call.target = call.primary = plan.resolve(call.version, call.route_key, down())
-            response = await inner(call)
+            target = plan.resolve(call.version, call.route_key, down())
+            try:
+                result = await inner(dataclasses.replace(call, plan=plan, target=target))
+            except GatewayError as err:
+                blame(err, target)
+                raise
+            response = result.response
             response.model_name = call.model
-            answered = call.target
+            answered = result.target
             response.model_version = answered.version if answered.model == call.model else ""
-            return response
+            return result
 
         return routed
 

@@ -20,7 +20,7 @@ from tritonclient.grpc import service_pb2 as oip
 from adapters.codecs import oip as oip_codec
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
-from gateway.pipeline import InferCall, InferService, Layer
+from gateway.pipeline import InferCall, InferResult, InferService, Layer
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +65,12 @@ class ShadowRunner:
         self._in_flight: dict[str, int] = {}
         self._tasks: set[asyncio.Task] = set()
 
-    def maybe_mirror(self, call: InferCall, primary, send: InferService) -> None:
+    def maybe_mirror(self, call: InferCall, primary: InferResult, send: InferService) -> None:
         policy = call.plan.settings.shadow
         if policy is None or random.random() >= policy.fraction:
             return
         target = call.plan.variant(policy.variant)
-        if target is None or target == call.target:
+        if target is None or target == primary.target:
             return
         model = call.model
         busy = self._in_flight.get(model, 0)
@@ -78,9 +78,9 @@ class ShadowRunner:
             self._metrics.shadow_requests.labels(model, target.variant, "dropped").inc()
             return
         self._in_flight[model] = busy + 1
-        # The primary has answered, so its request object is free to reuse for the copy.
+        # The mirror reads the caller's request as the primary did: nothing edits it.
         mirror = dataclasses.replace(call, target=target, deadline=None)
-        task = asyncio.ensure_future(self._run(mirror, primary, send))
+        task = asyncio.ensure_future(self._run(mirror, primary.response, send))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -88,7 +88,7 @@ class ShadowRunner:
         variant = mirror.target.variant
         try:
             async with asyncio.timeout(self._timeout(mirror.target.backend)):
-                shadow = await send(mirror)
+                shadow = (await send(mirror)).response
         except Exception as err:
             self._metrics.shadow_requests.labels(mirror.model, variant, "error").inc()
             log.debug("shadow %s/%s failed: %s", mirror.model, variant, err)
@@ -108,11 +108,11 @@ def shadow(runner: ShadowRunner, send: Callable[[], InferService]) -> Layer:
     """`send` returns the path a mirror takes: breaker, bulkhead and dispatch, no retries."""
 
     def layer(inner: InferService) -> InferService:
-        async def mirrored(call: InferCall) -> oip.ModelInferResponse:
-            response = await inner(call)
-            if call.plan.settings.shadow is not None and not call.degraded:
-                runner.maybe_mirror(call, response, send())
-            return response
+        async def mirrored(call: InferCall) -> InferResult:
+            result = await inner(call)
+            if call.plan.settings.shadow is not None and not result.degraded:
+                runner.maybe_mirror(call, result, send())
+            return result
 
         return mirrored
 

@@ -21,9 +21,9 @@ from tritonclient.grpc import service_pb2 as oip
 
 from adapters.base import Adapter, ModelSpec, TensorSpec, declared_spec
 from adapters.codecs.oip import CONTENTS_FIELD, NUMPY_DTYPE
-from adapters.parameters import ParameterRules, check_parameters
+from adapters.parameters import ParameterRules, check_output_datatypes, check_parameters
 from gateway.errors import invalid, shown
-from gateway.pipeline import InferCall, InferService, Layer
+from gateway.pipeline import InferCall, InferResult, InferService, Layer
 
 # Longest accepted names, in UTF-8 bytes. Model, tensor and parameter names of real models are
 # far shorter; the bounds keep hostile names out of route lookups, backend calls and messages.
@@ -88,6 +88,7 @@ def check_structure(
             f"request is {size} bytes, over the gateway's limit of {max_request_bytes} bytes "
             "(limits.max_request_bytes)"
         )
+    _check_known_fields(request, size)
     inputs = request.inputs
     if not inputs:
         raise invalid(f"request for model {shown(request.model_name)} has no inputs")
@@ -150,6 +151,22 @@ def check_structure(
             _check_parameter_names(f"output {shown(name)}", requested.parameters)
 
 
+def _check_known_fields(request: oip.ModelInferRequest, size: int) -> None:
+    """Refuse fields the protocol does not define, anywhere in the request. The gateway checks the
+    request as Python's protobuf parses it, but forwards it to Triton re-serialized, unknown fields
+    included, and the parsers differ: a `parameters` map entry carrying an unknown field is kept by
+    Python as an unknown field of the enclosing message (no parameter), while Triton's C++ parser
+    reads it as the parameter. That smuggled `shared_memory_region` past the allowlist (Triton then
+    read another client's region). What the gateway cannot see, it does not forward."""
+    request.DiscardUnknownFields()  # recursive; the request is refused if anything was dropped
+    if request.ByteSize() != size:
+        raise invalid(
+            "request has fields the Open Inference Protocol does not define (unknown field "
+            "numbers, or a parameters map entry with one): refused rather than forwarded, since "
+            "the backend may read them differently than the gateway"
+        )
+
+
 def _check_raw(name: str, datatype: str, shape, elements: int, buffer: bytes, index: int) -> None:
     size = ELEMENT_SIZE.get(datatype)
     if size is not None:
@@ -193,7 +210,7 @@ def _check_contents(name: str, datatype: str, shape, elements: int, contents) ->
 
 def structure(*, max_request_bytes: int, max_inputs: int) -> Layer:
     def layer(inner: InferService) -> InferService:
-        async def validate(call: InferCall) -> oip.ModelInferResponse:
+        async def validate(call: InferCall) -> InferResult:
             check_structure(
                 call.request, max_request_bytes=max_request_bytes, max_inputs=max_inputs
             )
@@ -224,6 +241,14 @@ def _index(spec: ModelSpec):
         outputs,
         spec.max_batch_size,
     )
+
+
+@functools.lru_cache(maxsize=4096)
+def _output_datatypes(spec: ModelSpec | None) -> dict[str, str] | None:
+    """Output name -> datatype, once per model description; None when outputs are not known."""
+    if spec is None or spec.outputs is None:
+        return None
+    return {s.name: s.datatype for s in spec.outputs}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -375,16 +400,21 @@ _NO_PARAMETERS = ParameterRules("this backend")
 
 def schema(adapters: Callable[[], Mapping[str, Adapter]], cache: SpecCache) -> Layer:
     def layer(inner: InferService) -> InferService:
-        async def validate(call: InferCall) -> oip.ModelInferResponse:
+        async def validate(call: InferCall) -> InferResult:
             target = call.target
             adapter = adapters()[target.backend]
-            check_parameters(call.request, getattr(adapter, "parameters", _NO_PARAMETERS))
+            rules = getattr(adapter, "parameters", _NO_PARAMETERS)
+            check_parameters(call.request, rules)
             spec = await cache.get(adapter, target, call.remaining())
             if spec is not None:
                 from_backend = target.schema is None or not target.schema.inputs
                 if from_backend and (target.input_names or target.output_names):
                     spec = _public(spec, target.input_names, target.output_names)
                 check_schema(call.request, call.model, spec)
+            if rules.outputs and call.request.outputs:
+                # e.g. Triton's classification: only on numeric outputs (a BYTES one crashes
+                # Triton 2.51), so refused when the model's outputs are not known.
+                check_output_datatypes(call.request, rules, call.model, _output_datatypes(spec))
             return await inner(call)
 
         return validate
