@@ -164,6 +164,21 @@ def decide(config: config_pb2.GatewayConfig) -> tuple[Decision, ...]:
                 reasons.append("fallback static_response: the gateway builds the answer")
             elif kind == "model":
                 reasons.append(f"fallback to model {step.model!r}: another route's table")
+            elif kind == "variant":
+                # Envoy's aggregate cluster runs the upstream filters of the cluster the route
+                # named (the primary's): a fallback can only ask the backend the same thing.
+                variants = {v.name: v for v in route.variants}
+                other = variants.get(step.variant)
+                if other is not None and any(
+                    (v.backend_model, v.backend_version)
+                    != (other.backend_model, other.backend_version)
+                    for v in route.variants
+                    if v.weight > 0 or v.version
+                ):
+                    reasons.append(
+                        f"fallback to variant {step.variant!r}: another backend model or "
+                        "version than the primary (Envoy renames per route, not per fallback)"
+                    )
         if settings.shadow is not None:
             notes.append(
                 f"shadow: {settings.shadow.fraction:g} of requests mirrored to "
@@ -235,10 +250,10 @@ def _ads_source() -> config_source_pb2.ConfigSource:
     )
 
 
-def _http2() -> protocol_pb2.Http2ProtocolOptions:
+def _http2(stream_window: int = 1 << 20) -> protocol_pb2.Http2ProtocolOptions:
     return protocol_pb2.Http2ProtocolOptions(
         max_concurrent_streams={"value": 1024},
-        initial_stream_window_size={"value": 1 << 20},
+        initial_stream_window_size={"value": stream_window},
         initial_connection_window_size={"value": 1 << 24},
     )
 
@@ -392,6 +407,8 @@ def compile_config(config: config_pb2.GatewayConfig) -> Resources:
                 clusters[aggregate_cluster(route.model, variant.name)] = _aggregate(
                     aggregate_cluster(route.model, variant.name),
                     [variant_cluster(route.model, v) for v in chain],
+                    variant_lua(route, variant),
+                    config.envoy.max_body_bytes,
                 )
         routes.extend(_routes(route, settings, config, backends, bool(fallback)))
 
@@ -414,8 +431,14 @@ def compile_config(config: config_pb2.GatewayConfig) -> Resources:
     )
 
 
-def _aggregate(name: str, members: list[str]) -> cluster_pb2.Cluster:
-    cluster = cluster_pb2.Cluster(name=name, alt_stat_name=_stat_name(name))
+def _aggregate(name: str, members: list[str], lua: str, buffer_limit: int) -> cluster_pb2.Cluster:
+    """Priority i is members[i]: retries walk down it (previous_priorities), and so does load
+    while a member's hosts are ejected. Requests run the upstream filter of members[0]'s variant
+    (the one the route picked), which is why fallbacks must ask for the same backend model."""
+    cluster, _ = _cluster(name, "127.0.0.1:1", upstream_lua=lua, buffer_limit=buffer_limit)
+    cluster.ClearField("type")
+    cluster.ClearField("eds_cluster_config")
+    cluster.ClearField("common_lb_config")
     cluster.connect_timeout.CopyFrom(_duration(5.0))
     cluster.lb_policy = cluster_pb2.Cluster.CLUSTER_PROVIDED
     cluster.cluster_type.CopyFrom(
@@ -537,7 +560,9 @@ def _listener(config: config_pb2.GatewayConfig) -> listener_pb2.Listener:
         stat_prefix="tensorgate",
         codec_type=hcm_pb2.HttpConnectionManager.HTTP2,
         rds=hcm_pb2.Rds(config_source=_ads_source(), route_config_name=ROUTE_NAME),
-        http2_protocol_options=_http2(),
+        # Envoy buffers up to max(connection limit, stream window) per stream: keep the window
+        # within the bound so the bound holds (HTTP/2's minimum window is 65535).
+        http2_protocol_options=_http2(max(65535, min(1 << 20, config.envoy.max_body_bytes))),
         stream_idle_timeout=_duration(300),
         generate_request_id={"value": False},
         http_filters=[
