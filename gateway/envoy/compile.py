@@ -57,6 +57,8 @@ ROUTE_NAME = "tensorgate"
 GATEWAY_CLUSTER = "tensorgate_gateway"
 INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
 MODEL_HEADER = "x-tensorgate-model"
+VARIANT_HEADER = "x-tensorgate-variant"
+BACKEND_HEADER = "x-tensorgate-backend"
 VERSION_HEADER = "x-tensorgate-version"
 
 _LUA = pathlib.Path(__file__).parent / "lua"
@@ -266,9 +268,17 @@ def lua_source(name: str) -> str:
     return (_LUA / name).read_text(encoding="utf-8")
 
 
-def variant_lua(route: config_pb2.Route, variant: config_pb2.Variant) -> str:
-    """The upstream filter of one variant's cluster: its identity as constants, then the code."""
-    rename = variant.backend_model != route.model or variant.backend_version != variant.version
+def renamed(route: config_pb2.Route, variant: config_pb2.Variant) -> bool:
+    """Does the backend know this variant under another model name or version?"""
+    return variant.backend_model != route.model or variant.backend_version != variant.version
+
+
+def variant_lua(route: config_pb2.Route, variant: config_pb2.Variant) -> str | None:
+    """The upstream filter of a renamed variant's cluster: its names as constants, then the code.
+    None for a variant the backend knows by its public name and version (no filter, no buffering:
+    each Lua filter is one Lua state per worker, so only the clusters that need one get one)."""
+    if not renamed(route, variant):
+        return None
     constants = {
         "model": route.model,
         "version": variant.version,
@@ -278,7 +288,7 @@ def variant_lua(route: config_pb2.Route, variant: config_pb2.Variant) -> str:
         "backend_version": variant.backend_version,
     }
     fields = ", ".join(f"{k} = {_lua_string(v)}" for k, v in constants.items())
-    prelude = f"local V = {{{fields}, rename = {'true' if rename else 'false'}}}\n"
+    prelude = f"local V = {{{fields}}}\n"
     return prelude + lua_source("variant.lua")
 
 
@@ -382,12 +392,13 @@ def compile_config(config: config_pb2.GatewayConfig) -> Resources:
             backend = backends[variant.backend]
             name = variant_cluster(route.model, variant.name)
             connect = backend.connection.connect_timeout
+            lua = variant_lua(route, variant)
             cluster, assignment = _cluster(
                 name,
                 backend.address,
-                upstream_lua=variant_lua(route, variant),
+                upstream_lua=lua,
                 connect_timeout=(connect.seconds + connect.nanos / 1e9) or 5.0,
-                buffer_limit=config.envoy.max_body_bytes,
+                buffer_limit=config.envoy.max_body_bytes if lua else 0,
             )
             _breaker(cluster, backend, config)
             if settings.retry.max_attempts > 1:
@@ -431,7 +442,9 @@ def compile_config(config: config_pb2.GatewayConfig) -> Resources:
     )
 
 
-def _aggregate(name: str, members: list[str], lua: str, buffer_limit: int) -> cluster_pb2.Cluster:
+def _aggregate(
+    name: str, members: list[str], lua: str | None, buffer_limit: int
+) -> cluster_pb2.Cluster:
     """Priority i is members[i]: retries walk down it (previous_priorities), and so does load
     while a member's hosts are ejected. Requests run the upstream filter of members[0]'s variant
     (the one the route picked), which is why fallbacks must ask for the same backend model."""
@@ -462,10 +475,10 @@ def _routes(route, settings, config, backends, has_fallback: bool):
         weights = [v.weight for v in group]
         if not any(weights):  # a version is served when pinned even if it takes no traffic
             weights = [1] * len(group)
-        picks = [(target(route.model, v.name), w) for v, w in zip(group, weights, strict=True)]
+        picks = [(target(route.model, v.name), w, v) for v, w in zip(group, weights, strict=True)]
         match = _match(route.model, version)
         out.append(_route(f"{route.model}@{version}", match, picks, route, settings, config))
-    unpinned = [(target(route.model, v.name), v.weight) for v in route.variants if v.weight > 0]
+    unpinned = [(target(route.model, v.name), v.weight, v) for v in route.variants if v.weight > 0]
     if unpinned:
         match = _match(route.model, None)
         out.append(_route(route.model, match, unpinned, route, settings, config))
@@ -485,13 +498,29 @@ def _match(model: str, version: str | None) -> route_components_pb2.RouteMatch:
     return route_components_pb2.RouteMatch(path=INFER_PATH, headers=headers)
 
 
+def _identity(variant: config_pb2.Variant) -> list[base_pb2.HeaderValueOption]:
+    """Response headers naming the variant; the listener's Lua filter moves them into the
+    trailers, where the Python gateway sends them."""
+    return [
+        base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=key, value=value),
+            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+        )
+        for key, value in ((VARIANT_HEADER, variant.name), (BACKEND_HEADER, variant.backend))
+    ]
+
+
 def _route(name, match, picks, route, settings, config) -> route_components_pb2.Route:
     action = route_components_pb2.RouteAction()
+    identity = []
     if len(picks) == 1:
         action.cluster = picks[0][0]
+        identity = _identity(picks[0][2])
     else:
-        for cluster, weight in picks:
-            action.weighted_clusters.clusters.add(name=cluster, weight={"value": weight})
+        for cluster, weight, variant in picks:
+            action.weighted_clusters.clusters.add(
+                name=cluster, weight={"value": weight}, response_headers_to_add=_identity(variant)
+            )
         # Sticky: the route-key header's hash picks the weighted cluster (random without it).
         action.weighted_clusters.use_hash_policy.value = True
         action.hash_policy.add(header={"header_name": config.defaults.route_key_header})
@@ -539,7 +568,9 @@ def _route(name, match, picks, route, settings, config) -> route_components_pb2.
                 denominator=percent_pb2.FractionalPercent.MILLION,
             )
         )
-    return route_components_pb2.Route(name=name, match=match, route=action)
+    return route_components_pb2.Route(
+        name=name, match=match, route=action, response_headers_to_add=identity
+    )
 
 
 def _gateway_route() -> route_components_pb2.Route:

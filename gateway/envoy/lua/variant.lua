@@ -1,14 +1,11 @@
--- tensorgate, upstream filter of one variant's cluster (compile.py prepends `local V = {...}`:
--- the public model and version, the variant, its backend, the backend's model and version).
+-- tensorgate, upstream filter of a renamed variant's cluster (compile.py prepends
+-- `local V = {...}`: the public model and version, the backend's model and version).
 --
--- Every try, retry, mirror and fallback to this cluster passes here, so what it does follows
--- the variant that really answers:
--- - rename (V.rename): the request's model_name / model_version become the backend's, the
---   answer's become the public ones. Done by appending fields 1 and 2 to the message (protobuf
---   takes the last occurrence of a field) and rewriting the 5-byte gRPC length prefix: the
---   tensors are copied once, never parsed.
--- - the trailers x-tensorgate-variant and x-tensorgate-backend, as the Python gateway sends
---   them (in the headers of a trailers-only answer, which are its trailers).
+-- Every try, retry and mirrored copy to this cluster passes here: the request's model_name /
+-- model_version become the backend's, the answer's become the public ones. Done by appending
+-- fields 1 and 2 to the message (protobuf takes the last occurrence of a field) and rewriting
+-- the 5-byte gRPC length prefix: the tensors are copied once, never parsed. Both bodies are
+-- buffered whole (bounded by the cluster's per_connection_buffer_limit_bytes).
 
 local function varint_bytes(n)
   local out = {}
@@ -50,25 +47,12 @@ local TO_BACKEND = string_field(1, V.backend_model) .. string_field(2, V.backend
 local TO_PUBLIC = string_field(1, V.model) .. string_field(2, V.version)
 
 function envoy_on_request(handle)
-  if not V.rename then return end
   local body = handle:body()
   if body ~= nil then append(body, TO_BACKEND) end
 end
 
 function envoy_on_response(handle)
-  local headers = handle:headers()
-  if headers:get("grpc-status") ~= nil then
-    headers:replace("x-tensorgate-variant", V.variant)
-    headers:replace("x-tensorgate-backend", V.backend)
-    return
-  end
-  if V.rename then
-    local body = handle:body()
-    if body ~= nil then append(body, TO_PUBLIC) end
-  end
-  local trailers = handle:trailers()
-  if trailers ~= nil then
-    trailers:replace("x-tensorgate-variant", V.variant)
-    trailers:replace("x-tensorgate-backend", V.backend)
-  end
+  if handle:headers():get("grpc-status") ~= nil then return end -- an error: no message
+  local body = handle:body()
+  if body ~= nil then append(body, TO_PUBLIC) end
 end
