@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -26,6 +27,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 from gateway.config import ConfigError, from_dict
 from gateway.envoy import ads
+from gateway.envoy.bootstrap import bootstrap, render
 from gateway.envoy.compile import CLUSTER, ENDPOINT, LISTENER, ROUTE, compile_config, decide
 from tensorgate.admin.v1 import admin_pb2, admin_pb2_grpc
 from tests.backends.process import BackendProcess, free_port, tool
@@ -78,6 +80,20 @@ def linear_routes(triton: str = "triton-a") -> list[dict]:
             ],
         },
         {"model": "via_gateway", "variants": [v("only", "", "1", 1)]},
+        {
+            # per-try timeout 0.3 s (backend "impatient"), three tries, DEADLINE_EXCEEDED retried
+            "model": "slow",
+            "variants": [
+                {"name": "s", "backend": "impatient", "backend_model": "demo_sleep", "weight": 1}
+            ],
+            "policy": {
+                "retry": {
+                    "max_attempts": 3,
+                    "retry_on": ["UNAVAILABLE", "DEADLINE_EXCEEDED"],
+                    "base_delay": "0.01s",
+                }
+            },
+        },
         # not renamed: the upstream filter never buffers it
         {"model": "demo_linear", "variants": [{"name": "plain", "backend": triton, "weight": 1}]},
     ]
@@ -93,6 +109,7 @@ def stack_config(triton_address: str, xds: int, listen: int, max_body: int) -> d
         },
         "backends": [
             triton_backend(triton_address),
+            {**triton_backend(triton_address, "impatient"), "per_try_timeout": "0.3s"},
             {
                 "name": "dead",
                 "kind": "BACKEND_KIND_TRITON",
@@ -468,6 +485,23 @@ def test_caller_deadline_is_honoured(stub):
     assert output(response) == [0.0]
 
 
+def test_per_try_timeout_and_retries(stack, stub):
+    _, envoy, _ = stack
+    tries = envoy.counter("cluster.tg|slow|s.upstream_rq_per_try_timeout")
+    retries = envoy.counter("cluster.tg|slow|s.upstream_rq_retry")
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        call(stub, sleep_request(2.0, "slow"), timeout=10)
+    elapsed = time.monotonic() - started
+    # three tries of 0.3 s each, then Envoy gives up: no try ran to the 2 s the model sleeps
+    assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert 0.85 < elapsed < 1.9, elapsed
+    assert envoy.counter("cluster.tg|slow|s.upstream_rq_per_try_timeout") - tries == 3
+    assert envoy.counter("cluster.tg|slow|s.upstream_rq_retry") - retries == 2
+    response, _ = call(stub, sleep_request(0.0, "slow"))
+    assert output(response) == [0.0]
+
+
 def test_routes_envoy_cannot_serve_go_to_the_gateway(stack, stub):
     _, envoy, _ = stack
     before = envoy.counter("cluster.tensorgate_gateway.upstream_rq_total")
@@ -558,3 +592,79 @@ def test_control_plane_killed_under_load_envoy_keeps_serving(stack):
     while envoy.stats().get("control_plane.connected_state") != "1":
         assert time.monotonic() < deadline, "Envoy did not reconnect to the control plane"
         time.sleep(0.1)
+
+
+class InProcessControlPlane:
+    """gateway.envoy.ads.XdsServer on its own event loop thread, so a test can push any snapshot
+    (including ones Envoy must reject)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.xds = ads.XdsServer(CollectorRegistry())
+        started = asyncio.run_coroutine_threadsafe(ads.serve("127.0.0.1:0", self.xds), self.loop)
+        self.server, self.port = started.result(10)
+
+    def push(self, resources) -> None:
+        self.loop.call_soon_threadsafe(self.xds.set_snapshot, resources)
+
+    def count(self, metric, type_: str) -> float:
+        return metric.labels(type_)._value.get()
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def test_envoy_nack_is_counted_not_retried_and_the_last_good_config_stays(triton, tmp_path):
+    plane = InProcessControlPlane()
+    listen, admin_port = free_port(), free_port()
+    config = {
+        "listeners": {"xds": f"127.0.0.1:{plane.port}", "data_plane": f"127.0.0.1:{free_port()}"},
+        "envoy": {"listen": f"127.0.0.1:{listen}"},
+        "backends": [triton_backend(triton.address)],
+        "routes": linear_routes()[:1],
+    }
+    good = from_dict(config)
+    plane.push(compile_config(good))
+    path = tmp_path / "bootstrap.json"
+    path.write_text(render(bootstrap(good, node_id="envoy-nack", admin=f"127.0.0.1:{admin_port}")))
+    envoy = Envoy(path, admin_port, 42)
+    try:
+        envoy.start()
+        with grpc.insecure_channel(f"127.0.0.1:{listen}") as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            assert output(call(stub, linear_request("linear", "1"))[0]) == Y_V1
+            # A cluster Envoy must refuse (negative connect timeout), with a new route table.
+            bad = compile_config(from_dict({**config, "routes": linear_routes()[:2]}))
+            bad.by_type[CLUSTER]["tg|flip|a"].connect_timeout.seconds = -1
+            plane.push(bad)
+            deadline = time.monotonic() + 10
+            while plane.count(plane.xds.metrics.nacks, "cds") < 1:
+                assert time.monotonic() < deadline, "no NACK"
+                time.sleep(0.05)
+            pushes = plane.count(plane.xds.metrics.pushes, "cds")
+            time.sleep(1.5)
+            # Not re-sent in a loop; the routes that need the refused cluster were never sent.
+            assert plane.count(plane.xds.metrics.pushes, "cds") == pushes
+            assert plane.count(plane.xds.metrics.nacks, "cds") == 1
+            assert envoy.counter("cluster_manager.cds.update_rejected") == 1
+            assert output(call(stub, linear_request("linear", "1"))[0]) == Y_V1
+            with pytest.raises(grpc.RpcError):  # "flip" never reached this Envoy
+                call(stub, linear_request("flip"))
+            # The next good snapshot is taken.
+            plane.push(compile_config(from_dict({**config, "routes": linear_routes()[:2]})))
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    if output(call(stub, linear_request("flip"))[0]) == Y_V1:
+                        break
+                except grpc.RpcError:
+                    pass
+                assert time.monotonic() < deadline, "good snapshot after a NACK not applied"
+                time.sleep(0.05)
+    finally:
+        envoy.stop()
+        plane.close()
