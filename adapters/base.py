@@ -7,6 +7,7 @@ Like an httpx transport, it does one thing: carry a request to its backend and b
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -121,3 +122,23 @@ class Adapter(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+    # Validation of the kind's own options (config_pb2 Backend.options / Variant.options), run
+    # by the config checker through adapters/registry.py: (field path, problem) pairs.
+    @classmethod
+    def check_backend(cls, backend, at: str) -> Iterator[tuple[str, str]]: ...
+
+    @classmethod
+    def check_variant(cls, variant, route, at: str) -> Iterator[tuple[str, str]]: ...
+
+
+class NoOptions:
+    """For adapters whose kind has no options of its own."""
+
+    @classmethod
+    def check_backend(cls, backend, at: str) -> Iterator[tuple[str, str]]:
+        return iter(())
+
+    @classmethod
+    def check_variant(cls, variant, route, at: str) -> Iterator[tuple[str, str]]:
+        return iter(())

@@ -2,13 +2,15 @@
 
 Speaks TF Serving's gRPC protocol through the wire-compatible subset in
 protos/tensorgate/tfserving/ (the official tensorflow-serving-api package drags in all of
-TensorFlow). Per variant: `signature_name` (default serving_default), and `backend_version` or
-`version_label`. Tensors use `tensor_content`, the fast path TF itself uses for numeric types.
+TensorFlow). Per variant (`tfserving:` options): `signature_name` (default serving_default), and
+`backend_version` or `version_label`. Tensors use `tensor_content`, the fast path TF itself uses
+for numeric types.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import grpc
 from tritonclient.grpc import service_pb2 as oip
@@ -27,6 +29,14 @@ _SIGNATURE_TTL_S = 60.0
 _AVAILABLE = serving_pb2.ModelVersionStatus.AVAILABLE
 
 
+_NO_OPTIONS = config_pb2.TFServingVariant()
+
+
+def _options(target) -> config_pb2.TFServingVariant:
+    """The variant's TF Serving options (signature, version label); defaults when unset."""
+    return (target.options if target is not None else None) or _NO_OPTIONS
+
+
 class TFServingAdapter:
     parameters = parameters.TFSERVING
 
@@ -42,15 +52,30 @@ class TFServingAdapter:
         # Output order follows the signature (a protobuf map has none): cached per model.
         self._output_order: dict[tuple[str, str, str], tuple[float, tuple[str, ...]]] = {}
 
+    @classmethod
+    def check_backend(cls, backend: config_pb2.Backend, at: str) -> Iterator[tuple[str, str]]:
+        return iter(())
+
+    @classmethod
+    def check_variant(
+        cls, variant: config_pb2.Variant, route: config_pb2.Route, at: str
+    ) -> Iterator[tuple[str, str]]:
+        if variant.tfserving.version_label and variant.backend_version:
+            yield (
+                f"{at}.tfserving.version_label",
+                "set backend_version or tfserving.version_label, not both",
+            )
+
     @staticmethod
     def _spec(model: str, version: str, target=None) -> serving_pb2.ModelSpec:
         spec = serving_pb2.ModelSpec(name=model)
+        options = _options(target)
         if version:
             spec.version.value = int(version)
-        elif target is not None and target.version_label:
-            spec.version_label = target.version_label
+        elif options.version_label:
+            spec.version_label = options.version_label
         if target is not None:
-            spec.signature_name = target.signature_name or DEFAULT_SIGNATURE
+            spec.signature_name = options.signature_name or DEFAULT_SIGNATURE
         return spec
 
     async def infer(
@@ -83,7 +108,7 @@ class TFServingAdapter:
         if request.outputs:
             return [o.name for o in request.outputs if o.name in reply.outputs]
         model, version = target.backend_model, target.backend_version
-        key = (model, version, target.signature_name)
+        key = (model, version, _options(target).signature_name)
         cached = self._output_order.get(key)
         if cached is None or time.monotonic() > cached[0]:
             try:
@@ -111,7 +136,7 @@ class TFServingAdapter:
                 "TF Serving metadata without signature_def",
                 backend=self.name,
             )
-        name = (target.signature_name if target else "") or DEFAULT_SIGNATURE
+        name = _options(target).signature_name or DEFAULT_SIGNATURE
         if name not in signatures.signature_def:
             raise BackendError(
                 grpc.StatusCode.FAILED_PRECONDITION,

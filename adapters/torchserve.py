@@ -9,6 +9,7 @@ are typed and checked by the route's declared schema, since TorchServe has no te
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from urllib.parse import quote
 
 import grpc
@@ -39,11 +40,17 @@ STATUS_CODES = {
 _MAX_MESSAGE = 500
 
 
+def _contract(target) -> int:
+    options = target.options
+    return (options.body_contract if options else 0) or config_pb2.BODY_CONTRACT_OIP_JSON
+
+
 class TorchServeAdapter:
     parameters = parameters.TORCHSERVE
 
-    def __init__(self, backend: config_pb2.Backend) -> None:
+    def __init__(self, backend: config_pb2.Backend, *, max_request_bytes: int = 0) -> None:
         self.name = backend.name
+        management_address = backend.torchserve.management_address
         conn = backend.connection
         connect = (
             conn.connect_timeout.ToMilliseconds() / 1000
@@ -56,10 +63,32 @@ class TorchServeAdapter:
             base_url=f"http://{backend.address}", timeout=timeout, limits=limits
         )
         self._management = (
-            httpx.AsyncClient(base_url=f"http://{backend.management_address}", timeout=timeout)
-            if backend.management_address
+            httpx.AsyncClient(base_url=f"http://{management_address}", timeout=timeout)
+            if management_address
             else None
         )
+
+    @classmethod
+    def check_backend(cls, backend: config_pb2.Backend, at: str) -> Iterator[tuple[str, str]]:
+        from gateway.config import address_problem
+
+        address = backend.torchserve.management_address
+        reason = address_problem(address) if address else None
+        if reason:
+            yield f"{at}.torchserve.management_address", reason
+
+    @classmethod
+    def check_variant(
+        cls, variant: config_pb2.Variant, route: config_pb2.Route, at: str
+    ) -> Iterator[tuple[str, str]]:
+        if variant.torchserve.body_contract == config_pb2.BODY_CONTRACT_INSTANCES_JSON and (
+            len(route.schema.inputs) != 1 or len(route.schema.outputs) != 1
+        ):
+            yield (
+                f"{at}.torchserve.body_contract",
+                "BODY_CONTRACT_INSTANCES_JSON needs the route schema to declare one input and "
+                "one output",
+            )
 
     def _error(self, code: grpc.StatusCode, message: str) -> BackendError:
         return BackendError(code, message, backend=self.name)
@@ -127,7 +156,7 @@ class TorchServeAdapter:
     ) -> oip.ModelInferResponse:
         request = backend_tensors(request, target)
         model, version = target.backend_model, target.backend_version
-        contract = target.body_contract or config_pb2.BODY_CONTRACT_OIP_JSON
+        contract = _contract(target)
         url = f"/predictions/{quote(model, safe='')}"
         if version:
             url += f"/{quote(version, safe='')}"

@@ -14,7 +14,7 @@ from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc
 
 from adapters import parameters
-from adapters.base import BackendError, ModelSpec, TensorSpec, backend_tensors
+from adapters.base import BackendError, ModelSpec, NoOptions, TensorSpec, backend_tensors
 from adapters.grpc_common import channel_options, rpc_error
 from tensorgate.config.v1 import config_pb2
 
@@ -41,7 +41,7 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-class TritonAdapter:
+class TritonAdapter(NoOptions):
     parameters = parameters.TRITON
 
     def __init__(self, backend: config_pb2.Backend, *, max_request_bytes: int) -> None:

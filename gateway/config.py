@@ -18,6 +18,7 @@ import grpc
 import yaml
 from google.protobuf import json_format
 
+from adapters import registry
 from gateway.policy import NEVER_RETRY
 from tensorgate.config.v1 import config_pb2
 
@@ -304,16 +305,9 @@ def _check_backends(
         else:
             by_name[backend.name] = backend
         if backend.kind == config_pb2.BACKEND_KIND_UNSPECIFIED:
-            problems.append(
-                Problem(f"{at}.kind", "required (BACKEND_KIND_TRITON, _TFSERVING, _TORCHSERVE)")
-            )
-        if backend.management_address:
-            if backend.kind != config_pb2.BACKEND_KIND_TORCHSERVE:
-                problems.append(Problem(f"{at}.management_address", "only for TorchServe"))
-            else:
-                reason = address_problem(backend.management_address)
-                if reason:
-                    problems.append(Problem(f"{at}.management_address", reason))
+            kinds = ", ".join(config_pb2.BackendKind.Name(k) for k in registry.KINDS)
+            problems.append(Problem(f"{at}.kind", f"required ({kinds})"))
+        problems.extend(Problem(*p) for p in registry.check_backend(backend, at))
         if not backend.address:
             problems.append(Problem(f"{at}.address", "required"))
         else:
@@ -482,31 +476,9 @@ def _check_policy(
 
 
 def _check_backend_options(variant, at: str, backend, route, problems: list[Problem]) -> None:
-    """Backend-specific variant fields must match the backend's kind."""
-    kind = backend.kind if backend is not None else None
-    tf = config_pb2.BACKEND_KIND_TFSERVING
-    if variant.signature_name and kind != tf:
-        problems.append(Problem(f"{at}.signature_name", "only for TF Serving backends"))
-    if variant.version_label:
-        if kind != tf:
-            problems.append(Problem(f"{at}.version_label", "only for TF Serving backends"))
-        elif variant.backend_version:
-            problems.append(
-                Problem(f"{at}.version_label", "set backend_version or version_label, not both")
-            )
-    if variant.body_contract:
-        if kind != config_pb2.BACKEND_KIND_TORCHSERVE:
-            problems.append(Problem(f"{at}.body_contract", "only for TorchServe backends"))
-        elif variant.body_contract == config_pb2.BODY_CONTRACT_INSTANCES_JSON and (
-            len(route.schema.inputs) != 1 or len(route.schema.outputs) != 1
-        ):
-            problems.append(
-                Problem(
-                    f"{at}.body_contract",
-                    "BODY_CONTRACT_INSTANCES_JSON needs the route schema to declare one input "
-                    "and one output",
-                )
-            )
+    """The variant's kind-specific options, checked by its backend's adapter."""
+    if backend is not None:
+        problems.extend(Problem(*p) for p in registry.check_variant(variant, backend, route, at))
 
 
 def _check_schema(schema: config_pb2.ModelSchema, at: str, problems: list[Problem]) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from uhashring import HashRing
 
+from adapters.registry import variant_options
 from gateway.errors import not_found, shown
 from gateway.policy import RouteSettings, route_settings
 from tensorgate.config.v1 import config_pb2
@@ -35,9 +36,10 @@ class Target:
     backend_version: str
     version: str  # public version, "" when the variant is unversioned
     weight: int
-    signature_name: str = ""  # TF Serving
-    version_label: str = ""  # TF Serving
-    body_contract: int = 0  # TorchServe, config_pb2.BodyContract
+    # The variant's per-kind options message (Variant.options; read only by its adapter), and
+    # its serialized form: a hashable key for what the backend is asked (caches of model specs).
+    options: object = None
+    options_key: bytes = b""
     schema: config_pb2.ModelSchema | None = None  # the route's declared tensors, if any
     input_names: tuple[tuple[str, str], ...] = ()  # (public, backend) where they differ
     output_names: tuple[tuple[str, str], ...] = ()
@@ -167,9 +169,8 @@ def _plan(route: config_pb2.Route, defaults: config_pb2.RoutePolicy) -> RoutePla
             backend_version=v.backend_version,
             version=v.version,
             weight=v.weight,
-            signature_name=v.signature_name,
-            version_label=v.version_label,
-            body_contract=v.body_contract,
+            options=variant_options(v),
+            options_key=_serialized(variant_options(v)),
             schema=route.schema if route.HasField("schema") else None,
             input_names=tuple(sorted(v.input_names.items())),
             output_names=tuple(sorted(v.output_names.items())),
@@ -196,6 +197,10 @@ def _plan(route: config_pb2.Route, defaults: config_pb2.RoutePolicy) -> RoutePla
         route_settings(route, defaults),
         {t.variant: t for t in targets},
     )
+
+
+def _serialized(options) -> bytes:
+    return options.SerializeToString(deterministic=True) if options is not None else b""
 
 
 class RouteTable:

@@ -179,3 +179,51 @@ def test_admin_plaintext_opt_out_is_accepted_and_loud(tmp_path, caplog):
     assert run.returncode == 0 and "PLAINTEXT" in run.stderr, run.stderr
     # On loopback the opt-out has no effect, so nothing is said.
     assert warnings(load_yaml(text.replace("0.0.0.0:8002", "127.0.0.1:8002"))) == []
+
+
+KINDS = """
+backends:
+  - {name: tri, kind: BACKEND_KIND_TRITON, address: "127.0.0.1:8101"}
+  - {name: tfs, kind: BACKEND_KIND_TFSERVING, address: "127.0.0.1:8500"}
+  - {name: ts, kind: BACKEND_KIND_TORCHSERVE, address: "127.0.0.1:8080"}
+routes:
+  - model: m
+    variants:
+      - {name: a, backend: tri, weight: 1}
+      - {name: b, backend: tfs, weight: 1, tfserving: {signature_name: s, version_label: canary}}
+      - {name: c, backend: ts, weight: 1, torchserve: {body_contract: BODY_CONTRACT_OIP_JSON}}
+"""
+
+
+def test_backend_kind_options_are_checked_by_their_adapter():
+    config = load_yaml(KINDS)
+    assert config.routes[0].variants[1].tfserving.signature_name == "s"
+    cases = [
+        (
+            KINDS.replace("{name: a, backend: tri, weight: 1}", "{name: a, backend: tri, weight: 1, tfserving: {signature_name: s}}"),
+            "routes[0].variants[0].tfserving: options for another backend kind: backend 'tri' is Triton",
+        ),
+        (
+            KINDS.replace("version_label: canary}", "version_label: canary}, backend_version: '2'"),
+            "routes[0].variants[1].tfserving.version_label: set backend_version or tfserving.version_label, not both",
+        ),
+        (
+            KINDS.replace("BODY_CONTRACT_OIP_JSON", "BODY_CONTRACT_INSTANCES_JSON"),
+            "routes[0].variants[2].torchserve.body_contract: BODY_CONTRACT_INSTANCES_JSON needs the route schema",
+        ),
+        (
+            KINDS.replace('address: "127.0.0.1:8500"}', 'address: "127.0.0.1:8500", torchserve: {management_address: "127.0.0.1:8081"}}'),
+            "backends[1].torchserve: options for another backend kind than TF Serving",
+        ),
+        (
+            KINDS.replace('address: "127.0.0.1:8080"}', 'address: "127.0.0.1:8080", torchserve: {management_address: "nohost"}}'),
+            "backends[2].torchserve.management_address: 'nohost' is not host:port",
+        ),
+        (
+            KINDS.replace("tfserving: {signature_name: s, version_label: canary}", "signature_name: s"),
+            'has no field named "signature_name"',
+        ),
+    ]  # fmt: skip
+    for text, expected in cases:
+        found = problems(text)
+        assert any(expected in p for p in found), (expected, found)

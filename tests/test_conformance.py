@@ -49,7 +49,7 @@ def gateway(triton, tfserving, torchserve):
             triton_backend(triton.address, "triton"),
             {"name": "tfs", "kind": "BACKEND_KIND_TFSERVING", "address": tfserving.address},
             {"name": "ts", "kind": "BACKEND_KIND_TORCHSERVE", "address": torchserve.inference_url.removeprefix("http://"),
-             "management_address": torchserve.management_url.removeprefix("http://")},
+             "torchserve": {"management_address": torchserve.management_url.removeprefix("http://")}},
         ],
         "routes": [
             {"model": "on-triton", "variants": [{**triton_v1, "weight": 1, "version": "1"}]},

@@ -39,7 +39,7 @@ def gateway(tfserving):
                 tf_variant(
                     "labelled",
                     backend_model="linear",
-                    version_label="canary",
+                    tfserving={"version_label": "canary"},
                     version="3",
                     weight=0,
                 ),
@@ -48,11 +48,13 @@ def gateway(tfserving):
         {"model": "missing", "variants": [tf_variant("x", backend_model="no_such_model")]},
         {
             "model": "badsig",
-            "variants": [tf_variant("x", backend_model="linear", signature_name="nope")],
+            "variants": [
+                tf_variant("x", backend_model="linear", tfserving={"signature_name": "nope"})
+            ],
         },
     ]
     routes += [
-        {"model": f"echo-{dt.lower()}", "variants": [tf_variant("x", backend_model="echo", signature_name=f"echo_{name}")]}
+        {"model": f"echo-{dt.lower()}", "variants": [tf_variant("x", backend_model="echo", tfserving={"signature_name": f"echo_{name}"})]}
         for dt, name in TF_NAME.items()
     ]  # fmt: skip
     config = {

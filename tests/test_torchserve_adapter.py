@@ -30,7 +30,7 @@ def gateway(torchserve):
         "backends": [{
             "name": "ts", "kind": "BACKEND_KIND_TORCHSERVE",
             "address": torchserve.inference_url.removeprefix("http://"),
-            "management_address": torchserve.management_url.removeprefix("http://"),
+            "torchserve": {"management_address": torchserve.management_url.removeprefix("http://")},
         }],
         "routes": [
             {"model": "linear", "schema": LINEAR_SCHEMA, "variants": [
@@ -38,7 +38,7 @@ def gateway(torchserve):
                 ts_variant("v2", backend_model="linear", backend_version="2", version="2", weight=0),
             ]},
             {"model": "linear-instances", "schema": LINEAR_SCHEMA, "variants": [
-                ts_variant("x", backend_model="linear_instances", body_contract="BODY_CONTRACT_INSTANCES_JSON"),
+                ts_variant("x", backend_model="linear_instances", torchserve={"body_contract": "BODY_CONTRACT_INSTANCES_JSON"}),
             ]},
             {"model": "echo", "variants": [ts_variant("x", backend_model="echo")]},
             {"model": "missing", "variants": [ts_variant("x", backend_model="no_such_model")]},

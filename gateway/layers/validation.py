@@ -17,6 +17,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 
+from google.protobuf.unknown_fields import UnknownFieldSet
 from tritonclient.grpc import service_pb2 as oip
 
 from adapters.base import Adapter, ModelSpec, TensorSpec, declared_spec
@@ -88,7 +89,7 @@ def check_structure(
             f"request is {size} bytes, over the gateway's limit of {max_request_bytes} bytes "
             "(limits.max_request_bytes)"
         )
-    _check_known_fields(request, size)
+    _check_known_fields(request)
     inputs = request.inputs
     if not inputs:
         raise invalid(f"request for model {shown(request.model_name)} has no inputs")
@@ -151,20 +152,40 @@ def check_structure(
             _check_parameter_names(f"output {shown(name)}", requested.parameters)
 
 
-def _check_known_fields(request: oip.ModelInferRequest, size: int) -> None:
+def _unknown(message) -> str:
+    """The numbers of `message`'s own unknown fields ("" when none)."""
+    found = UnknownFieldSet(message)
+    return ", ".join(str(f.field_number) for f in found) if len(found) else ""
+
+
+def _check_known_fields(request: oip.ModelInferRequest) -> None:
     """Refuse fields the protocol does not define, anywhere in the request. The gateway checks the
     request as Python's protobuf parses it, but forwards it to Triton re-serialized, unknown fields
-    included, and the parsers differ: a `parameters` map entry carrying an unknown field is kept by
-    Python as an unknown field of the enclosing message (no parameter), while Triton's C++ parser
-    reads it as the parameter. That smuggled `shared_memory_region` past the allowlist (Triton then
-    read another client's region). What the gateway cannot see, it does not forward."""
-    request.DiscardUnknownFields()  # recursive; the request is refused if anything was dropped
-    if request.ByteSize() != size:
-        raise invalid(
-            "request has fields the Open Inference Protocol does not define (unknown field "
-            "numbers, or a parameters map entry with one): refused rather than forwarded, since "
-            "the backend may read them differently than the gateway"
-        )
+    included, and the parsers differ: a `parameters` map entry that carries an unknown field is
+    kept by Python as an unknown field of the enclosing message (no parameter at all), while
+    Triton's C++ parser reads it as the parameter. That smuggled `shared_memory_region` past the
+    allowlist (Triton then read another client's region). What the gateway cannot see, it does not
+    forward. About a microsecond per message checked, whatever the request's size."""
+    places = [("the request", request)]
+    places += [(f"request parameter {shown(k)}", v) for k, v in request.parameters.items()]
+    for tensor in request.inputs:
+        where = f"input {shown(tensor.name)}"
+        places.append((where, tensor))
+        if tensor.HasField("contents"):
+            places.append((f"{where} contents", tensor.contents))
+        places += [(f"{where} parameter {shown(k)}", v) for k, v in tensor.parameters.items()]
+    for tensor in request.outputs:
+        where = f"output {shown(tensor.name)}"
+        places.append((where, tensor))
+        places += [(f"{where} parameter {shown(k)}", v) for k, v in tensor.parameters.items()]
+    for where, message in places:
+        numbers = _unknown(message)
+        if numbers:
+            raise invalid(
+                f"{where} has fields the Open Inference Protocol does not define (field "
+                f"number(s) {numbers[:80]}; a corrupt parameters entry also shows up this way): "
+                "refused, since the backend may read them differently than the gateway"
+            )
 
 
 def _check_raw(name: str, datatype: str, shape, elements: int, buffer: bytes, index: int) -> None:
@@ -369,7 +390,7 @@ class SpecCache:
         if target.schema is not None and target.schema.inputs:
             return self.declared(target.schema)
         model, version = target.backend_model, target.backend_version
-        key = (adapter.name, model, version, target.signature_name, target.version_label)
+        key = (adapter.name, model, version, target.options_key)
         now = time.monotonic()
         entry = self._entries.get(key)
         if entry is None or (now >= entry[0] and entry[1].done()):
