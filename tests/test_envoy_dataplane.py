@@ -9,6 +9,7 @@ state machine) are tested without processes at the top.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import subprocess
 import sys
 import threading
@@ -366,7 +367,7 @@ def test_stock_tritonclient_through_envoy_weights_80_20(stack):
     client = tc.InferenceServerClient(address)
     x = tc.InferInput("INPUT0", [1, 4], "FP32")
     x.set_data_from_numpy(np.array([X], dtype=np.float32))
-    before = envoy.counter("cluster.tg|linear|stable.upstream_rq_total")
+    before = envoy.counter("cluster.tg|linear|stable|triton-a.upstream_rq_total")
     counts = {"stable": 0, "canary": 0}
     for _ in range(2000):
         result = client.infer("linear", [x])
@@ -378,7 +379,10 @@ def test_stock_tritonclient_through_envoy_weights_80_20(stack):
     share = counts["stable"] / 2000 * 100
     assert 76 <= share <= 84, counts
     # Envoy answered them itself (variant clusters), not the Python gateway.
-    assert envoy.counter("cluster.tg|linear|stable.upstream_rq_total") - before == counts["stable"]
+    assert (
+        envoy.counter("cluster.tg|linear|stable|triton-a.upstream_rq_total") - before
+        == counts["stable"]
+    )
     assert envoy.counter("cluster.tensorgate_gateway.upstream_rq_total") == 0
 
 
@@ -402,7 +406,7 @@ def test_model_name_need_not_be_the_first_field(stack):
     body = linear_request("", "").SerializeToString()
     # inputs and raw contents first, then model_version, then model_name
     body += b"\x12\x01" + b"2" + b"\x0a\x06" + b"linear"
-    before = envoy.counter("cluster.tg|linear|canary.upstream_rq_total")
+    before = envoy.counter("cluster.tg|linear|canary|triton-a.upstream_rq_total")
     with grpc.insecure_channel(address) as channel:
         infer = channel.unary_unary(
             INFER,
@@ -411,7 +415,7 @@ def test_model_name_need_not_be_the_first_field(stack):
         )
         response = infer(body, timeout=10)
     assert output(response) == Y_V2 and response.model_name == "linear"
-    assert envoy.counter("cluster.tg|linear|canary.upstream_rq_total") == before + 1
+    assert envoy.counter("cluster.tg|linear|canary|triton-a.upstream_rq_total") == before + 1
 
 
 def test_header_callers_skip_the_body_read_and_large_bodies_are_bounded(stack, stub):
@@ -427,17 +431,17 @@ def test_header_callers_skip_the_body_read_and_large_bodies_are_bounded(stack, s
     # not renamed (Triton then rejects the shape, which proves it got there); without it, Envoy
     # refuses at the bound instead of buffering it (HTTP 413, gRPC UNKNOWN "Payload Too Large").
     big = linear_request("demo_linear", "", x=[1.0] * (MAX_BODY // 2))
-    before = envoy.counter("cluster.tg|demo_linear|plain.upstream_rq_total")
+    before = envoy.counter("cluster.tg|demo_linear|plain|triton-a.upstream_rq_total")
     with pytest.raises(grpc.RpcError) as err:
         call(stub, big, metadata=(("x-tensorgate-model", "demo_linear"),))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
     assert "unexpected shape" in err.value.details()
-    assert envoy.counter("cluster.tg|demo_linear|plain.upstream_rq_total") == before + 1
+    assert envoy.counter("cluster.tg|demo_linear|plain|triton-a.upstream_rq_total") == before + 1
     with pytest.raises(grpc.RpcError) as err:
         call(stub, big)
     assert err.value.code() == grpc.StatusCode.UNKNOWN
     assert err.value.details() == "Payload Too Large"
-    assert envoy.counter("cluster.tg|demo_linear|plain.upstream_rq_total") == before + 1
+    assert envoy.counter("cluster.tg|demo_linear|plain|triton-a.upstream_rq_total") == before + 1
 
 
 def test_sticky_route_key(stub):
@@ -463,18 +467,21 @@ def test_fallback_variant_retry_and_outlier_ejection(stack, stub):
         # route picked, not the fallback that answered.
         assert trailers["x-tensorgate-variant"] == "down"
     # The dead variant's breaker (outlier detection, 2 consecutive failures) opened.
-    assert envoy.counter("cluster.tg|guarded|down.outlier_detection.ejections_enforced_total") >= 1
-    assert envoy.counter("cluster.tg|guarded|down.upstream_cx_connect_fail") >= 2
+    assert (
+        envoy.counter("cluster.tg|guarded|down|dead.outlier_detection.ejections_enforced_total")
+        >= 1
+    )
+    assert envoy.counter("cluster.tg|guarded|down|dead.upstream_cx_connect_fail") >= 2
 
 
 def test_shadow_is_a_request_mirror(stack, stub):
     _, envoy, _ = stack
-    before = envoy.counter("cluster.tg|mirrored|copy.upstream_rq_total")
+    before = envoy.counter("cluster.tg|mirrored|copy|triton-a.upstream_rq_total")
     for _ in range(10):
         response, trailers = call(stub, linear_request("mirrored"))
         assert output(response) == Y_V1 and trailers["x-tensorgate-variant"] == "main"
     deadline = time.monotonic() + 5
-    while envoy.counter("cluster.tg|mirrored|copy.upstream_rq_200") - before < 10:
+    while envoy.counter("cluster.tg|mirrored|copy|triton-a.upstream_rq_200") - before < 10:
         assert time.monotonic() < deadline, "mirrored calls did not reach the shadow (renamed)"
         time.sleep(0.05)
 
@@ -491,8 +498,8 @@ def test_caller_deadline_is_honoured(stub):
 
 def test_per_try_timeout_and_retries(stack, stub):
     _, envoy, _ = stack
-    tries = envoy.counter("cluster.tg|slow|s.upstream_rq_per_try_timeout")
-    retries = envoy.counter("cluster.tg|slow|s.upstream_rq_retry")
+    tries = envoy.counter("cluster.tg|slow|s|impatient.upstream_rq_per_try_timeout")
+    retries = envoy.counter("cluster.tg|slow|s|impatient.upstream_rq_retry")
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as err:
         call(stub, sleep_request(0.8, "slow"), timeout=10)
@@ -500,8 +507,8 @@ def test_per_try_timeout_and_retries(stack, stub):
     # three tries of 0.3 s each, then Envoy gives up: no try ran to the 0.8 s the model sleeps
     assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
     assert 0.85 < elapsed < 1.6, elapsed
-    assert envoy.counter("cluster.tg|slow|s.upstream_rq_per_try_timeout") - tries == 3
-    assert envoy.counter("cluster.tg|slow|s.upstream_rq_retry") - retries == 2
+    assert envoy.counter("cluster.tg|slow|s|impatient.upstream_rq_per_try_timeout") - tries == 3
+    assert envoy.counter("cluster.tg|slow|s|impatient.upstream_rq_retry") - retries == 2
     time.sleep(0.8)  # the abandoned tries still hold demo_sleep's instances
     response, _ = call(stub, sleep_request(0.0, "slow"))
     assert output(response) == [0.0]
@@ -673,3 +680,39 @@ def test_envoy_nack_is_counted_not_retried_and_the_last_good_config_stays(triton
     finally:
         envoy.stop()
         plane.close()
+
+
+PROM = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
+
+
+def test_envoy_recording_rules_promtool():
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool not found: run scripts/system-tools (scripts/test does)")
+    for args in (
+        ["check", "rules", str(PROM / "envoy.yaml")],
+        ["test", "rules", str(PROM / "envoy_test.yaml")],
+    ):
+        result = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_live_envoy_exports_the_series_the_recording_rules_read(stack, stub):
+    call(stub, linear_request("linear", "1"))
+    with pytest.raises(grpc.RpcError):
+        call(stub, linear_request("linear", "9"))
+    text = stack[1].admin("/stats/prometheus")
+    rules = (PROM / "envoy.yaml").read_text()
+    ok = 'envoy_cluster_grpc_ModelInfer_0{envoy_grpc_bridge_method="GRPCInferenceService",envoy_grpc_bridge_service="inference",envoy_cluster_name="tg|linear|stable|triton-a"}'
+    assert ok in text
+    assert (
+        'envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name="tg|linear|stable|triton-a",le="0.5"}'
+        in text
+    )
+    assert "envoy_cluster_outlier_detection_ejections_active{" in text
+    for name in (
+        "envoy_cluster_grpc_ModelInfer_0",
+        "envoy_cluster_upstream_rq_time_bucket",
+        "envoy_cluster_outlier_detection_ejections_active",
+    ):
+        assert name in rules

@@ -30,6 +30,7 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.clusters.aggregate.v3 import cluster_pb2 as aggregate_pb2
+from envoy.extensions.filters.http.grpc_stats.v3 import config_pb2 as grpc_stats_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.http.upstream_codec.v3 import upstream_codec_pb2
@@ -299,11 +300,14 @@ def _cluster(
     upstream_lua: str | None = None,
     connect_timeout: float = 5.0,
     buffer_limit: int = 0,
+    stat_name: str = "",
 ) -> tuple[cluster_pb2.Cluster, endpoint_pb2.ClusterLoadAssignment | None]:
     """An HTTP/2 cluster of one address: EDS for an IP (endpoints pushed over ADS), STRICT_DNS
     for a host name (Envoy resolves it)."""
     cluster = cluster_pb2.Cluster(
-        name=name, alt_stat_name=_stat_name(name), connect_timeout=_duration(connect_timeout)
+        name=name,
+        alt_stat_name=_stat_name(stat_name or name),
+        connect_timeout=_duration(connect_timeout),
     )
     if buffer_limit:
         # What the upstream filter may buffer to rename a request or an answer.
@@ -396,6 +400,7 @@ def compile_config(config: config_pb2.GatewayConfig) -> Resources:
             cluster, assignment = _cluster(
                 name,
                 backend.address,
+                stat_name=f"{name}|{variant.backend}",
                 upstream_lua=lua,
                 connect_timeout=(connect.seconds + connect.nanos / 1e9) or 5.0,
                 buffer_limit=config.envoy.max_body_bytes if lua else 0,
@@ -601,6 +606,24 @@ def _listener(config: config_pb2.GatewayConfig) -> listener_pb2.Listener:
                 name="envoy.filters.http.lua",
                 typed_config=_any(
                     lua_pb2.Lua(default_source_code={"inline_string": lua_source("model.lua")})
+                ),
+            ),
+            # Per-cluster counts by gRPC status (cluster.<c>.grpc.<service>.<method>.<code>): what
+            # deploy/prometheus/envoy.yaml maps onto tensorgate_requests_total{code}.
+            hcm_pb2.HttpFilter(
+                name="envoy.filters.http.grpc_stats",
+                typed_config=_any(
+                    grpc_stats_pb2.FilterConfig(
+                        individual_method_stats_allowlist={
+                            "services": [
+                                {
+                                    "name": "inference.GRPCInferenceService",
+                                    "method_names": ["ModelInfer"],
+                                }
+                            ]
+                        },
+                        enable_upstream_stats=True,
+                    )
                 ),
             ),
             hcm_pb2.HttpFilter(
