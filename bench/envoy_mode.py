@@ -1,0 +1,220 @@
+"""Envoy mode vs the Python gateway vs direct: the same closed-loop load, one run.
+
+Starts one real Triton (deploy/demo/models), one `tensorgate serve` with listeners.xds (the
+control plane, and the Python data plane), and one Envoy 1.40 (tools venv) bootstrapped by
+`tensorgate envoy-bootstrap`, then measures, per concurrency level, in mirrored order:
+
+- `direct`: Triton itself, model demo_linear version 1;
+- `envoy`: Envoy, model `linear` (public name; Envoy reads it from the body with Lua, picks one
+  of two variants 80/20, and renames it to demo_linear v1 for Triton with its upstream filter),
+  retries (UNAVAILABLE) and outlier detection on;
+- `envoy-plain` (with --plain): Envoy, model `demo_linear` pinned to version 1: the same weights,
+  retries and outlier detection, but no rename (the route's names are Triton's);
+- `gateway`: the Python gateway, model `linear`, the same route table.
+
+    python -m bench.envoy_mode [--duration 10] [--concurrency 1,16] [--rounds 1] [--plain]
+
+Everything shares the machine's cores (load generator, Envoy, gateway, Triton); results are
+noisy on a shared machine. Writes bench/results/envoy_mode-*.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from bench.gateway_vs_direct import (
+    BACKEND_MODEL,
+    BACKEND_VERSION,
+    REPO_ROOT,
+    RESULTS_DIR,
+    GatewayProcess,
+    ServerProcess,
+    Target,
+    machine_info,
+    measure,
+    parse_levels,
+    report,
+    source_state,
+)
+from tests.backends.process import tool
+from tests.backends.triton import TritonServer, free_port
+
+ROUTE = "linear"
+
+
+class ControlPlaneGateway(GatewayProcess):
+    """The bench gateway with listeners.xds on, and a route table Envoy can serve alone."""
+
+    def __init__(self, triton_address: str, workdir: Path) -> None:
+        super().__init__(triton_address, workdir)
+        self.xds_port = free_port()
+        self.envoy_port = free_port()
+        self.config["listeners"]["xds"] = f"127.0.0.1:{self.xds_port}"
+        self.config["envoy"] = {"listen": f"127.0.0.1:{self.envoy_port}"}
+        self.config["backends"][0]["circuit_breaker"] = {"consecutive_failures": 5}
+
+        def variant(name: str, weight: int) -> dict:
+            return {
+                "name": name,
+                "backend": "triton",
+                "backend_model": BACKEND_MODEL,
+                "backend_version": BACKEND_VERSION,
+                "version": "1",
+                "weight": weight,
+            }
+
+        retry = {"retry": {"max_attempts": 2, "retry_on": ["UNAVAILABLE"]}}
+        self.config["routes"] = [
+            {"model": ROUTE, "variants": [variant("a", 80), variant("b", 20)], "policy": retry},
+            {
+                "model": BACKEND_MODEL,
+                "variants": [
+                    {**variant("a", 80), "backend_model": ""},
+                    {**variant("b", 20), "backend_model": ""},
+                ],
+                "policy": retry,
+            },
+        ]
+
+
+class EnvoyProcess(ServerProcess):
+    name = "envoy"
+
+    def __init__(self, gateway: ControlPlaneGateway, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.port = gateway.envoy_port
+        self.address = f"127.0.0.1:{self.port}"
+        self.admin_port = free_port()
+        self.bootstrap = workdir / "envoy.json"
+        subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "envoy-bootstrap", "-c",
+             str(gateway.config_path), "-o", str(self.bootstrap),
+             "--admin", f"127.0.0.1:{self.admin_port}", "--node-id", "bench"],
+            check=True,
+        )  # fmt: skip
+
+    def command(self) -> list[str]:
+        return [
+            tool("envoy"), "-c", str(self.bootstrap), "--disable-hot-restart",
+            "--base-id", "77", "--concurrency", "1", "--log-level", "warn",
+        ]  # fmt: skip
+
+    def is_ready(self, channel: grpc.Channel) -> bool:
+        url = f"http://127.0.0.1:{self.admin_port}/listeners"
+        try:
+            with urllib.request.urlopen(url, timeout=1) as reply:
+                return b"tensorgate" in reply.read()
+        except OSError:  # admin not up yet
+            return False
+
+    def stats(self) -> dict[str, int]:
+        url = f"http://127.0.0.1:{self.admin_port}/stats"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            lines = reply.read().decode().splitlines()
+        out = {}
+        for line in lines:
+            name, _, value = line.partition(": ")
+            if name.startswith("cluster.tg|") and value.isdigit():
+                out[name] = int(value)
+        return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.envoy_mode",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--concurrency", type=parse_levels, default=[1, 16])
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=5.0)
+    parser.add_argument("--plain", action="store_true", help="also measure envoy-plain")
+    parser.add_argument("--models", default=str(REPO_ROOT / "deploy" / "demo" / "models"))
+    parser.add_argument("--output", type=Path, default=None)
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv_list)
+
+    started = dt.datetime.now(dt.UTC)
+    machine = machine_info()
+    print(f"machine: {machine['cores']} cores, load avg {' '.join(machine['loadavg_at_start'])}")
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-envoy-"))
+    triton = TritonServer(args.models)
+    servers: list[ServerProcess] = []
+    try:
+        triton.start()
+        gateway = ControlPlaneGateway(triton.address, workdir)
+        servers.append(gateway)
+        gateway.start()
+        envoy = EnvoyProcess(gateway, workdir)
+        servers.append(envoy)
+        envoy.start()
+        time.sleep(0.5)  # routes follow the listener over ADS
+        targets = [
+            Target("direct", triton.address, BACKEND_MODEL, BACKEND_VERSION, None),
+            Target("envoy", envoy.address, ROUTE, "", envoy.pid),
+        ]
+        if args.plain:
+            targets.append(Target("envoy-plain", envoy.address, BACKEND_MODEL, "1", envoy.pid))
+        targets.append(Target("gateway", gateway.address, ROUTE, "", gateway.pid))
+        runs, merged = asyncio.run(measure(args, triton, targets))
+        envoy_stats = envoy.stats()
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for server in reversed(servers):  # Envoy first
+            server.stop()
+        triton.stop()
+    names = [t.name for t in targets]
+    table, rows, ratios = report(runs, merged, args.concurrency, names)
+    print()
+    print(table)
+    split = {k: v for k, v in envoy_stats.items() if k.endswith(".upstream_rq_total")}
+    print(f"envoy per-variant calls: {split}")
+    output = args.output or RESULTS_DIR / f"envoy_mode-{started:%Y%m%dT%H%M%SZ}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(
+        json.dumps(
+            {
+                "benchmark": "envoy_mode",
+                "started_utc": started.isoformat(timespec="seconds"),
+                "command": shlex.join([sys.executable, "-m", "bench.envoy_mode", *argv_list]),
+                "machine": machine,
+                "source": source_state(),
+                "gateway_config": gateway.config,
+                "summary": rows,
+                "ratios": ratios,
+                "runs": runs,
+                "envoy_variant_calls": split,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"results: {output}")
+    return 1 if sum(r.error_count for r in merged.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
