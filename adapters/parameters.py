@@ -41,12 +41,16 @@ class Rule:
 
 @dataclass(frozen=True, slots=True)
 class ParameterRules:
-    """The parameters one backend kind is sent, per place; anything not listed is refused."""
+    """The parameters one backend kind is sent, per place; anything not listed is refused. Also
+    what else about a request's form the backend insists on."""
 
     backend: str  # the backend kind, for messages ("Triton")
     request: Mapping[str, Rule] = field(default_factory=dict)
     inputs: Mapping[str, Rule] = field(default_factory=dict)
     outputs: Mapping[str, Rule] = field(default_factory=dict)
+    # Every input must carry data (typed contents, empty or not, or its raw_input_contents
+    # entry), even one whose shape has no elements.
+    data_required: bool = False
 
 
 _SHARED_MEMORY = frozenset(
@@ -77,6 +81,9 @@ TRITON = ParameterRules(
     # extension_classification: top-n classes instead of the tensor; n must be > 0.
     # Only on outputs of a numeric datatype (CLASSIFIABLE).
     outputs={"classification": Rule(("int64_param",), minimum=1, datatypes=CLASSIFIABLE)},
+    # Triton 2.51 answers "unable to find data for input tensor" for an input of shape [0] that
+    # has neither contents nor a raw entry (src/grpc/infer_handler.cc InferGRPCToInput).
+    data_required=True,
 )
 # The TF Serving adapter builds a PredictRequest from inputs and requested output names only, and
 # the TorchServe adapter a JSON body from inputs, id and output names: neither forwards any

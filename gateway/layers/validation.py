@@ -419,6 +419,20 @@ class SpecCache:
 _NO_PARAMETERS = ParameterRules("this backend")
 
 
+def check_data_present(request: oip.ModelInferRequest, backend: str) -> None:
+    """For backends that need data for every input (ParameterRules.data_required): refuse an
+    input sent with neither typed contents nor raw_input_contents. check_structure lets that
+    through only for a shape with no elements."""
+    for tensor in request.inputs:
+        if not tensor.HasField("contents"):
+            field = CONTENTS_FIELD.get(tensor.datatype)
+            how = f"contents.{field} or raw_input_contents" if field else "raw_input_contents"
+            raise invalid(
+                f"input {shown(tensor.name)} has no data: {backend} needs {how} even for shape "
+                f"{_shape(tensor.shape)}, which has no elements (send them empty)"
+            )
+
+
 def schema(adapters: Callable[[], Mapping[str, Adapter]], cache: SpecCache) -> Layer:
     def layer(inner: InferService) -> InferService:
         async def validate(call: InferCall) -> InferResult:
@@ -426,6 +440,8 @@ def schema(adapters: Callable[[], Mapping[str, Adapter]], cache: SpecCache) -> L
             adapter = adapters()[target.backend]
             rules = getattr(adapter, "parameters", _NO_PARAMETERS)
             check_parameters(call.request, rules)
+            if rules.data_required and not call.request.raw_input_contents:
+                check_data_present(call.request, rules.backend)
             spec = await cache.get(adapter, target, call.remaining())
             if spec is not None:
                 from_backend = target.schema is None or not target.schema.inputs
