@@ -21,16 +21,13 @@ from gateway.config import seconds
 from gateway.health import Readiness
 from gateway.intake import Intake
 from gateway.layers import (
+    LayerEnv,
     breaker,
     bulkhead,
-    deadline,
     dispatch,
-    fallback,
-    hedge,
     observe,
-    retry,
+    route_layers,
     routing,
-    shadow,
     validation,
 )
 from gateway.metrics import GatewayMetrics
@@ -66,20 +63,36 @@ class Runtime:
             self.metrics,
             seconds(config.lifecycle.health_check_interval),
         )
-        self.specs = validation.SpecCache()
         self.recent = RecentStats()
         self.breakers: dict[str, breaker.BackendBreaker] = {}
         self.bulkheads: dict[str, bulkhead.Bulkhead] = {}
+        breaker_metrics = breaker.BreakerMetrics(self.metrics.registry)
+        bulkhead_metrics = bulkhead.BulkheadMetrics(self.metrics.registry)
         for b in config.backends:
             breaking = breaker_settings(b, config.defaults.circuit_breaker)
             if not breaking.disabled:
-                self.breakers[b.name] = breaker.BackendBreaker(b.name, breaking, self.metrics)
+                self.breakers[b.name] = breaker.BackendBreaker(b.name, breaking, breaker_metrics)
             limiting = bulkhead_settings(b, config.defaults.bulkhead)
             if not limiting.disabled:
-                self.bulkheads[b.name] = bulkhead.Bulkhead(b.name, limiting, self.metrics)
-        self.retry_budgets = retry.RetryBudgets()
-        self.latencies = hedge.LatencyTracker()
-        self.shadows = shadow.ShadowRunner(self.metrics, self.per_try_timeout.__getitem__)
+                self.bulkheads[b.name] = bulkhead.Bulkhead(b.name, limiting, bulkhead_metrics)
+        adapters = lambda: self.adapters  # noqa: E731 - read per call, so swaps take effect
+        # What a call to one variant goes through, below the per-route layers (and what a
+        # shadow's mirror takes): the backend's breaker and bulkhead, then its adapter.
+        self.backend_call: InferService = compose(
+            breaker.breaker(lambda: self.breakers),
+            bulkhead.bulkhead(lambda: self.bulkheads),
+            service=dispatch.dispatch(adapters, self.per_try_timeout.__getitem__, self.metrics),
+        )
+        env = LayerEnv(
+            self.metrics.registry,
+            table=lambda: self.table,
+            adapters=adapters,
+            backend_call=lambda: self.backend_call,
+            per_try_timeout=self.per_try_timeout.__getitem__,
+            extras={"specs": validation.SpecCache()},
+        )
+        self.route_layers = route_layers()
+        self.layer_state = {layer.name: layer.state(env) for layer in self.route_layers}
 
     def apply(self, config: config_pb2.GatewayConfig) -> None:
         """Swap in a validated config whose backends are unchanged (an admin route change). The
@@ -88,16 +101,20 @@ class Runtime:
         self.table = RouteTable(config.routes, config.defaults.route_policy)
         self.readiness.table_changed()
 
+    def route_service(self, plan) -> InferService:
+        """One route's chain of layers (gateway.layers.route_layers(), outermost first), with
+        the layers that are off for this route left out, around the backend call."""
+        service = self.backend_call
+        for layer in reversed(self.route_layers):
+            settings = plan.settings[layer.name]
+            if layer.active(settings):
+                service = layer.build(settings, self.layer_state[layer.name], plan)(service)
+        return service
+
     def request_path(self) -> InferService:
-        """The ModelInfer path, outermost layer first. Each layer is one policy
-        (gateway/layers/); the adapter call is at the bottom."""
+        """The ModelInfer path, outermost layer first: the layers every call passes, then the
+        route's own compiled chain (`route_service`)."""
         limits = self.config.limits
-        adapters = lambda: self.adapters  # noqa: E731 - read per call, so swaps take effect
-        backend_call = compose(
-            breaker.breaker(lambda: self.breakers),
-            bulkhead.bulkhead(lambda: self.bulkheads),
-            service=dispatch.dispatch(adapters, self.per_try_timeout.__getitem__, self.metrics),
-        )
         return compose(
             observe.observe(
                 self.metrics, lambda model: self.table.get(model) is not None, self.recent
@@ -105,18 +122,16 @@ class Runtime:
             validation.structure(
                 max_request_bytes=limits.max_request_bytes, max_inputs=limits.max_inputs
             ),
-            routing.route(lambda: self.table, lambda: self.readiness.down),
-            validation.schema(adapters, self.specs),
-            deadline.deadline(),
-            shadow.shadow(self.shadows, lambda: backend_call),
-            fallback.fallback(lambda: self.table, self.metrics),
-            hedge.hedge(self.latencies, self.metrics),
-            retry.retry(self.retry_budgets, self.metrics),
-            service=backend_call,
+            service=routing.route(
+                lambda: self.table, lambda: self.readiness.down, self.route_service
+            ),
         )
 
     async def close(self) -> None:
-        await self.shadows.close()
+        for shared in self.layer_state.values():
+            close = getattr(shared, "close", None)
+            if close is not None:
+                await close()
         await asyncio.gather(*(a.close() for a in self.adapters.values()))
 
 

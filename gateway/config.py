@@ -14,12 +14,10 @@ import pathlib
 import re
 from dataclasses import dataclass
 
-import grpc
 import yaml
 from google.protobuf import json_format
 
 from adapters import registry
-from gateway.policy import NEVER_RETRY
 from tensorgate.config.v1 import config_pb2
 
 DEFAULT_DATA_PLANE = "127.0.0.1:8001"
@@ -401,78 +399,11 @@ def _check_policy(
     models: set[str],
     problems: list[Problem],
 ) -> None:
-    """Checks a route's policy (route given) or defaults.route_policy (route None)."""
+    """Checks a route's policy (route given) or defaults.route_policy (route None): each layer
+    checks its own part (gateway/layers/)."""
+    from gateway.layers import check_policy
 
-    def add(path: str, reason: str) -> None:
-        problems.append(Problem(path, reason))
-
-    if policy.HasField("timeout") and _duration_s(policy.timeout) < 0:
-        add(f"{at}.timeout", "must not be negative")
-    retry = policy.retry
-    for k, code in enumerate(retry.retry_on):
-        if code not in grpc.StatusCode.__members__:
-            add(f"{at}.retry.retry_on[{k}]", f"{code!r} is not a gRPC code name")
-        elif grpc.StatusCode[code] in NEVER_RETRY:
-            add(f"{at}.retry.retry_on[{k}]", f"{code} is a caller error; retrying cannot help")
-    if not 0 <= retry.budget_ratio <= 1:
-        add(f"{at}.retry.budget_ratio", "must be between 0 and 1")
-    if retry.max_attempts > 10:
-        add(f"{at}.retry.max_attempts", "must be at most 10")
-    for field in ("base_delay", "max_delay", "budget_window"):
-        if retry.HasField(field) and _duration_s(getattr(retry, field)) < 0:
-            add(f"{at}.retry.{field}", "must not be negative")
-    if policy.hedge.HasField("delay") and _duration_s(policy.hedge.delay) < 0:
-        add(f"{at}.hedge.delay", "must not be negative")
-    variants = {v.name: v for v in route.variants} if route else {}
-    for k, step in enumerate(policy.fallback):
-        sat = f"{at}.fallback[{k}]"
-        kind = step.WhichOneof("step")
-        if kind is None:
-            add(sat, "set one of variant, model, static_response")
-        elif kind == "variant":
-            if route is None:
-                add(f"{sat}.variant", "only valid in a route's own policy")
-            elif step.variant not in variants:
-                add(f"{sat}.variant", f"unknown variant {step.variant!r} in this route")
-        elif kind == "model":
-            if step.model not in models:
-                add(f"{sat}.model", f"no route for model {step.model!r}")
-            elif route is not None and step.model == route.model:
-                add(f"{sat}.model", "a route cannot fall back to itself")
-        else:
-            for m, tensor in enumerate(step.static_response.outputs):
-                tat = f"{sat}.static_response.outputs[{m}]"
-                if not tensor.name:
-                    add(f"{tat}.name", "required")
-                if tensor.datatype not in _DATATYPES:
-                    add(f"{tat}.datatype", f"{tensor.datatype!r} is not an OIP datatype")
-                    continue
-                count = 1
-                for d in tensor.shape:
-                    count *= d
-                values = (
-                    tensor.bytes_values if tensor.datatype == "BYTES"
-                    else tensor.bool_values if tensor.datatype == "BOOL"
-                    else tensor.fp_values if tensor.datatype.startswith("FP")
-                    else tensor.int_values
-                )  # fmt: skip
-                if any(d < 0 for d in tensor.shape) or len(values) != count:
-                    add(tat, f"shape {list(tensor.shape)} needs {count} values, has {len(values)}")
-            if k != len(policy.fallback) - 1:
-                add(sat, "static_response must be the last fallback step")
-    shadow = policy.shadow
-    if policy.HasField("shadow") and shadow.variant:
-        if route is None:
-            add(f"{at}.shadow", "only valid in a route's own policy")
-        elif shadow.variant not in variants:
-            add(f"{at}.shadow.variant", f"unknown variant {shadow.variant!r}")
-        elif variants[shadow.variant].weight > 0:
-            add(
-                f"{at}.shadow.variant",
-                f"{shadow.variant!r} takes live traffic (weight > 0); a shadow needs weight 0",
-            )
-        if not 0 <= shadow.fraction <= 1:
-            add(f"{at}.shadow.fraction", "must be between 0 and 1")
+    problems.extend(Problem(*p) for p in check_policy(policy, at, route, models))
 
 
 def _check_backend_options(variant, at: str, backend, route, problems: list[Problem]) -> None:

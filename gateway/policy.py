@@ -1,4 +1,4 @@
-"""Effective resilience settings: the config's messages merged with defaults, as plain values.
+"""Failure classes shared by the layers, and each backend's guard settings (breaker, bulkhead).
 
 Computed once per config revision so the hot path reads attributes, not protobuf presence checks.
 """
@@ -41,46 +41,19 @@ NEVER_RETRY = frozenset(
 )
 
 
-def _s(duration) -> float:
+def seconds(duration) -> float:
+    """A google.protobuf.Duration in seconds."""
     return duration.seconds + duration.nanos / 1e9
 
 
-@dataclass(frozen=True, slots=True)
-class RetrySettings:
-    max_attempts: int = 2
-    base_delay: float = 0.025
-    max_delay: float = 0.25
-    retry_on: frozenset = frozenset({grpc.StatusCode.UNAVAILABLE})
-    budget_ratio: float = 0.2
-    budget_min_per_second: float = 5.0
-    budget_window: float = 10.0
-    other_variant: bool = False
+_s = seconds
 
 
-@dataclass(frozen=True, slots=True)
-class HedgeSettings:
-    delay: float = 0.0
-    use_p95: bool = False
+def route_settings(route: config_pb2.Route, defaults: config_pb2.RoutePolicy):
+    """A route's settings per layer (gateway.layers.RouteSettings: `.retry`, `.hedge`, ...)."""
+    from gateway.layers import route_settings as per_layer
 
-    @property
-    def enabled(self) -> bool:
-        return self.delay > 0 or self.use_p95
-
-
-@dataclass(frozen=True, slots=True)
-class ShadowSettings:
-    variant: str
-    fraction: float
-    max_concurrency: int = 8
-
-
-@dataclass(frozen=True, slots=True)
-class RouteSettings:
-    timeout: float | None = None
-    retry: RetrySettings = RetrySettings()
-    hedge: HedgeSettings = HedgeSettings()
-    fallback: tuple = ()  # tuple[config_pb2.FallbackStep, ...]
-    shadow: ShadowSettings | None = None
+    return per_layer(route, defaults)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,41 +73,6 @@ class BulkheadSettings:
     max_concurrency: int = 64
     max_queue: int = 16
     disabled: bool = False
-
-
-def _pick(route: config_pb2.RoutePolicy, defaults: config_pb2.RoutePolicy, field: str):
-    return getattr(route if route.HasField(field) else defaults, field)
-
-
-def route_settings(route: config_pb2.Route, defaults: config_pb2.RoutePolicy) -> RouteSettings:
-    policy = route.policy
-    timeout = _pick(policy, defaults, "timeout")
-    r = _pick(policy, defaults, "retry")
-    base = RetrySettings()
-    retry = RetrySettings(
-        max_attempts=r.max_attempts or base.max_attempts,
-        base_delay=_s(r.base_delay) if r.HasField("base_delay") else base.base_delay,
-        max_delay=_s(r.max_delay) if r.HasField("max_delay") else base.max_delay,
-        retry_on=frozenset(grpc.StatusCode[c] for c in r.retry_on) or base.retry_on,
-        budget_ratio=r.budget_ratio or base.budget_ratio,
-        budget_min_per_second=r.budget_min_per_second or base.budget_min_per_second,
-        budget_window=_s(r.budget_window) if r.HasField("budget_window") else base.budget_window,
-        other_variant=r.other_variant,
-    )
-    h = _pick(policy, defaults, "hedge")
-    hedge = HedgeSettings(delay=_s(h.delay), use_p95=h.use_p95)
-    fallback = tuple(policy.fallback) if policy.fallback else tuple(defaults.fallback)
-    shadow = None
-    if policy.HasField("shadow") and policy.shadow.variant:
-        sh = policy.shadow
-        shadow = ShadowSettings(sh.variant, sh.fraction, sh.max_concurrency or 8)
-    return RouteSettings(
-        timeout=_s(timeout) if _s(timeout) > 0 else None,
-        retry=retry,
-        hedge=hedge,
-        fallback=fallback,
-        shadow=shadow,
-    )
 
 
 def breaker_settings(

@@ -16,7 +16,7 @@ from uhashring import HashRing
 
 from adapters.registry import variant_options
 from gateway.errors import not_found, shown
-from gateway.policy import RouteSettings, route_settings
+from gateway.policy import route_settings
 from tensorgate.config.v1 import config_pb2
 
 # uhashring places vnodes * weight points per variant; weights are scaled to about this many
@@ -110,8 +110,11 @@ class RoutePlan:
     versions: tuple[str, ...]  # public versions, sorted numerically
     unpinned: _Picker
     by_version: dict[str, _Picker]
-    settings: RouteSettings
+    settings: object  # gateway.layers.RouteSettings: per layer, by name
     by_name: dict[str, Target]
+    # This route's compiled chain of layers (gateway.pipeline.InferService), built on its first
+    # call: a table of 10,000 routes does not compile 10,000 chains up front.
+    service: object = None
 
     def variant(self, name: str) -> Target | None:
         return self.by_name.get(name)

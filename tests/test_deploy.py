@@ -41,7 +41,6 @@ import tritonclient.grpc as tc
 import yaml
 from tritonclient.grpc import service_pb2_grpc
 
-from gateway.metrics import GatewayMetrics
 from tensorgate.admin.v1 import admin_pb2, admin_pb2_grpc
 from tests import certs
 from tests.backends.process import tool
@@ -322,6 +321,30 @@ def test_configmap_gateway_config_passes_check_config(tmp_path):
     assert "OK" in result.stdout
 
 
+@functools.cache
+def gateway_registry():
+    """The registry of a runtime: every metric the gateway exports (each layer registers its
+    own on it)."""
+    import asyncio
+
+    from gateway.app import Runtime
+    from gateway.config import from_dict
+
+    config = from_dict(
+        {
+            "backends": [{"name": "t", "kind": "BACKEND_KIND_TRITON", "address": "127.0.0.1:1"}],
+            "routes": [{"model": "m", "variants": [{"name": "a", "backend": "t", "weight": 1}]}],
+        }
+    )
+
+    async def build():
+        runtime = Runtime(config)
+        await runtime.close()
+        return runtime.metrics.registry
+
+    return asyncio.run(build())
+
+
 def host_port(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host, int(port)
@@ -408,7 +431,7 @@ def test_services_hpa_pdb_and_network_policy():
     assert metrics["Resource"]["resource"]["name"] == "cpu"
     pods_metric = metrics["Pods"]["pods"]["metric"]["name"]
     assert pods_metric == "tensorgate_requests_in_flight"
-    assert pods_metric in {c.name for c in GatewayMetrics().registry.collect()}
+    assert pods_metric in {c.name for c in gateway_registry().collect()}
 
     pdb = manifest("PodDisruptionBudget")["spec"]
     assert pdb["selector"]["matchLabels"].items() <= pod_labels.items()
@@ -652,7 +675,7 @@ def gateway_metric_names() -> set[str]:
     """What the gateway exports, from its own registry (the live test compares with /metrics)."""
     import prometheus_client
 
-    return exported_names(prometheus_client.generate_latest(GatewayMetrics().registry).decode())
+    return exported_names(prometheus_client.generate_latest(gateway_registry()).decode())
 
 
 def test_rules_and_dashboard_use_only_exported_metrics():

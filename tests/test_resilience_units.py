@@ -8,13 +8,13 @@ import asyncio
 import time
 
 import grpc
+import prometheus_client as prom
 import pytest
 from tritonclient.grpc import service_pb2 as oip
 
 from gateway.config import from_dict
 from gateway.errors import GatewayError
 from gateway.layers import breaker, bulkhead, fallback, hedge, retry, shadow
-from gateway.metrics import GatewayMetrics
 from gateway.pipeline import InferCall, InferResult, compose
 from gateway.policy import BreakerSettings, BulkheadSettings
 from gateway.resilience.backoff import full_jitter
@@ -23,6 +23,35 @@ from gateway.routing import RouteTable
 
 UNAVAILABLE = GatewayError(grpc.StatusCode.UNAVAILABLE, "down")
 INVALID = GatewayError(grpc.StatusCode.INVALID_ARGUMENT, "bad input")
+
+
+class GatewayMetrics:
+    """Every layer's metrics on one registry, as a runtime holds them (each layer module
+    declares its own)."""
+
+    def __init__(self) -> None:
+        self.registry = prom.CollectorRegistry()
+        self._parts = [
+            breaker.BreakerMetrics(self.registry),
+            bulkhead.BulkheadMetrics(self.registry),
+            retry.RetryMetrics(self.registry),
+            fallback.FallbackMetrics(self.registry),
+            hedge.HedgeMetrics(self.registry),
+            shadow.ShadowMetrics(self.registry),
+        ]
+
+    def __getattr__(self, name: str):
+        for part in self._parts:
+            if hasattr(part, name):
+                return getattr(part, name)
+        raise AttributeError(name)
+
+
+def retry_layer(table, metrics, budgets=None):
+    """The retry layer as route "m" of `table` configures it."""
+    settings = table.plan("m").settings.retry
+    budget = (budgets or retry.RetryBudgets()).for_route("m", settings)
+    return retry.retry(settings, budget, metrics)
 
 
 class Clock:
@@ -258,16 +287,16 @@ async def test_retry_only_retryable_and_bounded_attempts():
     table = _plan({"retry": {"max_attempts": 3, "base_delay": "0.001s", "max_delay": "0.002s"}})
     metrics = GatewayMetrics()
     script = Script(ba=[UNAVAILABLE, UNAVAILABLE, "ok"])
-    service = compose(retry.retry(retry.RetryBudgets(), metrics), service=script)
+    service = compose(retry_layer(table, metrics), service=script)
     assert (await service(_call(table))).response.id == "ba:ok"
     assert script.calls == ["ba"] * 3
     script = Script(ba=[UNAVAILABLE])
     with pytest.raises(GatewayError):
-        await compose(retry.retry(retry.RetryBudgets(), metrics), service=script)(_call(table))
+        await compose(retry_layer(table, metrics), service=script)(_call(table))
     assert len(script.calls) == 3  # max_attempts, not more
     script = Script(ba=[INVALID])
     with pytest.raises(GatewayError) as err:
-        await compose(retry.retry(retry.RetryBudgets(), metrics), service=script)(_call(table))
+        await compose(retry_layer(table, metrics), service=script)(_call(table))
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and script.calls == ["ba"]
 
 
@@ -281,9 +310,7 @@ async def test_retry_goes_to_other_variant_and_respects_budget():
     )
     script = Script(ba=[UNAVAILABLE], bb=["ok"])
     call = _call(table, "a")
-    result = await compose(retry.retry(retry.RetryBudgets(), GatewayMetrics()), service=script)(
-        call
-    )
+    result = await compose(retry_layer(table, GatewayMetrics()), service=script)(call)
     assert result.response.id == "bb:ok"
     assert result.target.variant == "b" and result.attempts == 2
     assert call.target.variant == "a"  # the call itself is never changed
@@ -300,7 +327,7 @@ async def test_retry_goes_to_other_variant_and_respects_budget():
     )
     metrics = GatewayMetrics()
     budgets = retry.RetryBudgets()
-    service = compose(retry.retry(budgets, metrics), service=Script(ba=[UNAVAILABLE]))
+    service = compose(retry_layer(table, metrics, budgets), service=Script(ba=[UNAVAILABLE]))
     for _ in range(20):
         with pytest.raises(GatewayError):
             await service(_call(table))
@@ -348,7 +375,7 @@ async def test_retry_never_retries_a_breaker_fail_fast_on_the_same_backend():
     breakers = await _open_breakers(metrics, "ba")
     script = Script(ba=["ok"], bb=["ok"])
     service = compose(
-        retry.retry(retry.RetryBudgets(), metrics),
+        retry_layer(table, metrics),
         breaker.breaker(lambda: breakers),
         service=script,
     )
@@ -388,7 +415,7 @@ async def test_fail_fast_moves_to_another_backend_at_once_without_spending_budge
     breakers = await _open_breakers(metrics, "ba", closed=["bb"])
     script = Script(ba=["ok"], bb=["ok"])
     service = compose(
-        retry.retry(budgets, metrics), breaker.breaker(lambda: breakers), service=script
+        retry_layer(table, metrics, budgets), breaker.breaker(lambda: breakers), service=script
     )
     started = time.perf_counter()
     for _ in range(20):
@@ -416,7 +443,7 @@ async def test_a_retry_the_breaker_refuses_is_not_counted_as_sent():
     breakers = await _open_breakers(metrics, closed=["ba"])
     script = Script(ba=[UNAVAILABLE])
     service = compose(
-        retry.retry(retry.RetryBudgets(), metrics),
+        retry_layer(table, metrics),
         breaker.breaker(lambda: breakers),
         service=script,
     )
@@ -438,8 +465,8 @@ async def test_fallback_answers_at_once_when_the_primary_breaker_is_open():
     metrics = GatewayMetrics()
     breakers = await _open_breakers(metrics, "ba", "bb")
     service = compose(
-        fallback.fallback(lambda: table, metrics),
-        retry.retry(retry.RetryBudgets(), metrics),
+        fallback.fallback(table.plan("m").settings.fallback, lambda: table, metrics),
+        retry_layer(table, metrics),
         breaker.breaker(lambda: breakers),
         service=Script(ba=["ok"], bb=["ok"]),
     )
@@ -471,7 +498,7 @@ async def test_fallback_chain_and_invalid_never_rescued():
     }
     table = _plan(policy)
     metrics = GatewayMetrics()
-    layer = fallback.fallback(lambda: table, metrics)
+    layer = fallback.fallback(table.plan("m").settings.fallback, lambda: table, metrics)
     call = _call(table)
     result = await compose(layer, service=Script(ba=[UNAVAILABLE], bb=["ok"]))(call)
     assert result.response.id == "bb:ok"
@@ -505,7 +532,8 @@ async def test_hedge_takes_the_faster_answer():
     )
     metrics = GatewayMetrics()
     service = compose(
-        hedge.hedge(hedge.LatencyTracker(), metrics), service=Script(ba=[0.5], bb=[0.01])
+        hedge.hedge(table.plan("m").settings.hedge, hedge.LatencyTracker(), metrics),
+        service=Script(ba=[0.5], bb=[0.01]),
     )
     call = _call(table, "a")
     started = time.perf_counter()
@@ -514,7 +542,8 @@ async def test_hedge_takes_the_faster_answer():
     assert time.perf_counter() - started < 0.2
     assert result.target.variant == "b"
     service = compose(
-        hedge.hedge(hedge.LatencyTracker(), metrics), service=Script(ba=[0.001], bb=[0.001])
+        hedge.hedge(table.plan("m").settings.hedge, hedge.LatencyTracker(), metrics),
+        service=Script(ba=[0.001], bb=[0.001]),
     )
     call = _call(table, "a")
     await service(call)
@@ -537,7 +566,10 @@ async def test_shadow_never_delays_or_fails_the_primary():
     metrics = GatewayMetrics()
     runner = shadow.ShadowRunner(metrics, lambda backend: 5.0)
     mirror_path = Script(bs=[1.0])  # slow shadow
-    service = compose(shadow.shadow(runner, lambda: mirror_path), service=Script(ba=["ok"]))
+    service = compose(
+        shadow.shadow(table.plan("m").settings.shadow, runner, lambda: mirror_path),
+        service=Script(ba=["ok"]),
+    )
     started = time.perf_counter()
     for _ in range(5):
         assert (await service(_call(table))).response.id == "ba:ok"
@@ -550,7 +582,8 @@ async def test_shadow_never_delays_or_fails_the_primary():
         == 3
     )
     failing = compose(
-        shadow.shadow(runner, lambda: Script(bs=[UNAVAILABLE])), service=Script(ba=["ok"])
+        shadow.shadow(table.plan("m").settings.shadow, runner, lambda: Script(bs=[UNAVAILABLE])),
+        service=Script(ba=["ok"]),
     )
     await runner.close()
     assert (await failing(_call(table))).response.id == "ba:ok"

@@ -1,1 +1,118 @@
-"""Request-path layers. Each module holds one policy and exports a function returning a Layer."""
+"""Request-path layers. Each module holds one policy and declares, in its `LAYER`, everything the
+gateway needs to know about it: its settings (read from the route's effective RoutePolicy), when
+it is on for a route, its long-lived state (metrics, budgets, trackers; built once per runtime)
+and how it is built for one route. The per-route part of the path is compiled from
+`route_layers()` when a route is first called: a layer that is off for a route is not in that
+route's chain at all, so it costs nothing there.
+
+Adding a layer touches three files: its module, the config proto (its policy message), and the
+list in `route_layers()`. See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tensorgate.config.v1 import config_pb2
+
+if TYPE_CHECKING:
+    import prometheus_client as prom
+
+    from adapters.base import Adapter
+    from gateway.pipeline import InferService, Layer
+    from gateway.routing import RoutePlan, RouteTable
+
+
+@dataclass(slots=True)
+class LayerEnv:
+    """What a layer's state may use from the running gateway (all read per call, so a route
+    table or adapter swap takes effect at once)."""
+
+    registry: prom.CollectorRegistry
+    table: Callable[[], RouteTable] = lambda: None
+    adapters: Callable[[], Mapping[str, Adapter]] = dict
+    backend_call: Callable[[], InferService] = lambda: None  # breaker, bulkhead, dispatch
+    per_try_timeout: Callable[[str], float] = lambda backend: 30.0
+    extras: dict[str, Any] = field(default_factory=dict)  # shared objects, e.g. the spec cache
+
+
+def _no_problems(policy, at, route, models) -> Iterator[tuple[str, str]]:
+    return iter(())
+
+
+@dataclass(frozen=True, slots=True)
+class RouteLayer:
+    name: str  # its settings' attribute on RouteSettings, and its label in docs and errors
+    settings: Callable[[config_pb2.RoutePolicy], Any]  # effective policy -> settings (always)
+    active: Callable[[Any], bool]  # is the layer in a route's chain with these settings?
+    state: Callable[[LayerEnv], Any]  # built once per runtime
+    build: Callable[[Any, Any, RoutePlan], Layer]  # (settings, state, route) -> layer
+    # (policy, field path, route or None for defaults, known models) -> problems in its part
+    check: Callable[..., Iterator[tuple[str, str]]] = _no_problems
+
+
+def route_layers() -> tuple[RouteLayer, ...]:
+    """The per-route part of the ModelInfer path, outermost first; why this order:
+    docs/architecture.md. (Imported here, not at module level: layers import the pipeline.)"""
+    from gateway.layers import deadline, fallback, hedge, retry, shadow, validation
+
+    return (
+        validation.SCHEMA,
+        deadline.LAYER,
+        shadow.LAYER,
+        fallback.LAYER,
+        hedge.LAYER,
+        retry.LAYER,
+    )
+
+
+class RouteSettings:
+    """A route's settings per layer, by layer name (`settings.retry`), computed once per route
+    table from the route's policy merged over defaults.route_policy."""
+
+    __slots__ = ("_by_layer",)
+
+    def __init__(self, by_layer: dict[str, Any]) -> None:
+        self._by_layer = by_layer
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._by_layer[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __getitem__(self, name: str) -> Any:
+        return self._by_layer[name]
+
+
+def effective_policy(
+    route: config_pb2.RoutePolicy, defaults: config_pb2.RoutePolicy
+) -> config_pb2.RoutePolicy:
+    """Each RoutePolicy field from the route when it sets it, else from the defaults (a set
+    message or non-empty list replaces the default whole; it is not merged field by field)."""
+    merged = config_pb2.RoutePolicy()
+    merged.CopyFrom(defaults)
+    for descriptor, value in route.ListFields():
+        merged.ClearField(descriptor.name)
+        if descriptor.is_repeated:
+            getattr(merged, descriptor.name).extend(value)
+        elif descriptor.message_type is not None:
+            getattr(merged, descriptor.name).CopyFrom(value)
+        else:
+            setattr(merged, descriptor.name, value)
+    return merged
+
+
+def route_settings(route: config_pb2.Route, defaults: config_pb2.RoutePolicy) -> RouteSettings:
+    policy = effective_policy(route.policy, defaults)
+    return RouteSettings({layer.name: layer.settings(policy) for layer in route_layers()})
+
+
+def check_policy(
+    policy: config_pb2.RoutePolicy, at: str, route: config_pb2.Route | None, models: set[str]
+) -> Iterator[tuple[str, str]]:
+    """(field path, problem) in a route's policy (route given) or defaults.route_policy."""
+    for layer in route_layers():
+        yield from layer.check(policy, at, route, models)

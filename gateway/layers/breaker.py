@@ -13,20 +13,43 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 
 import grpc
+import prometheus_client as prom
 import pybreaker
 
 from gateway.errors import GatewayError
-from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Layer, per_backend
 from gateway.policy import BACKEND_FAILURES, BreakerSettings
 from gateway.resilience.window import WindowCounter
+
+
+class BreakerMetrics:
+    def __init__(self, registry: prom.CollectorRegistry) -> None:
+        self.breaker_state = prom.Gauge(
+            "tensorgate_breaker_state",
+            "Circuit breaker state per backend: 0 closed, 1 half-open, 2 open.",
+            ("backend",),
+            registry=registry,
+        )
+        self.breaker_transitions = prom.Counter(
+            "tensorgate_breaker_transitions",
+            "Circuit breaker state changes, by the state entered.",
+            ("backend", "state"),
+            registry=registry,
+        )
+        self.breaker_rejections = prom.Counter(
+            "tensorgate_breaker_rejections",
+            "Calls failed fast because the backend's breaker was open (or half-open and full).",
+            ("backend",),
+            registry=registry,
+        )
+
 
 STATE_VALUE = {pybreaker.STATE_CLOSED: 0, pybreaker.STATE_HALF_OPEN: 1, pybreaker.STATE_OPEN: 2}
 _CALLS, _FAILURES = 0, 1
 
 
 class _StateToMetrics(pybreaker.CircuitBreakerListener):
-    def __init__(self, metrics: GatewayMetrics) -> None:
+    def __init__(self, metrics: BreakerMetrics) -> None:
         self._metrics = metrics
 
     def state_change(self, cb, old_state, new_state) -> None:
@@ -35,11 +58,14 @@ class _StateToMetrics(pybreaker.CircuitBreakerListener):
 
 
 class BackendBreaker:
-    def __init__(self, backend: str, settings: BreakerSettings, metrics: GatewayMetrics) -> None:
+    def __init__(self, backend: str, settings: BreakerSettings, metrics: BreakerMetrics) -> None:
         self.backend = backend
         self.settings = settings
         self._metrics = metrics
+        # Our own reference to the state storage: when the breaker opened is read from it.
+        self._storage = pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
         self._cb = pybreaker.CircuitBreaker(
+            state_storage=self._storage,
             fail_max=settings.consecutive_failures,
             reset_timeout=settings.open_duration,
             success_threshold=settings.half_open_successes,
@@ -76,7 +102,7 @@ class BackendBreaker:
         if state == pybreaker.STATE_CLOSED:
             return True
         if state == pybreaker.STATE_OPEN:
-            opened_at = self._cb._state_storage.opened_at
+            opened_at = self._storage.opened_at
             if opened_at and datetime.now(UTC) < opened_at + self._open_for:
                 return False
             self._cb.half_open()

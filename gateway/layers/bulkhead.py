@@ -11,25 +11,42 @@ import asyncio
 from collections.abc import Callable, Mapping
 
 import grpc
+import prometheus_client as prom
 
 from gateway.errors import GatewayError
-from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Layer, per_backend
 from gateway.policy import BulkheadSettings
 
 
+class BulkheadMetrics:
+    def __init__(self, registry: prom.CollectorRegistry) -> None:
+        self.bulkhead_rejections = prom.Counter(
+            "tensorgate_bulkhead_rejections",
+            "Calls rejected because the backend's concurrency limit and queue were full.",
+            ("backend",),
+            registry=registry,
+        )
+        self.bulkhead_queued = prom.Gauge(
+            "tensorgate_bulkhead_queued",
+            "Calls waiting for a backend concurrency slot.",
+            ("backend",),
+            registry=registry,
+        )
+
+
 class Bulkhead:
-    def __init__(self, backend: str, settings: BulkheadSettings, metrics: GatewayMetrics) -> None:
+    def __init__(self, backend: str, settings: BulkheadSettings, metrics: BulkheadMetrics) -> None:
         self.backend = backend
         self.settings = settings
         self._free = asyncio.Semaphore(settings.max_concurrency)
         self._queued = 0
+        self._running = 0  # counted here: asyncio.Semaphore exposes no count
         self._rejections = metrics.bulkhead_rejections.labels(backend)
         self._queue_gauge = metrics.bulkhead_queued.labels(backend)
 
     @property
     def in_flight(self) -> int:
-        return self.settings.max_concurrency - self._free._value
+        return self._running
 
     async def call(self, fn: Callable[[], object]):
         if self._free.locked():
@@ -49,9 +66,11 @@ class Bulkhead:
                 self._queue_gauge.dec()
         else:
             await self._free.acquire()
+        self._running += 1
         try:
             return await fn()
         finally:
+            self._running -= 1
             self._free.release()
 
 

@@ -10,17 +10,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Iterator
 
 import grpc
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, shown
+from gateway.layers import RouteLayer
 from gateway.pipeline import InferCall, InferResult, InferService, Layer
+from gateway.policy import seconds
+from tensorgate.config.v1 import config_pb2
 
 
-def deadline() -> Layer:
+def deadline(route_timeout: float | None) -> Layer:
     def layer(inner: InferService) -> InferService:
         async def bounded(call: InferCall) -> InferResult:
-            route_timeout = call.plan.settings.timeout
             if route_timeout is not None:
                 capped = time.monotonic() + route_timeout
                 if call.deadline is None or capped < call.deadline:
@@ -37,9 +40,31 @@ def deadline() -> Layer:
                 raise GatewayError(
                     grpc.StatusCode.DEADLINE_EXCEEDED,
                     f"deadline exceeded after {remaining * 1000:.0f} ms "
-                    f"(caller deadline or route timeout of model {call.model!r})",
+                    f"(caller deadline or route timeout of model {shown(call.model)})",
                 ) from None
 
         return bounded
 
     return layer
+
+
+def settings(policy: config_pb2.RoutePolicy) -> float | None:
+    """The route's timeout in seconds, None when unset or 0."""
+    timeout = seconds(policy.timeout)
+    return timeout if timeout > 0 else None
+
+
+def check(policy: config_pb2.RoutePolicy, at: str, route, models) -> Iterator[tuple[str, str]]:
+    if policy.HasField("timeout") and seconds(policy.timeout) < 0:
+        yield f"{at}.timeout", "must not be negative"
+
+
+# Always on: the caller's own deadline applies on every route, timeout or not.
+LAYER = RouteLayer(
+    "timeout",
+    settings=settings,
+    active=lambda timeout: True,
+    state=lambda env: None,
+    build=lambda timeout, shared, plan: deadline(timeout),
+    check=check,
+)

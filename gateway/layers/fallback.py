@@ -10,17 +10,26 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+import prometheus_client as prom
 from tritonclient.grpc import service_pb2 as oip
 
 from adapters.codecs import oip as oip_codec
 from gateway.errors import GatewayError
-from gateway.metrics import GatewayMetrics
+from gateway.layers import LayerEnv, RouteLayer
 from gateway.pipeline import InferCall, InferResult, InferService, Layer, PrimaryFailure, blame
 from gateway.policy import BACKEND_FAILURES
-from gateway.routing import RouteTable
+from tensorgate.config.v1 import config_pb2
+
+if TYPE_CHECKING:
+    from gateway.routing import RouteTable
+
+# StaticTensor datatypes (BF16 has no value field to declare it with).
+_STATIC_DATATYPES = frozenset(oip_codec.NUMPY_DTYPE) - {"BF16"}
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +56,71 @@ def _step_label(step) -> str:
     return f"{kind}:{getattr(step, kind)}"
 
 
-def fallback(table: Callable[[], RouteTable], metrics: GatewayMetrics) -> Layer:
+def check(
+    policy: config_pb2.RoutePolicy, at: str, route: config_pb2.Route | None, models: set[str]
+) -> Iterator[tuple[str, str]]:
+    variants = {v.name for v in route.variants} if route else set()
+    for k, step in enumerate(policy.fallback):
+        sat = f"{at}.fallback[{k}]"
+        kind = step.WhichOneof("step")
+        if kind is None:
+            yield sat, "set one of variant, model, static_response"
+        elif kind == "variant":
+            if route is None:
+                yield f"{sat}.variant", "only valid in a route's own policy"
+            elif step.variant not in variants:
+                yield f"{sat}.variant", f"unknown variant {step.variant!r} in this route"
+        elif kind == "model":
+            if step.model not in models:
+                yield f"{sat}.model", f"no route for model {step.model!r}"
+            elif route is not None and step.model == route.model:
+                yield f"{sat}.model", "a route cannot fall back to itself"
+        else:
+            for m, tensor in enumerate(step.static_response.outputs):
+                tat = f"{sat}.static_response.outputs[{m}]"
+                if not tensor.name:
+                    yield f"{tat}.name", "required"
+                if tensor.datatype not in _STATIC_DATATYPES:
+                    yield f"{tat}.datatype", f"{tensor.datatype!r} is not an OIP datatype"
+                    continue
+                count = 1
+                for d in tensor.shape:
+                    count *= d
+                values = (
+                    tensor.bytes_values if tensor.datatype == "BYTES"
+                    else tensor.bool_values if tensor.datatype == "BOOL"
+                    else tensor.fp_values if tensor.datatype.startswith("FP")
+                    else tensor.int_values
+                )  # fmt: skip
+                if any(d < 0 for d in tensor.shape) or len(values) != count:
+                    yield tat, f"shape {list(tensor.shape)} needs {count} values, has {len(values)}"
+            if k != len(policy.fallback) - 1:
+                yield sat, "static_response must be the last fallback step"
+
+
+class FallbackMetrics:
+    def __init__(self, registry: prom.CollectorRegistry) -> None:
+        self.fallbacks = prom.Counter(
+            "tensorgate_fallbacks",
+            "Degraded answers: the fallback step that answered (or 'exhausted').",
+            ("model", "step"),
+            registry=registry,
+        )
+
+
+@dataclass(slots=True)
+class FallbackState:
+    table: Callable[[], RouteTable]
+    metrics: FallbackMetrics
+
+
+def state(env: LayerEnv) -> FallbackState:
+    return FallbackState(env.table, FallbackMetrics(env.registry))
+
+
+def fallback(steps: tuple, table: Callable[[], RouteTable], metrics: FallbackMetrics) -> Layer:
     def layer(inner: InferService) -> InferService:
         async def rescued(call: InferCall) -> InferResult:
-            steps = call.plan.settings.fallback
-            if not steps:
-                return await inner(call)
             try:
                 return await inner(call)
             except GatewayError as err:
@@ -100,3 +168,13 @@ def fallback(table: Callable[[], RouteTable], metrics: GatewayMetrics) -> Layer:
         return rescued
 
     return layer
+
+
+LAYER = RouteLayer(
+    "fallback",
+    settings=lambda policy: tuple(policy.fallback),
+    active=bool,
+    state=state,
+    build=lambda steps, shared, plan: fallback(steps, shared.table, shared.metrics),
+    check=check,
+)

@@ -10,10 +10,16 @@ import asyncio
 import dataclasses
 import time
 from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import prometheus_client as prom
 
 from gateway.errors import GatewayError
-from gateway.metrics import GatewayMetrics
+from gateway.layers import RouteLayer
 from gateway.pipeline import InferCall, InferResult, InferService, Layer
+from gateway.policy import seconds
+from tensorgate.config.v1 import config_pb2
 
 
 class LatencyTracker:
@@ -42,7 +48,42 @@ class LatencyTracker:
         return value
 
 
-def hedge(tracker: LatencyTracker, metrics: GatewayMetrics) -> Layer:
+@dataclass(frozen=True, slots=True)
+class HedgeSettings:
+    delay: float = 0.0
+    use_p95: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.delay > 0 or self.use_p95
+
+
+def settings(policy: config_pb2.RoutePolicy) -> HedgeSettings:
+    return HedgeSettings(delay=seconds(policy.hedge.delay), use_p95=policy.hedge.use_p95)
+
+
+def check(policy: config_pb2.RoutePolicy, at: str, route, models) -> Iterator[tuple[str, str]]:
+    if policy.hedge.HasField("delay") and seconds(policy.hedge.delay) < 0:
+        yield f"{at}.hedge.delay", "must not be negative"
+
+
+class HedgeMetrics:
+    def __init__(self, registry: prom.CollectorRegistry) -> None:
+        self.hedges = prom.Counter(
+            "tensorgate_hedges",
+            "Hedged second tries sent, and which try won.",
+            ("model", "winner"),
+            registry=registry,
+        )
+
+
+@dataclass(slots=True)
+class HedgeState:
+    tracker: LatencyTracker
+    metrics: HedgeMetrics
+
+
+def hedge(policy: HedgeSettings, tracker: LatencyTracker, metrics: HedgeMetrics) -> Layer:
     def layer(inner: InferService) -> InferService:
         async def timed(call: InferCall) -> InferResult:
             start = time.perf_counter()
@@ -52,9 +93,6 @@ def hedge(tracker: LatencyTracker, metrics: GatewayMetrics) -> Layer:
             return result
 
         async def hedged(call: InferCall) -> InferResult:
-            policy = call.plan.settings.hedge
-            if not policy.enabled:
-                return await inner(call)
             other = call.plan.alternative(call.version, exclude=[call.target])
             if other is None:
                 return await timed(call)
@@ -93,3 +131,13 @@ def hedge(tracker: LatencyTracker, metrics: GatewayMetrics) -> Layer:
         return hedged
 
     return layer
+
+
+LAYER = RouteLayer(
+    "hedge",
+    settings=settings,
+    active=lambda s: s.enabled,
+    state=lambda env: HedgeState(LatencyTracker(), HedgeMetrics(env.registry)),
+    build=lambda s, shared, plan: hedge(s, shared.tracker, shared.metrics),
+    check=check,
+)

@@ -11,13 +11,83 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import grpc
+import prometheus_client as prom
 
 from gateway.errors import GatewayError
-from gateway.metrics import GatewayMetrics
+from gateway.layers import LayerEnv, RouteLayer
 from gateway.pipeline import InferCall, InferResult, InferService, Layer
+from gateway.policy import NEVER_RETRY, seconds
 from gateway.resilience.backoff import full_jitter
 from gateway.resilience.budget import RetryBudget
-from gateway.routing import Target
+from tensorgate.config.v1 import config_pb2
+
+if TYPE_CHECKING:
+    from gateway.routing import RoutePlan, Target
+
+
+@dataclass(frozen=True, slots=True)
+class RetrySettings:
+    max_attempts: int = 2
+    base_delay: float = 0.025
+    max_delay: float = 0.25
+    retry_on: frozenset = frozenset({grpc.StatusCode.UNAVAILABLE})
+    budget_ratio: float = 0.2
+    budget_min_per_second: float = 5.0
+    budget_window: float = 10.0
+    other_variant: bool = False
+
+
+def settings(policy: config_pb2.RoutePolicy) -> RetrySettings:
+    r, base = policy.retry, RetrySettings()
+    return RetrySettings(
+        max_attempts=r.max_attempts or base.max_attempts,
+        base_delay=seconds(r.base_delay) if r.HasField("base_delay") else base.base_delay,
+        max_delay=seconds(r.max_delay) if r.HasField("max_delay") else base.max_delay,
+        retry_on=frozenset(grpc.StatusCode[c] for c in r.retry_on) or base.retry_on,
+        budget_ratio=r.budget_ratio or base.budget_ratio,
+        budget_min_per_second=r.budget_min_per_second or base.budget_min_per_second,
+        budget_window=(
+            seconds(r.budget_window) if r.HasField("budget_window") else base.budget_window
+        ),
+        other_variant=r.other_variant,
+    )
+
+
+def check(policy: config_pb2.RoutePolicy, at: str, route, models) -> Iterator[tuple[str, str]]:
+    retry = policy.retry
+    for k, code in enumerate(retry.retry_on):
+        if code not in grpc.StatusCode.__members__:
+            yield f"{at}.retry.retry_on[{k}]", f"{code!r} is not a gRPC code name"
+        elif grpc.StatusCode[code] in NEVER_RETRY:
+            yield f"{at}.retry.retry_on[{k}]", f"{code} is a caller error; retrying cannot help"
+    if not 0 <= retry.budget_ratio <= 1:
+        yield f"{at}.retry.budget_ratio", "must be between 0 and 1"
+    if retry.max_attempts > 10:
+        yield f"{at}.retry.max_attempts", "must be at most 10"
+    for field in ("base_delay", "max_delay", "budget_window"):
+        if retry.HasField(field) and seconds(getattr(retry, field)) < 0:
+            yield f"{at}.retry.{field}", "must not be negative"
+
+
+class RetryMetrics:
+    def __init__(self, registry: prom.CollectorRegistry) -> None:
+        self.retries = prom.Counter(
+            "tensorgate_retries",
+            "Retries sent, by public model and the code that caused them.",
+            ("model", "code"),
+            registry=registry,
+        )
+        self.retry_budget_exhausted = prom.Counter(
+            "tensorgate_retry_budget_exhausted",
+            "Retries not sent because the route's retry budget was used up.",
+            ("model",),
+            registry=registry,
+        )
 
 
 class RetryBudgets:
@@ -25,26 +95,45 @@ class RetryBudgets:
     only when the route's retry settings change)."""
 
     def __init__(self) -> None:
-        self._budgets: dict[str, tuple[object, RetryBudget]] = {}
+        self._budgets: dict[str, tuple[RetrySettings, RetryBudget]] = {}
 
-    def for_plan(self, plan) -> RetryBudget:
-        settings = plan.settings.retry
-        entry = self._budgets.get(plan.model)
+    def for_route(self, model: str, settings: RetrySettings) -> RetryBudget:
+        entry = self._budgets.get(model)
         if entry is None or entry[0] != settings:
             budget = RetryBudget(
                 settings.budget_ratio, settings.budget_min_per_second, settings.budget_window
             )
-            entry = self._budgets[plan.model] = (settings, budget)
+            entry = self._budgets[model] = (settings, budget)
         return entry[1]
 
 
-def retry(budgets: RetryBudgets, metrics: GatewayMetrics) -> Layer:
+@dataclass(slots=True)
+class RetryState:
+    metrics: RetryMetrics
+    budgets: RetryBudgets
+
+
+def state(env: LayerEnv) -> RetryState:
+    return RetryState(RetryMetrics(env.registry), RetryBudgets())
+
+
+def build(policy: RetrySettings, shared: RetryState, plan: RoutePlan) -> Layer:
+    return retry(policy, shared.budgets.for_route(plan.model, policy), shared.metrics)
+
+
+LAYER = RouteLayer(
+    "retry",
+    settings=settings,
+    active=lambda s: s.max_attempts > 1,
+    state=state,
+    build=build,
+    check=check,
+)
+
+
+def retry(policy: RetrySettings, budget: RetryBudget, metrics: RetryMetrics) -> Layer:
     def layer(inner: InferService) -> InferService:
         async def retried(call: InferCall) -> InferResult:
-            policy = call.plan.settings.retry
-            if policy.max_attempts <= 1:
-                return await inner(call)
-            budget = budgets.for_plan(call.plan)
             budget.record_request()
             target = call.target
             tried = [target]

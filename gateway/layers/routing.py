@@ -11,31 +11,35 @@ import dataclasses
 from collections.abc import Callable
 
 from gateway.errors import GatewayError
-from gateway.pipeline import InferCall, InferResult, InferService, Layer, blame
-from gateway.routing import RouteTable
+from gateway.pipeline import InferCall, InferResult, InferService, blame
+from gateway.routing import RoutePlan, RouteTable
 
 
 def route(
-    table: Callable[[], RouteTable], down: Callable[[], frozenset[tuple[str, str, str]]]
-) -> Layer:
+    table: Callable[[], RouteTable],
+    down: Callable[[], frozenset[tuple[str, str, str]]],
+    compile_route: Callable[[RoutePlan], InferService],
+) -> InferService:
     """`table` returns the live route table; it is read once per call, so a swap is atomic.
-    `down` returns the variants health checks currently find unable to answer."""
+    `down` returns the variants health checks currently find unable to answer. The chosen
+    route's own chain of layers is compiled by `compile_route` on its first call and kept on the
+    route (a new table compiles afresh)."""
 
-    def layer(inner: InferService) -> InferService:
-        async def routed(call: InferCall) -> InferResult:
-            plan = table().plan(call.model)
-            target = plan.resolve(call.version, call.route_key, down())
-            try:
-                result = await inner(dataclasses.replace(call, plan=plan, target=target))
-            except GatewayError as err:
-                blame(err, target)
-                raise
-            response = result.response
-            response.model_name = call.model
-            answered = result.target
-            response.model_version = answered.version if answered.model == call.model else ""
-            return result
+    async def routed(call: InferCall) -> InferResult:
+        plan = table().plan(call.model)
+        target = plan.resolve(call.version, call.route_key, down())
+        service = plan.service
+        if service is None:
+            service = plan.service = compile_route(plan)
+        try:
+            result = await service(dataclasses.replace(call, plan=plan, target=target))
+        except GatewayError as err:
+            blame(err, target)
+            raise
+        response = result.response
+        response.model_name = call.model
+        answered = result.target
+        response.model_version = answered.version if answered.model == call.model else ""
+        return result
 
-        return routed
-
-    return layer
+    return routed

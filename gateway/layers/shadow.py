@@ -12,15 +12,82 @@ import asyncio
 import dataclasses
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
+import prometheus_client as prom
 from tritonclient.grpc import service_pb2 as oip
 
 from adapters.codecs import oip as oip_codec
 from gateway.errors import GatewayError
-from gateway.metrics import GatewayMetrics
+from gateway.layers import LayerEnv, RouteLayer
 from gateway.pipeline import InferCall, InferResult, InferService, Layer
+from tensorgate.config.v1 import config_pb2
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowSettings:
+    variant: str
+    fraction: float
+    max_concurrency: int = 8
+
+
+def settings(policy: config_pb2.RoutePolicy) -> ShadowSettings | None:
+    if not (policy.HasField("shadow") and policy.shadow.variant):
+        return None
+    sh = policy.shadow
+    return ShadowSettings(sh.variant, sh.fraction, sh.max_concurrency or 8)
+
+
+def check(
+    policy: config_pb2.RoutePolicy, at: str, route: config_pb2.Route | None, models
+) -> Iterator[tuple[str, str]]:
+    shadow = policy.shadow
+    if not (policy.HasField("shadow") and shadow.variant):
+        return
+    variants = {v.name: v for v in route.variants} if route else {}
+    if route is None:
+        yield f"{at}.shadow", "only valid in a route's own policy"
+    elif shadow.variant not in variants:
+        yield f"{at}.shadow.variant", f"unknown variant {shadow.variant!r}"
+    elif variants[shadow.variant].weight > 0:
+        yield (
+            f"{at}.shadow.variant",
+            f"{shadow.variant!r} takes live traffic (weight > 0); a shadow needs weight 0",
+        )
+    if not 0 <= shadow.fraction <= 1:
+        yield f"{at}.shadow.fraction", "must be between 0 and 1"
+
+
+class ShadowMetrics:
+    def __init__(self, registry: prom.CollectorRegistry) -> None:
+        self.shadow_requests = prom.Counter(
+            "tensorgate_shadow_requests",
+            "Mirrored requests by outcome: ok, error, dropped (shadow concurrency full).",
+            ("model", "variant", "outcome"),
+            registry=registry,
+        )
+        self.shadow_max_abs_diff = prom.Histogram(
+            "tensorgate_shadow_max_abs_diff",
+            "Per output: largest absolute difference between shadow and primary values.",
+            ("model", "variant", "output"),
+            buckets=(0.0, 1e-6, 1e-4, 1e-3, 0.01, 0.1, 1.0, 10.0, 100.0),
+            registry=registry,
+        )
+        self.shadow_argmax = prom.Counter(
+            "tensorgate_shadow_argmax",
+            "Per output row: whether shadow and primary agree on the argmax (classifiers).",
+            ("model", "variant", "output", "agree"),
+            registry=registry,
+        )
+        self.shadow_mismatch = prom.Counter(
+            "tensorgate_shadow_mismatch",
+            "Shadow answers whose outputs differ in name, datatype or shape from the primary's.",
+            ("model", "variant"),
+            registry=registry,
+        )
+
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +104,7 @@ def _outputs(response: oip.ModelInferResponse) -> dict[str, np.ndarray]:
     return arrays
 
 
-def compare(metrics: GatewayMetrics, model: str, variant: str, primary, shadow) -> None:
+def compare(metrics: ShadowMetrics, model: str, variant: str, primary, shadow) -> None:
     mine, theirs = _outputs(primary), _outputs(shadow)
     for name, expected in mine.items():
         got = theirs.get(name)
@@ -59,15 +126,16 @@ def compare(metrics: GatewayMetrics, model: str, variant: str, primary, shadow) 
 
 
 class ShadowRunner:
-    def __init__(self, metrics: GatewayMetrics, per_try_timeout: Callable[[str], float]) -> None:
+    def __init__(self, metrics: ShadowMetrics, per_try_timeout: Callable[[str], float]) -> None:
         self._metrics = metrics
         self._timeout = per_try_timeout
         self._in_flight: dict[str, int] = {}
         self._tasks: set[asyncio.Task] = set()
 
-    def maybe_mirror(self, call: InferCall, primary: InferResult, send: InferService) -> None:
-        policy = call.plan.settings.shadow
-        if policy is None or random.random() >= policy.fraction:
+    def maybe_mirror(
+        self, policy: ShadowSettings, call: InferCall, primary: InferResult, send: InferService
+    ) -> None:
+        if random.random() >= policy.fraction:
             return
         target = call.plan.variant(policy.variant)
         if target is None or target == primary.target:
@@ -104,16 +172,41 @@ class ShadowRunner:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-def shadow(runner: ShadowRunner, send: Callable[[], InferService]) -> Layer:
+def shadow(policy: ShadowSettings, runner: ShadowRunner, send: Callable[[], InferService]) -> Layer:
     """`send` returns the path a mirror takes: breaker, bulkhead and dispatch, no retries."""
 
     def layer(inner: InferService) -> InferService:
         async def mirrored(call: InferCall) -> InferResult:
             result = await inner(call)
-            if call.plan.settings.shadow is not None and not result.degraded:
-                runner.maybe_mirror(call, result, send())
+            if not result.degraded:
+                runner.maybe_mirror(policy, call, result, send())
             return result
 
         return mirrored
 
     return layer
+
+
+@dataclass(slots=True)
+class ShadowState:
+    runner: ShadowRunner
+    send: Callable[[], InferService]
+
+    async def close(self) -> None:
+        await self.runner.close()
+
+
+def state(env: LayerEnv) -> ShadowState:
+    return ShadowState(
+        ShadowRunner(ShadowMetrics(env.registry), env.per_try_timeout), env.backend_call
+    )
+
+
+LAYER = RouteLayer(
+    "shadow",
+    settings=settings,
+    active=lambda s: s is not None,
+    state=state,
+    build=lambda s, shared, plan: shadow(s, shared.runner, shared.send),
+    check=check,
+)

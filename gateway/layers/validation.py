@@ -24,6 +24,7 @@ from adapters.base import Adapter, ModelSpec, TensorSpec, declared_spec
 from adapters.codecs.oip import CONTENTS_FIELD, NUMPY_DTYPE
 from adapters.parameters import ParameterRules, check_output_datatypes, check_parameters
 from gateway.errors import invalid, shown
+from gateway.layers import RouteLayer
 from gateway.pipeline import InferCall, InferResult, InferService, Layer
 
 # Longest accepted names, in UTF-8 bytes. Model, tensor and parameter names of real models are
@@ -457,3 +458,13 @@ def schema(adapters: Callable[[], Mapping[str, Adapter]], cache: SpecCache) -> L
         return validate
 
     return layer
+
+
+# Always on: every route's calls are checked against the chosen variant's model description.
+SCHEMA = RouteLayer(
+    "schema",
+    settings=lambda policy: None,
+    active=lambda settings: True,
+    state=lambda env: env,
+    build=lambda settings, env, plan: schema(env.adapters, env.extras["specs"]),
+)
