@@ -211,7 +211,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             and acked_clusters is not None
             and routed <= acked_clusters.resources.keys()
             # an EDS cluster warms until its endpoints arrive: routes wait for them too
-            and (routed & snap.by_type.get(ENDPOINT, {}).keys()) <= acked_endpoints
+            and snap.by_type.get(ENDPOINT, {}).keys() <= acked_endpoints
         ):
             out += self._offer(stream, LISTENER, snap.by_type.get(LISTENER, {}))
             out += self._offer(stream, ROUTE, snap.by_type.get(ROUTE, {}))

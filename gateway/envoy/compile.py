@@ -136,64 +136,63 @@ def decide(config: config_pb2.GatewayConfig) -> tuple[Decision, ...]:
     """Per route: can Envoy serve it alone? The reasons name each feature that needs Python."""
     backends = {b.name: b for b in config.backends}
     forced = set(config.envoy.gateway_routes)
-    decisions = []
-    for route in config.routes:
-        reasons: list[str] = []
-        notes: list[str] = []
-        if route.model in forced:
-            reasons.append("listed in envoy.gateway_routes")
-        kinds = {backends[v.backend].kind for v in route.variants if v.backend in backends}
-        for kind in sorted(kinds - {config_pb2.BACKEND_KIND_TRITON}):
-            name = config_pb2.BackendKind.Name(kind).removeprefix("BACKEND_KIND_")
-            reasons.append(f"a {name} backend: the gateway translates the protocol")
-        if route.HasField("schema"):
-            reasons.append("schema: requests are validated against the route's schema")
-        if any(v.input_names or v.output_names for v in route.variants):
-            reasons.append("input_names/output_names: tensors are renamed")
-        settings = route_settings(route, config.defaults.route_policy)
-        codes = {c.name for c in settings.retry.retry_on}
-        if codes - _RETRY_ON.keys():
-            reasons.append(
-                f"retry.retry_on {sorted(codes - _RETRY_ON.keys())}: Envoy cannot match these "
-                "gRPC codes"
-            )
-        if settings.retry.other_variant and settings.retry.max_attempts > 1:
-            reasons.append("retry.other_variant: Envoy retries stay on the variant it picked")
-        if settings.hedge.enabled:
-            reasons.append("hedge: Envoy hedges only on a per-try timeout, to the same variant")
-        for step in settings.fallback:
-            kind = step.WhichOneof("step")
-            if kind == "static_response":
-                reasons.append("fallback static_response: the gateway builds the answer")
-            elif kind == "model":
-                reasons.append(f"fallback to model {step.model!r}: another route's table")
-            elif kind == "variant":
-                # Envoy's aggregate cluster runs the upstream filters of the cluster the route
-                # named (the primary's): a fallback can only ask the backend the same thing.
-                variants = {v.name: v for v in route.variants}
-                other = variants.get(step.variant)
-                if other is not None and any(
-                    (v.backend_model, v.backend_version)
-                    != (other.backend_model, other.backend_version)
-                    for v in route.variants
-                    if v.weight > 0 or v.version
-                ):
-                    reasons.append(
-                        f"fallback to variant {step.variant!r}: another backend model or "
-                        "version than the primary (Envoy renames per route, not per fallback)"
-                    )
-        if settings.shadow is not None:
-            notes.append(
-                f"shadow: {settings.shadow.fraction:g} of requests mirrored to "
-                f"{settings.shadow.variant!r}; outputs are not compared (the gateway compares)"
-            )
-        if any(settings.fallback):
-            notes.append("fallback variants: aggregate cluster, taken on retry or ejection")
-        if reasons:
-            decisions.append(Decision(route.model, "gateway", tuple(reasons)))
-        else:
-            decisions.append(Decision(route.model, "envoy", tuple(notes)))
-    return tuple(decisions)
+    return tuple(decide_route(route, config, backends, forced) for route in config.routes)
+
+
+def decide_route(route, config, backends, forced) -> Decision:
+    reasons: list[str] = []
+    notes: list[str] = []
+    if route.model in forced:
+        reasons.append("listed in envoy.gateway_routes")
+    kinds = {backends[v.backend].kind for v in route.variants if v.backend in backends}
+    for kind in sorted(kinds - {config_pb2.BACKEND_KIND_TRITON}):
+        name = config_pb2.BackendKind.Name(kind).removeprefix("BACKEND_KIND_")
+        reasons.append(f"a {name} backend: the gateway translates the protocol")
+    if route.HasField("schema"):
+        reasons.append("schema: requests are validated against the route's schema")
+    if any(v.input_names or v.output_names for v in route.variants):
+        reasons.append("input_names/output_names: tensors are renamed")
+    settings = route_settings(route, config.defaults.route_policy)
+    codes = {c.name for c in settings.retry.retry_on}
+    if codes - _RETRY_ON.keys():
+        reasons.append(
+            f"retry.retry_on {sorted(codes - _RETRY_ON.keys())}: Envoy cannot match these "
+            "gRPC codes"
+        )
+    if settings.retry.other_variant and settings.retry.max_attempts > 1:
+        reasons.append("retry.other_variant: Envoy retries stay on the variant it picked")
+    if settings.hedge.enabled:
+        reasons.append("hedge: Envoy hedges only on a per-try timeout, to the same variant")
+    for step in settings.fallback:
+        kind = step.WhichOneof("step")
+        if kind == "static_response":
+            reasons.append("fallback static_response: the gateway builds the answer")
+        elif kind == "model":
+            reasons.append(f"fallback to model {step.model!r}: another route's table")
+        elif kind == "variant":
+            # Envoy's aggregate cluster runs the upstream filters of the cluster the route
+            # named (the primary's): a fallback can only ask the backend the same thing.
+            variants = {v.name: v for v in route.variants}
+            other = variants.get(step.variant)
+            if other is not None and any(
+                (v.backend_model, v.backend_version) != (other.backend_model, other.backend_version)
+                for v in route.variants
+                if v.weight > 0 or v.version
+            ):
+                reasons.append(
+                    f"fallback to variant {step.variant!r}: another backend model or "
+                    "version than the primary (Envoy renames per route, not per fallback)"
+                )
+    if settings.shadow is not None:
+        notes.append(
+            f"shadow: {settings.shadow.fraction:g} of requests mirrored to "
+            f"{settings.shadow.variant!r}; outputs are not compared (the gateway compares)"
+        )
+    if any(settings.fallback):
+        notes.append("fallback variants: aggregate cluster, taken on retry or ejection")
+    if reasons:
+        return Decision(route.model, "gateway", tuple(reasons))
+    return Decision(route.model, "envoy", tuple(notes))
 
 
 # --- small builders ----------------------------------------------------------------------------
@@ -301,9 +300,11 @@ def _cluster(
     connect_timeout: float = 5.0,
     buffer_limit: int = 0,
     stat_name: str = "",
+    eds_name: str = "",
 ) -> tuple[cluster_pb2.Cluster, endpoint_pb2.ClusterLoadAssignment | None]:
-    """An HTTP/2 cluster of one address: EDS for an IP (endpoints pushed over ADS), STRICT_DNS
-    for a host name (Envoy resolves it)."""
+    """An HTTP/2 cluster of one address: EDS for an IP (endpoints pushed over ADS, one
+    ClusterLoadAssignment per backend, `eds_name`, shared by every variant cluster on it: a few
+    EDS resources however many routes), STRICT_DNS for a host name (Envoy resolves it)."""
     cluster = cluster_pb2.Cluster(
         name=name,
         alt_stat_name=_stat_name(stat_name or name),
@@ -312,11 +313,13 @@ def _cluster(
     if buffer_limit:
         # What the upstream filter may buffer to rename a request or an answer.
         cluster.per_connection_buffer_limit_bytes.value = buffer_limit
-    assignment = _load_assignment(name, address)
+    assignment = _load_assignment(eds_name or name, address)
     endpoints = None
     if _is_ip(_split(address)[0]):
         cluster.type = cluster_pb2.Cluster.EDS
         cluster.eds_cluster_config.eds_config.CopyFrom(_ads_source())
+        if eds_name:
+            cluster.eds_cluster_config.service_name = eds_name
         endpoints = assignment
     else:
         cluster.type = cluster_pb2.Cluster.STRICT_DNS
@@ -376,58 +379,106 @@ def _breaker(cluster: cluster_pb2.Cluster, backend: config_pb2.Backend, config) 
 
 def compile_config(config: config_pb2.GatewayConfig) -> Resources:
     """The Envoy resources for a validated (defaulted) config with listeners.xds set."""
-    decisions = decide(config)
-    backends = {b.name: b for b in config.backends}
+    return Compiler().compile(config)
+
+
+@dataclass
+class _Compiled:
+    decision: Decision
+    clusters: dict
+    endpoints: dict
+    routes: list
+
+
+class Compiler:
+    """compile_config with a cache of each route's resources, keyed by the route's bytes: an
+    admin change to one route of 10,000 rebuilds that route only. Everything else a route's
+    resources depend on (backends, defaults, the envoy section) empties the cache on change."""
+
+    def __init__(self) -> None:
+        self._context = b""
+        self._cache: dict[bytes, _Compiled] = {}
+
+    def compile(self, config: config_pb2.GatewayConfig) -> Resources:
+        context = config_pb2.GatewayConfig()
+        context.CopyFrom(config)
+        context.ClearField("routes")
+        key = context.SerializeToString(deterministic=True)
+        if key != self._context:
+            self._context, self._cache = key, {}
+        backends = {b.name: b for b in config.backends}
+        forced = set(config.envoy.gateway_routes)
+        cache: dict[bytes, _Compiled] = {}
+        clusters: dict[str, cluster_pb2.Cluster] = {}
+        endpoints: dict[str, endpoint_pb2.ClusterLoadAssignment] = {}
+        gateway_cluster, gateway_endpoints = _cluster(GATEWAY_CLUSTER, config.envoy.gateway_address)
+        clusters[GATEWAY_CLUSTER] = gateway_cluster
+        if gateway_endpoints is not None:
+            endpoints[GATEWAY_CLUSTER] = gateway_endpoints
+        routes: list[route_components_pb2.Route] = []
+        decisions = []
+        for route in sorted(config.routes, key=lambda r: r.model):
+            route_key = route.SerializeToString(deterministic=True)
+            compiled = self._cache.get(route_key)
+            if compiled is None:
+                compiled = _compile_route(route, config, backends, forced)
+            cache[route_key] = compiled
+            decisions.append(compiled.decision)
+            clusters.update(compiled.clusters)
+            endpoints.update(compiled.endpoints)
+            routes.extend(compiled.routes)
+        self._cache = cache
+        order = {r.model: i for i, r in enumerate(config.routes)}
+        decisions.sort(key=lambda d: order[d.model])
+        return _assemble(config, clusters, endpoints, routes, tuple(decisions))
+
+
+def _compile_route(route, config, backends, forced) -> _Compiled:
+    decision = decide_route(route, config, backends, forced)
     clusters: dict[str, cluster_pb2.Cluster] = {}
     endpoints: dict[str, endpoint_pb2.ClusterLoadAssignment] = {}
-
-    gateway_cluster, gateway_endpoints = _cluster(GATEWAY_CLUSTER, config.envoy.gateway_address)
-    clusters[GATEWAY_CLUSTER] = gateway_cluster
-    if gateway_endpoints is not None:
-        endpoints[GATEWAY_CLUSTER] = gateway_endpoints
-
-    routes: list[route_components_pb2.Route] = []
-    envoy_models = {d.model for d in decisions if d.path == "envoy"}
-    for route in sorted(config.routes, key=lambda r: r.model):
-        if route.model not in envoy_models:
-            continue
-        settings = route_settings(route, config.defaults.route_policy)
+    if decision.path != "envoy":
+        return _Compiled(decision, clusters, endpoints, [])
+    settings = route_settings(route, config.defaults.route_policy)
+    for variant in route.variants:
+        backend = backends[variant.backend]
+        name = variant_cluster(route.model, variant.name)
+        connect = backend.connection.connect_timeout
+        lua = variant_lua(route, variant)
+        cluster, assignment = _cluster(
+            name,
+            backend.address,
+            stat_name=f"{name}|{variant.backend}",
+            upstream_lua=lua,
+            connect_timeout=(connect.seconds + connect.nanos / 1e9) or 5.0,
+            buffer_limit=config.envoy.max_body_bytes if lua else 0,
+        )
+        _breaker(cluster, backend, config)
+        if settings.retry.max_attempts > 1:
+            budget = cluster.circuit_breakers.thresholds[0].retry_budget
+            budget.budget_percent.value = settings.retry.budget_ratio * 100
+            budget.min_retry_concurrency.value = int(settings.retry.budget_min_per_second)
+        if settings.shadow is not None and variant.name == settings.shadow.variant:
+            shadow_limit = cluster.circuit_breakers.thresholds[0]
+            shadow_limit.max_requests.value = settings.shadow.max_concurrency
+        clusters[name] = cluster
+        if assignment is not None:
+            endpoints[assignment.cluster_name] = assignment
+    fallback = [s.variant for s in settings.fallback if s.WhichOneof("step") == "variant"]
+    if fallback:
         for variant in route.variants:
-            backend = backends[variant.backend]
-            name = variant_cluster(route.model, variant.name)
-            connect = backend.connection.connect_timeout
-            lua = variant_lua(route, variant)
-            cluster, assignment = _cluster(
-                name,
-                backend.address,
-                stat_name=f"{name}|{variant.backend}",
-                upstream_lua=lua,
-                connect_timeout=(connect.seconds + connect.nanos / 1e9) or 5.0,
-                buffer_limit=config.envoy.max_body_bytes if lua else 0,
+            chain = [variant.name] + [f for f in fallback if f != variant.name]
+            clusters[aggregate_cluster(route.model, variant.name)] = _aggregate(
+                aggregate_cluster(route.model, variant.name),
+                [variant_cluster(route.model, v) for v in chain],
+                variant_lua(route, variant),
+                config.envoy.max_body_bytes,
             )
-            _breaker(cluster, backend, config)
-            if settings.retry.max_attempts > 1:
-                budget = cluster.circuit_breakers.thresholds[0].retry_budget
-                budget.budget_percent.value = settings.retry.budget_ratio * 100
-                budget.min_retry_concurrency.value = int(settings.retry.budget_min_per_second)
-            if settings.shadow is not None and variant.name == settings.shadow.variant:
-                shadow_limit = cluster.circuit_breakers.thresholds[0]
-                shadow_limit.max_requests.value = settings.shadow.max_concurrency
-            clusters[name] = cluster
-            if assignment is not None:
-                endpoints[name] = assignment
-        fallback = [s.variant for s in settings.fallback if s.WhichOneof("step") == "variant"]
-        if fallback:
-            for variant in route.variants:
-                chain = [variant.name] + [f for f in fallback if f != variant.name]
-                clusters[aggregate_cluster(route.model, variant.name)] = _aggregate(
-                    aggregate_cluster(route.model, variant.name),
-                    [variant_cluster(route.model, v) for v in chain],
-                    variant_lua(route, variant),
-                    config.envoy.max_body_bytes,
-                )
-        routes.extend(_routes(route, settings, config, backends, bool(fallback)))
+    routes = _routes(route, settings, config, backends, bool(fallback))
+    return _Compiled(decision, clusters, endpoints, routes)
 
+
+def _assemble(config, clusters, endpoints, routes, decisions) -> Resources:
     routes.append(_gateway_route())
     route_config = route_pb2.RouteConfiguration(
         name=ROUTE_NAME,

@@ -9,7 +9,7 @@ import time
 import grpc
 
 from gateway.envoy import ads
-from gateway.envoy.compile import compile_config
+from gateway.envoy.compile import Compiler
 from tensorgate.config.v1 import config_pb2
 
 log = logging.getLogger(__name__)
@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 class ControlPlane:
     def __init__(self, registry=None) -> None:
         self.xds = ads.XdsServer(registry)
+        self.compiler = Compiler()  # keeps each route's resources: one change, one route rebuilt
         self._server: grpc.aio.Server | None = None
         self.port = 0
 
@@ -25,7 +26,7 @@ class ControlPlane:
         """Compile `config` and push it to every connected Envoy."""
         started = time.perf_counter()
         try:
-            resources = compile_config(config)
+            resources = self.compiler.compile(config)
         except Exception:  # a bug here must not fail the admin change that was already applied
             log.exception("xds: cannot compile the route table; Envoys keep the previous one")
             return
