@@ -995,18 +995,17 @@ def test_hypothesis_admin(admin, gateway, warm):
     assert sum(changed.values()) >= 10, dict(changed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway/admin (service.py, routes.py, rollout.py) quotes caller strings with !r, "
-    "unbounded: a 4 KB name gives a 4 KB status, a 100 KB one RESOURCE_EXHAUSTED (gRPC's "
-    "metadata limit) instead of NOT_FOUND. Use gateway.errors.shown there.",
-)
 def test_admin_messages_quote_names_short(admin):
     for size in (4097, 100_000):
         code, details = _code(
             admin.DrainBackend, admin_pb2.DrainBackendRequest(backend="b" * size), metadata=ADMIN_MD
         )
         assert code == grpc.StatusCode.NOT_FOUND and len(details) < 1000, (code, len(details))
+    nan = admin_pb2.StartRolloutRequest(
+        model="linear", canary="canary", baseline="stable", max_p99_factor=float("nan")
+    )
+    code, details = _code(admin.StartRollout, nan, metadata=ADMIN_MD)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "finite" in details, (code, details)
 
 
 # -- after the run --------------------------------------------------------------------------------

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 
 import grpc
 from google.protobuf import timestamp_pb2
 
 from gateway.admin.routes import RouteManager, find_route
-from gateway.errors import GatewayError, invalid
+from gateway.errors import GatewayError, invalid, shown
 from gateway.stats import RecentStats
 from tensorgate.admin.v1 import admin_pb2
 
@@ -49,7 +50,7 @@ class RolloutController:
     def get(self, model: str) -> admin_pb2.Rollout:
         rollout = self._rollouts.get(model)
         if rollout is None:
-            raise GatewayError(grpc.StatusCode.NOT_FOUND, f"no rollout for model {model!r}")
+            raise GatewayError(grpc.StatusCode.NOT_FOUND, f"no rollout for model {shown(model)}")
         return rollout
 
     def start(self, request: admin_pb2.StartRolloutRequest, who: str) -> admin_pb2.Rollout:
@@ -57,14 +58,16 @@ class RolloutController:
         if running is not None and running.state == Rollout.STATE_RUNNING:
             raise GatewayError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"a rollout of {running.canary!r} for model {request.model!r} is already running",
+                f"a rollout of {shown(running.canary)} for model {shown(request.model)} is "
+                "already running",
             )
         route = find_route(self._routes.routes(), request.model)
         names = {v.name for v in route.variants}
         for field in ("canary", "baseline"):
             if getattr(request, field) not in names:
                 raise invalid(
-                    f"{field}: model {request.model!r} has no variant {getattr(request, field)!r}"
+                    f"{field}: model {shown(request.model)} has no variant "
+                    f"{shown(getattr(request, field))}"
                 )
         if request.canary == request.baseline:
             raise invalid("canary and baseline must be different variants")
@@ -72,8 +75,9 @@ class RolloutController:
         if any(not 0 < s <= 100 for s in steps) or steps != sorted(set(steps)) or steps[-1] != 100:
             raise invalid(f"steps must increase within 1..100 and end at 100, got {steps}")
         for field in ("max_error_ratio_factor", "max_p99_factor", "error_ratio_slack"):
-            if getattr(request, field) < 0:
-                raise invalid(f"{field} must not be negative")
+            value = getattr(request, field)
+            if not math.isfinite(value) or value < 0:  # NaN would pass every comparison
+                raise invalid(f"{field} must be a finite number >= 0, got {value}")
         rollout = Rollout(
             model=request.model,
             canary=request.canary,
@@ -95,7 +99,7 @@ class RolloutController:
         rollout = self.get(model)
         if rollout.state != Rollout.STATE_RUNNING:
             raise GatewayError(
-                grpc.StatusCode.FAILED_PRECONDITION, f"the rollout of {model!r} is not running"
+                grpc.StatusCode.FAILED_PRECONDITION, f"the rollout of {shown(model)} is not running"
             )
         task = self._tasks.get(model)
         if task is not None:

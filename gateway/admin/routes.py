@@ -12,7 +12,7 @@ import grpc
 from gateway.admin.audit import AuditLog
 from gateway.admin.store import RevisionStore, StoredRevision
 from gateway.config import ConfigError, validate
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, shown
 from tensorgate.config.v1 import config_pb2
 
 
@@ -131,4 +131,4 @@ def find_route(routes: list[config_pb2.Route], model: str) -> config_pb2.Route:
     for route in routes:
         if route.model == model:
             return route
-    raise GatewayError(grpc.StatusCode.NOT_FOUND, f"no route for model {model!r}")
+    raise GatewayError(grpc.StatusCode.NOT_FOUND, f"no route for model {shown(model)}")

@@ -11,7 +11,7 @@ from gateway.admin.auth import current_principal
 from gateway.admin.rollout import RolloutController
 from gateway.admin.routes import RouteManager, find_route
 from gateway.admin.store import StoredRevision
-from gateway.errors import GatewayError, invalid
+from gateway.errors import GatewayError, invalid, shown
 from tensorgate.admin.v1 import admin_pb2, admin_pb2_grpc
 
 
@@ -70,7 +70,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             unknown = sorted(set(request.weights) - names)
             if unknown:
                 raise invalid(
-                    f"model {request.model!r} has no variant(s) {', '.join(map(repr, unknown))} "
+                    f"model {shown(request.model)} has no variant(s) "
+                    f"{', '.join(map(shown, unknown))} "
                     f"(variants: {', '.join(sorted(names))})"
                 )
             for variant in route.variants:
@@ -91,7 +92,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             if request.shadow.variant:
                 if request.shadow.variant not in {v.name for v in route.variants}:
                     raise invalid(
-                        f"model {request.model!r} has no variant {request.shadow.variant!r}"
+                        f"model {shown(request.model)} has no variant "
+                        f"{shown(request.shadow.variant)}"
                     )
                 route.policy.shadow.CopyFrom(request.shadow)
             else:
@@ -204,6 +206,6 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         if backend not in names:
             raise GatewayError(
                 grpc.StatusCode.NOT_FOUND,
-                f"no backend {backend!r} (backends: {', '.join(sorted(names))})",
+                f"no backend {shown(backend)} (backends: {', '.join(sorted(names))})",
             )
         await self._runtime.readiness.set_drained(backend, drained)
