@@ -66,7 +66,11 @@ def declared_spec(schema) -> ModelSpec:
             TensorSpec(t.name, t.datatype, tuple(t.shape) or None, t.optional) for t in tensors
         )
 
-    return ModelSpec(specs(schema.inputs), specs(schema.outputs) if schema.outputs else None)
+    return ModelSpec(
+        specs(schema.inputs),
+        specs(schema.outputs) if schema.outputs else None,
+        schema.max_batch_size,
+    )
 
 
 def backend_tensors(request: oip.ModelInferRequest, target: Target) -> oip.ModelInferRequest:

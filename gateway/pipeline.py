@@ -65,6 +65,7 @@ class InferResult:
     degraded: str = ""  # the fallback step that answered, "" for a normal answer
     attempts: int = 1  # backend tries behind this answer (retries, hedges)
     primary_failure: PrimaryFailure | None = None  # set when `degraded`
+    cached: bool = False  # answered from the response cache
 
 
 InferService = Callable[[InferCall], Awaitable[InferResult]]

@@ -112,6 +112,7 @@ class RoutePlan:
     by_version: dict[str, _Picker]
     settings: object  # gateway.layers.RouteSettings: per layer, by name
     by_name: dict[str, Target]
+    route: config_pb2.Route  # its config, for layers configured per variant
     # This route's compiled chain of layers (gateway.pipeline.InferService), built on its first
     # call: a table of 10,000 routes does not compile 10,000 chains up front.
     service: object = None
@@ -199,6 +200,7 @@ def _plan(route: config_pb2.Route, defaults: config_pb2.RoutePolicy) -> RoutePla
         by_version,
         route_settings(route, defaults),
         {t.variant: t for t in targets},
+        route,
     )
 
 

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 VARIANT_HEADER = "x-tensorgate-variant"
 BACKEND_HEADER = "x-tensorgate-backend"
 DEGRADED_HEADER = "x-tensorgate-degraded"
+CACHE_HEADER = "x-tensorgate-cache"
+_CACHE_HIT = ((CACHE_HEADER, "hit"),)
 METADATA_TIMEOUT_S = 10.0
 
 
@@ -140,6 +142,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         headers = _headers(result.target)
         if result.degraded:
             headers += ((DEGRADED_HEADER, result.degraded),)
+        if result.cached:
+            headers += _CACHE_HIT
         # Trailing metadata rides with the status in the same batch; a separate
         # send_initial_metadata costs a gRPC op per call (~10% of the gateway's CPU, measured in
         # docs/benchmarks.md).

@@ -45,7 +45,8 @@ def _no_problems(policy, at, route, models) -> Iterator[tuple[str, str]]:
 @dataclass(frozen=True, slots=True)
 class RouteLayer:
     name: str  # its settings' attribute on RouteSettings, and its label in docs and errors
-    settings: Callable[[config_pb2.RoutePolicy], Any]  # effective policy -> settings (always)
+    # (effective policy, the route's config) -> settings, always (also when off)
+    settings: Callable[[config_pb2.RoutePolicy, config_pb2.Route], Any]
     active: Callable[[Any], bool]  # is the layer in a route's chain with these settings?
     state: Callable[[LayerEnv], Any]  # built once per runtime
     build: Callable[[Any, Any, RoutePlan], Layer]  # (settings, state, route) -> layer
@@ -56,15 +57,17 @@ class RouteLayer:
 def route_layers() -> tuple[RouteLayer, ...]:
     """The per-route part of the ModelInfer path, outermost first; why this order:
     docs/architecture.md. (Imported here, not at module level: layers import the pipeline.)"""
-    from gateway.layers import deadline, fallback, hedge, retry, shadow, validation
+    from gateway.layers import batching, cache, deadline, fallback, hedge, retry, shadow, validation
 
     return (
         validation.SCHEMA,
         deadline.LAYER,
+        cache.LAYER,
         shadow.LAYER,
         fallback.LAYER,
         hedge.LAYER,
         retry.LAYER,
+        batching.LAYER,
     )
 
 
@@ -107,7 +110,7 @@ def effective_policy(
 
 def route_settings(route: config_pb2.Route, defaults: config_pb2.RoutePolicy) -> RouteSettings:
     policy = effective_policy(route.policy, defaults)
-    return RouteSettings({layer.name: layer.settings(policy) for layer in route_layers()})
+    return RouteSettings({layer.name: layer.settings(policy, route) for layer in route_layers()})
 
 
 def check_policy(

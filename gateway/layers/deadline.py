@@ -48,7 +48,7 @@ def deadline(route_timeout: float | None) -> Layer:
     return layer
 
 
-def settings(policy: config_pb2.RoutePolicy) -> float | None:
+def settings(policy: config_pb2.RoutePolicy, route=None) -> float | None:
     """The route's timeout in seconds, None when unset or 0."""
     timeout = seconds(policy.timeout)
     return timeout if timeout > 0 else None

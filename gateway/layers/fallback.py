@@ -172,7 +172,7 @@ def fallback(steps: tuple, table: Callable[[], RouteTable], metrics: FallbackMet
 
 LAYER = RouteLayer(
     "fallback",
-    settings=lambda policy: tuple(policy.fallback),
+    settings=lambda policy, route: tuple(policy.fallback),
     active=bool,
     state=state,
     build=lambda steps, shared, plan: fallback(steps, shared.table, shared.metrics),

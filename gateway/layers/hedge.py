@@ -58,7 +58,7 @@ class HedgeSettings:
         return self.delay > 0 or self.use_p95
 
 
-def settings(policy: config_pb2.RoutePolicy) -> HedgeSettings:
+def settings(policy: config_pb2.RoutePolicy, route=None) -> HedgeSettings:
     return HedgeSettings(delay=seconds(policy.hedge.delay), use_p95=policy.hedge.use_p95)
 
 

@@ -42,7 +42,7 @@ class RetrySettings:
     other_variant: bool = False
 
 
-def settings(policy: config_pb2.RoutePolicy) -> RetrySettings:
+def settings(policy: config_pb2.RoutePolicy, route=None) -> RetrySettings:
     r, base = policy.retry, RetrySettings()
     return RetrySettings(
         max_attempts=r.max_attempts or base.max_attempts,

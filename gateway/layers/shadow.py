@@ -33,7 +33,7 @@ class ShadowSettings:
     max_concurrency: int = 8
 
 
-def settings(policy: config_pb2.RoutePolicy) -> ShadowSettings | None:
+def settings(policy: config_pb2.RoutePolicy, route=None) -> ShadowSettings | None:
     if not (policy.HasField("shadow") and policy.shadow.variant):
         return None
     sh = policy.shadow

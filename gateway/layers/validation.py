@@ -463,7 +463,7 @@ def schema(adapters: Callable[[], Mapping[str, Adapter]], cache: SpecCache) -> L
 # Always on: every route's calls are checked against the chosen variant's model description.
 SCHEMA = RouteLayer(
     "schema",
-    settings=lambda policy: None,
+    settings=lambda policy, route: None,
     active=lambda settings: True,
     state=lambda env: env,
     build=lambda settings, env, plan: schema(env.adapters, env.extras["specs"]),

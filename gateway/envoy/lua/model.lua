@@ -34,38 +34,63 @@ local function varint(buf, pos, stop)
   return nil
 end
 
--- Fields 1 and 2 of the message in buf[start, stop); nil when it does not parse.
-local function name_and_version(buf, start, stop)
-  local name, version = nil, ""
+-- Calls `visit(field, wire, value_start, value_stop)` for each field of the message in
+-- buf[start, stop); false when it does not parse or `visit` returns false.
+local function each_field(buf, start, stop, visit)
   local pos = start
   while pos < stop do
     local key, after = varint(buf, pos, stop)
-    if key == nil then return nil end
+    if key == nil then return false end
     local field, wire = math.floor(key / 8), key % 8
-    pos = after
+    local value = after
     if wire == 0 then
-      local _, a = varint(buf, pos, stop)
-      if a == nil then return nil end
+      local _, a = varint(buf, after, stop)
+      if a == nil then return false end
       pos = a
     elseif wire == 1 then
-      pos = pos + 8
+      pos = after + 8
     elseif wire == 5 then
-      pos = pos + 4
+      pos = after + 4
     elseif wire == 2 then
-      local len, a = varint(buf, pos, stop)
-      if len == nil or a + len > stop then return nil end
-      if (field == 1 or field == 2) and len > MAX_NAME then return nil end
-      if field == 1 then
-        name = buf:getBytes(a, len)
-      elseif field == 2 then
-        version = buf:getBytes(a, len)
-      end
-      pos = a + len
+      local len, a = varint(buf, after, stop)
+      if len == nil or a + len > stop then return false end
+      value, pos = a, a + len
     else
-      return nil
+      return false
     end
+    if pos > stop or visit(field, wire, value, pos) == false then return false end
   end
-  if pos ~= stop then return nil end
+  return pos == stop
+end
+
+-- Parameters (request, input or output) decide what a backend may be asked (the gateway's
+-- allowlist: adapters/parameters.py; shared-memory parameters are never forwarded). A request
+-- carrying any goes to the gateway, which applies that allowlist; Envoy forwards only requests
+-- without them.
+local function no_parameters(buf, start, stop, number)
+  return each_field(buf, start, stop, function(field) return field ~= number end)
+end
+
+-- Fields 1 and 2 of the message in buf[start, stop); nil when it does not parse, or when the
+-- request carries parameters anywhere.
+local function name_and_version(buf, start, stop)
+  local name, version = nil, ""
+  local ok = each_field(buf, start, stop, function(field, wire, a, b)
+    if field == 4 then return false end -- request parameters
+    if wire ~= 2 then return true end
+    if (field == 1 or field == 2) and b - a > MAX_NAME then return false end
+    if field == 1 then
+      name = buf:getBytes(a, b - a)
+    elseif field == 2 then
+      version = buf:getBytes(a, b - a)
+    elseif field == 5 then
+      return no_parameters(buf, a, b, 4) -- InferInputTensor.parameters
+    elseif field == 6 then
+      return no_parameters(buf, a, b, 2) -- InferRequestedOutputTensor.parameters
+    end
+    return true
+  end)
+  if not ok then return nil end
   return name, version
 end
 
