@@ -119,9 +119,7 @@ class Runtime:
             observe.observe(
                 self.metrics, lambda model: self.table.get(model) is not None, self.recent
             ),
-            validation.structure(
-                max_request_bytes=limits.max_request_bytes, max_inputs=limits.max_inputs
-            ),
+            validation.structure(max_inputs=limits.max_inputs),
             service=routing.route(
                 lambda: self.table, lambda: self.readiness.down, self.route_service
             ),
