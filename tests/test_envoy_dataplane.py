@@ -716,3 +716,21 @@ def test_live_envoy_exports_the_series_the_recording_rules_read(stack, stub):
         "envoy_cluster_outlier_detection_ejections_active",
     ):
         assert name in rules
+
+
+def test_requests_with_parameters_go_to_the_gateway_allowlist(stack, stub):
+    """Envoy forwards only requests without parameters: the gateway's per-backend allowlist
+    (shared-memory parameters are never forwarded) applies to the rest."""
+    _, envoy, _ = stack
+    before = envoy.counter("cluster.tensorgate_gateway.upstream_rq_total")
+    request = linear_request("linear", "1")
+    request.inputs[0].parameters["shared_memory_region"].string_param = "someone-elses"
+    with pytest.raises(grpc.RpcError) as err:
+        call(stub, request)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "shared_memory_region" in err.value.details()
+    request = linear_request("linear", "1")
+    request.parameters["priority"].int64_param = 1
+    response, trailers = call(stub, request)  # allowed for Triton: the gateway forwards it
+    assert output(response) == Y_V1 and trailers["x-tensorgate-variant"] == "stable"
+    assert envoy.counter("cluster.tensorgate_gateway.upstream_rq_total") == before + 2

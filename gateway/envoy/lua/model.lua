@@ -19,15 +19,41 @@
 local INFER = "/inference.GRPCInferenceService/ModelInfer"
 local MAX_NAME = 128
 
-local function varint(buf, pos, stop)
-  local n = stop - pos
-  if n > 10 then n = 10 end
-  if n <= 0 then return nil end
-  local s = buf:getBytes(pos, n)
+-- The body is read through a window: one getBytes of up to WINDOW bytes serves every key and
+-- length inside it (a call into Envoy per field would cost more than the parse); a key beyond
+-- it (after a large raw_input_contents) moves the window there.
+local WINDOW = 1024
+local Reader = {}
+Reader.__index = Reader
+
+local function reader(buf)
+  return setmetatable({buf = buf, size = buf:length(), base = 0, s = ""}, Reader)
+end
+
+function Reader:byte(pos)
+  local i = pos - self.base + 1
+  if i < 1 or i > #self.s then
+    local n = self.size - pos
+    if n > WINDOW then n = WINDOW end
+    if n <= 0 then return nil end
+    self.base, self.s = pos, self.buf:getBytes(pos, n)
+    i = 1
+  end
+  return self.s:byte(i)
+end
+
+function Reader:bytes(pos, len)
+  local i = pos - self.base + 1
+  if i >= 1 and i + len - 1 <= #self.s then return self.s:sub(i, i + len - 1) end
+  return self.buf:getBytes(pos, len)
+end
+
+local function varint(r, pos, stop)
   local value, scale = 0, 1
-  for i = 1, #s do
-    local c = s:byte(i)
-    if c < 128 then return value + c * scale, pos + i end
+  for i = pos, math.min(stop, pos + 10) - 1 do
+    local c = r:byte(i)
+    if c == nil then return nil end
+    if c < 128 then return value + c * scale, i + 1 end
     value = value + (c - 128) * scale
     scale = scale * 128
   end
@@ -80,9 +106,9 @@ local function name_and_version(buf, start, stop)
     if wire ~= 2 then return true end
     if (field == 1 or field == 2) and b - a > MAX_NAME then return false end
     if field == 1 then
-      name = buf:getBytes(a, b - a)
+      name = buf:bytes(a, b - a)
     elseif field == 2 then
-      version = buf:getBytes(a, b - a)
+      version = buf:bytes(a, b - a)
     elseif field == 5 then
       return no_parameters(buf, a, b, 4) -- InferInputTensor.parameters
     elseif field == 6 then
@@ -112,7 +138,7 @@ function envoy_on_request(handle)
   local len = ((prefix:byte(2) * 256 + prefix:byte(3)) * 256 + prefix:byte(4)) * 256
     + prefix:byte(5)
   if 5 + len ~= size then return end
-  local name, version = name_and_version(body, 5, 5 + len)
+  local name, version = name_and_version(reader(body), 5, 5 + len)
   if not routable(name) then return end
   if version ~= "" and not routable(version) then return end
   -- The headers object from before body() is out of scope once the body arrived.
