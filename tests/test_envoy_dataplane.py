@@ -604,6 +604,21 @@ def test_control_plane_killed_under_load_envoy_keeps_serving(stack):
     while envoy.stats().get("control_plane.connected_state") != "1":
         assert time.monotonic() < deadline, "Envoy did not reconnect to the control plane"
         time.sleep(0.1)
+    # ... and converges: the restarted control plane serves the stored revision, and a change
+    # made now reaches the Envoy.
+    with grpc.insecure_channel(address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        current = _variant(stub, "flip")
+        target = "b" if current == "a" else "a"
+        with grpc.insecure_channel(gateway.admin_address) as admin_channel:
+            admin_pb2_grpc.AdminServiceStub(admin_channel).SetVariantWeights(
+                admin_pb2.SetVariantWeightsRequest(model="flip", weights={target: 100, current: 0}),
+                metadata=ADMIN,
+                timeout=5,
+            )
+        deadline = time.monotonic() + 5
+        while _variant(stub, "flip") != target:
+            assert time.monotonic() < deadline, "a change after the restart did not reach Envoy"
 
 
 class InProcessControlPlane:
