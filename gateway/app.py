@@ -233,7 +233,9 @@ class Gateway:
         if config.listeners.xds != "off":
             from gateway.envoy.control import ControlPlane
 
-            self.control_plane = ControlPlane(self.runtime.metrics.registry)
+            self.control_plane = ControlPlane(
+                self.runtime.metrics.registry, lambda: self.runtime.readiness.down
+            )
             await self.control_plane.start(config.listeners.xds, self.runtime.config)
             if self.route_manager is not None:
                 self.route_manager.on_change.append(self.control_plane.update)

@@ -95,6 +95,14 @@ def linear_routes(triton: str = "triton-a") -> list[dict]:
                 }
             },
         },
+        {
+            # two backends (the same Triton under two names): a drain moves all calls to "y"
+            "model": "drainable",
+            "variants": [
+                v("x", "", "1", 50),
+                {**v("y", "", "1", 50), "backend": "impatient"},
+            ],
+        },
         # not renamed: the upstream filter never buffers it
         {"model": "demo_linear", "variants": [{"name": "plain", "backend": triton, "weight": 1}]},
     ]
@@ -563,6 +571,27 @@ def test_admin_weight_change_reaches_envoy_fast(stack, stub):
     print(f"propagation over 20 changes: p50 {delays[9] * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms")
     assert p99 < 1.0
     assert envoy.counter("cluster.tensorgate_xds.upstream_rq_total") >= 0
+
+
+def test_admin_drain_reaches_envoy(stack, stub):
+    gateway, _, _ = stack
+    with grpc.insecure_channel(gateway.admin_address) as channel:
+        admin = admin_pb2_grpc.AdminServiceStub(channel)
+        admin.DrainBackend(admin_pb2.DrainBackendRequest(backend="triton-a"), metadata=ADMIN)
+        ok = time.monotonic()
+        try:
+            while {_variant(stub, "drainable") for _ in range(20)} != {"y"}:
+                assert time.monotonic() - ok < 2, "a drain did not reach Envoy in 2 s"
+            print(f"drain reached Envoy in {(time.monotonic() - ok) * 1000:.0f} ms")
+            # routes whose every variant is on the drained backend keep being served
+            assert output(call(stub, linear_request("linear", "1"))[0]) == Y_V1
+        finally:
+            admin.UndrainBackend(
+                admin_pb2.UndrainBackendRequest(backend="triton-a"), metadata=ADMIN
+            )
+        deadline = time.monotonic() + 2
+        while {_variant(stub, "drainable") for _ in range(40)} != {"x", "y"}:
+            assert time.monotonic() < deadline, "undrain did not reach Envoy"
 
 
 def test_control_plane_killed_under_load_envoy_keeps_serving(stack):

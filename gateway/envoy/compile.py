@@ -377,9 +377,14 @@ def _breaker(cluster: cluster_pb2.Cluster, backend: config_pb2.Backend, config) 
 # --- compile -----------------------------------------------------------------------------------
 
 
-def compile_config(config: config_pb2.GatewayConfig) -> Resources:
-    """The Envoy resources for a validated (defaulted) config with listeners.xds set."""
-    return Compiler().compile(config)
+def compile_config(
+    config: config_pb2.GatewayConfig, down: frozenset[tuple[str, str, str]] = frozenset()
+) -> Resources:
+    """The Envoy resources for a validated (defaulted) config with listeners.xds set. `down`:
+    (backend, backend model, backend version) the gateway's readiness says cannot answer (probed
+    down, or their backend drained): as on the Python path, a route's calls avoid them while a
+    sibling variant can answer."""
+    return Compiler().compile(config, down)
 
 
 @dataclass
@@ -399,7 +404,11 @@ class Compiler:
         self._context = b""
         self._cache: dict[bytes, _Compiled] = {}
 
-    def compile(self, config: config_pb2.GatewayConfig) -> Resources:
+    def compile(
+        self,
+        config: config_pb2.GatewayConfig,
+        down: frozenset[tuple[str, str, str]] = frozenset(),
+    ) -> Resources:
         context = config_pb2.GatewayConfig()
         context.CopyFrom(config)
         context.ClearField("routes")
@@ -419,9 +428,12 @@ class Compiler:
         decisions = []
         for route in sorted(config.routes, key=lambda r: r.model):
             route_key = route.SerializeToString(deterministic=True)
+            avoided = _down(route, down)
+            if avoided:
+                route_key += repr(sorted(avoided)).encode()
             compiled = self._cache.get(route_key)
             if compiled is None:
-                compiled = _compile_route(route, config, backends, forced)
+                compiled = _compile_route(route, config, backends, forced, avoided)
             cache[route_key] = compiled
             decisions.append(compiled.decision)
             clusters.update(compiled.clusters)
@@ -433,7 +445,16 @@ class Compiler:
         return _assemble(config, clusters, endpoints, routes, tuple(decisions))
 
 
-def _compile_route(route, config, backends, forced) -> _Compiled:
+def _down(route: config_pb2.Route, down) -> frozenset[str]:
+    """Names of the route's variants whose (backend, model, version) is down."""
+    if not down:
+        return frozenset()
+    return frozenset(
+        v.name for v in route.variants if (v.backend, v.backend_model, v.backend_version) in down
+    )
+
+
+def _compile_route(route, config, backends, forced, avoided=frozenset()) -> _Compiled:
     decision = decide_route(route, config, backends, forced)
     clusters: dict[str, cluster_pb2.Cluster] = {}
     endpoints: dict[str, endpoint_pb2.ClusterLoadAssignment] = {}
@@ -474,7 +495,7 @@ def _compile_route(route, config, backends, forced) -> _Compiled:
                 variant_lua(route, variant),
                 config.envoy.max_body_bytes,
             )
-    routes = _routes(route, settings, config, backends, bool(fallback))
+    routes = _routes(route, settings, config, bool(fallback), avoided)
     return _Compiled(decision, clusters, endpoints, routes)
 
 
@@ -519,10 +540,15 @@ def _aggregate(
     return cluster
 
 
-def _routes(route, settings, config, backends, has_fallback: bool):
+def _routes(route, settings, config, has_fallback: bool, avoided: frozenset[str]):
     """Envoy routes of one model: one per pinned version, then the unpinned one. A request for
     an unknown version matches none and falls through to the gateway (NOT_FOUND, versions
-    listed)."""
+    listed). Variants in `avoided` (down or drained) are left out of a pick that has others."""
+
+    def healthy(picks):
+        kept = [p for p in picks if p[2].name not in avoided]
+        return kept or picks
+
     target = aggregate_cluster if has_fallback else variant_cluster
     versions = sorted({v.version for v in route.variants if v.version}, key=int)
     out = []
@@ -532,13 +558,16 @@ def _routes(route, settings, config, backends, has_fallback: bool):
         if not any(weights):  # a version is served when pinned even if it takes no traffic
             weights = [1] * len(group)
         picks = [(target(route.model, v.name), w, v) for v, w in zip(group, weights, strict=True)]
+        picks = healthy(picks)
+        if not any(w for _, w, _ in picks):
+            picks = [(c, 1, v) for c, _, v in picks]
         match = _match(route.model, version)
         out.append(_route(f"{route.model}@{version}", match, picks, route, settings, config))
     unpinned = [(target(route.model, v.name), v.weight, v) for v in route.variants if v.weight > 0]
+    unpinned = healthy(unpinned)
     if unpinned:
         match = _match(route.model, None)
         out.append(_route(route.model, match, unpinned, route, settings, config))
-    del backends
     return out
 
 

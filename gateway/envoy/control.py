@@ -3,8 +3,10 @@ to Envoys over ADS (listeners.xds). Admin changes reach it through RouteManager.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import grpc
 
@@ -16,8 +18,17 @@ log = logging.getLogger(__name__)
 
 
 class ControlPlane:
-    def __init__(self, registry=None) -> None:
+    """`down`: returns what the gateway's readiness says cannot answer (probed down or drained);
+    polled, so an admin drain or a failed probe reaches the Envoys too."""
+
+    POLL_S = 0.2
+
+    def __init__(self, registry=None, down: Callable[[], frozenset] = frozenset) -> None:
         self.xds = ads.XdsServer(registry)
+        self._down = down
+        self._last_down: frozenset = frozenset()
+        self._config: config_pb2.GatewayConfig | None = None
+        self._watch: asyncio.Task | None = None
         self.compiler = Compiler()  # keeps each route's resources: one change, one route rebuilt
         self._server: grpc.aio.Server | None = None
         self.port = 0
@@ -25,8 +36,10 @@ class ControlPlane:
     def update(self, config: config_pb2.GatewayConfig) -> None:
         """Compile `config` and push it to every connected Envoy."""
         started = time.perf_counter()
+        self._config = config
+        self._last_down = self._down()
         try:
-            resources = self.compiler.compile(config)
+            resources = self.compiler.compile(config, self._last_down)
         except Exception:  # a bug here must not fail the admin change that was already applied
             log.exception("xds: cannot compile the route table; Envoys keep the previous one")
             return
@@ -44,7 +57,16 @@ class ControlPlane:
     async def start(self, address: str, config: config_pb2.GatewayConfig) -> None:
         self.update(config)
         self._server, self.port = await ads.serve(address, self.xds)
+        self._watch = asyncio.create_task(self._follow_readiness())
+
+    async def _follow_readiness(self) -> None:
+        while True:
+            await asyncio.sleep(self.POLL_S)
+            if self._config is not None and self._down() != self._last_down:
+                self.update(self._config)
 
     async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
         if self._server is not None:
             await self._server.stop(0)
