@@ -272,6 +272,10 @@ class Batcher:
                 member.future.cancel()
             raise
         except Exception as err:
+            if not isinstance(err, GatewayError):
+                # A bug of ours: the members get INTERNAL, and it is logged once per batch (the
+                # servicer only logs what it sees as an unexpected exception).
+                log.error("batching: a batch of %d calls failed", len(members), exc_info=err)
             for member in members:
                 if not member.future.done():
                     member.future.set_exception(_copy_error(err))

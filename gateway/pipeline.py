@@ -14,7 +14,6 @@ read; a failure travels as GatewayError, whose `target` names the variant that f
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -25,17 +24,31 @@ from gateway.errors import GatewayError
 from gateway.routing import RoutePlan, Target
 
 
-@dataclass(frozen=True, slots=True)
 class InferCall:
-    """One ModelInfer call as it travels down the layers. Immutable: see `to` and `replace`."""
+    """One ModelInfer call as it travels down the layers. Never changed once built: a layer that
+    asks something else passes a new one (`to`, `replace`). A plain slotted class rather than a
+    frozen dataclass: it is built several times per call, and a frozen dataclass's __init__
+    (object.__setattr__ per field) costs about four times as much."""
 
-    request: oip.ModelInferRequest  # the caller's request, in public names; never edited
-    model: str  # public model name, as the caller sent it
-    version: str  # public version, as the caller sent it ("" = unpinned)
-    route_key: str | None = None
-    deadline: float | None = None  # time.monotonic() by which the caller stops waiting
-    plan: RoutePlan | None = None  # the route, set by the routing layer
-    target: Target | None = None  # the variant this call is for (routing, then retry/fallback)
+    __slots__ = ("deadline", "model", "plan", "request", "route_key", "target", "version")
+
+    def __init__(
+        self,
+        request: oip.ModelInferRequest,  # the caller's request, in public names; never edited
+        model: str,  # public model name, as the caller sent it
+        version: str,  # public version, as the caller sent it ("" = unpinned)
+        route_key: str | None = None,
+        deadline: float | None = None,  # time.monotonic() by which the caller stops waiting
+        plan: RoutePlan | None = None,  # the route, set by the routing layer
+        target: Target | None = None,  # the variant this call is for (routing, retry, ...)
+    ) -> None:
+        self.request = request
+        self.model = model
+        self.version = version
+        self.route_key = route_key
+        self.deadline = deadline
+        self.plan = plan
+        self.target = target
 
     def remaining(self) -> float | None:
         """Seconds left before the caller's deadline, or None when it set none."""
@@ -43,9 +56,23 @@ class InferCall:
             return None
         return self.deadline - time.monotonic()
 
-    def to(self, target: Target) -> InferCall:
-        """The same call, for another variant."""
-        return dataclasses.replace(self, target=target)
+    def to(self, target: Target, plan: RoutePlan | None = None) -> InferCall:
+        """The same call, for another variant (of this route, or of `plan`)."""
+        return InferCall(
+            self.request,
+            self.model,
+            self.version,
+            self.route_key,
+            self.deadline,
+            plan or self.plan,
+            target,
+        )
+
+    def until(self, deadline: float | None) -> InferCall:
+        """The same call with another deadline."""
+        return InferCall(
+            self.request, self.model, self.version, self.route_key, deadline, self.plan, self.target
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,16 +83,32 @@ class PrimaryFailure:
     code: str  # grpc.StatusCode name
 
 
-@dataclass(frozen=True, slots=True)
 class InferResult:
-    """What a service answers: the response and how it came about."""
+    """What a service answers: the response and how it came about. Never changed once built
+    (`replace` gives a new one); slotted, not a frozen dataclass, for the same reason as
+    InferCall: one is built per backend answer."""
 
-    response: oip.ModelInferResponse
-    target: Target  # the variant that answered
-    degraded: str = ""  # the fallback step that answered, "" for a normal answer
-    attempts: int = 1  # backend tries behind this answer (retries, hedges)
-    primary_failure: PrimaryFailure | None = None  # set when `degraded`
-    cached: bool = False  # answered from the response cache
+    __slots__ = ("attempts", "cached", "degraded", "primary_failure", "response", "target")
+
+    def __init__(
+        self,
+        response: oip.ModelInferResponse,
+        target: Target,  # the variant that answered
+        degraded: str = "",  # the fallback step that answered, "" for a normal answer
+        attempts: int = 1,  # backend tries behind this answer (retries, hedges)
+        primary_failure: PrimaryFailure | None = None,  # set when `degraded`
+        cached: bool = False,  # answered from the response cache
+    ) -> None:
+        self.response = response
+        self.target = target
+        self.degraded = degraded
+        self.attempts = attempts
+        self.primary_failure = primary_failure
+        self.cached = cached
+
+    def replace(self, **changes) -> InferResult:
+        fields = {name: getattr(self, name) for name in self.__slots__}
+        return InferResult(**(fields | changes))
 
 
 InferService = Callable[[InferCall], Awaitable[InferResult]]

@@ -49,11 +49,13 @@ def seconds(duration) -> float:
 _s = seconds
 
 
-def route_settings(route: config_pb2.Route, defaults: config_pb2.RoutePolicy):
+def route_settings(
+    route: config_pb2.Route, defaults: config_pb2.RoutePolicy, memo: dict | None = None
+):
     """A route's settings per layer (gateway.layers.RouteSettings: `.retry`, `.hedge`, ...)."""
     from gateway.layers import route_settings as per_layer
 
-    return per_layer(route, defaults)
+    return per_layer(route, defaults, memo)
 
 
 @dataclass(frozen=True, slots=True)

@@ -163,7 +163,7 @@ class RoutePlan:
         return self.unpinned.targets
 
 
-def _plan(route: config_pb2.Route, defaults: config_pb2.RoutePolicy) -> RoutePlan:
+def _plan(route: config_pb2.Route, defaults: config_pb2.RoutePolicy, memo: dict) -> RoutePlan:
     targets = tuple(
         Target(
             model=route.model,
@@ -198,7 +198,7 @@ def _plan(route: config_pb2.Route, defaults: config_pb2.RoutePolicy) -> RoutePla
         versions,
         unpinned,
         by_version,
-        route_settings(route, defaults),
+        route_settings(route, defaults, memo),
         {t.variant: t for t in targets},
         route,
     )
@@ -215,7 +215,8 @@ class RouteTable:
         self, routes: list[config_pb2.Route], defaults: config_pb2.RoutePolicy | None = None
     ) -> None:
         defaults = defaults or config_pb2.RoutePolicy()
-        self._plans = {route.model: _plan(route, defaults) for route in routes}
+        memo: dict = {}  # settings shared by routes with the same policy
+        self._plans = {route.model: _plan(route, defaults, memo) for route in routes}
 
     def __len__(self) -> int:
         return len(self._plans)

@@ -11,6 +11,7 @@ list in `route_layers()`. See docs/architecture.md.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -52,8 +53,12 @@ class RouteLayer:
     build: Callable[[Any, Any, RoutePlan], Layer]  # (settings, state, route) -> layer
     # (policy, field path, route or None for defaults, known models) -> problems in its part
     check: Callable[..., Iterator[tuple[str, str]]] = _no_problems
+    # Its settings read the route's config (per-variant settings), not only the policy: they
+    # are then computed per route rather than once per distinct policy.
+    reads_route: bool = False
 
 
+@functools.cache
 def route_layers() -> tuple[RouteLayer, ...]:
     """The per-route part of the ModelInfer path, outermost first; why this order:
     docs/architecture.md. (Imported here, not at module level: layers import the pipeline.)"""
@@ -108,9 +113,27 @@ def effective_policy(
     return merged
 
 
-def route_settings(route: config_pb2.Route, defaults: config_pb2.RoutePolicy) -> RouteSettings:
-    policy = effective_policy(route.policy, defaults)
-    return RouteSettings({layer.name: layer.settings(policy, route) for layer in route_layers()})
+def route_settings(
+    route: config_pb2.Route, defaults: config_pb2.RoutePolicy, memo: dict | None = None
+) -> RouteSettings:
+    """`memo` (one per route table) shares the work between routes with the same policy: a
+    table of 10,000 routes usually has a handful of distinct policies."""
+    key = route.policy.SerializeToString(deterministic=True)
+    shared = memo.get(key) if memo is not None else None
+    if shared is None:
+        policy = effective_policy(route.policy, defaults)
+        shared = (
+            policy,
+            {x.name: x.settings(policy, None) for x in route_layers() if not x.reads_route},
+        )
+        if memo is not None:
+            memo[key] = shared
+    policy, by_layer = shared
+    by_layer = dict(by_layer)
+    for layer in route_layers():
+        if layer.reads_route:
+            by_layer[layer.name] = layer.settings(policy, route)
+    return RouteSettings(by_layer)
 
 
 def check_policy(

@@ -140,9 +140,15 @@ def batching(by_variant: dict[str, BatchSettings], shared: BatchingState, plan: 
                 spec = await specs.get(adapters()[target.backend], target, call.remaining())
                 if spec is None:  # not described (yet): unbatched, asked again next call
                     return await inner(call)
-                batcher = batchers[target.variant] = (
-                    make(target, config, spec.max_batch_size) if spec.max_batch_size > 0 else None
-                )
+                # Calls that waited for the same description together (a burst of fallbacks
+                # to this variant, say) must share one Batcher: the first to resume makes it.
+                batcher = batchers.get(target.variant, _UNKNOWN)
+                if batcher is _UNKNOWN:
+                    batcher = batchers[target.variant] = (
+                        make(target, config, spec.max_batch_size)
+                        if spec.max_batch_size > 0
+                        else None
+                    )
             if batcher is None:
                 return await inner(call)
             response = await batcher.submit(call.request, call.deadline)
@@ -160,4 +166,5 @@ LAYER = RouteLayer(
     state=lambda env: BatchingState(env, BatchingMetrics(env.registry)),
     build=batching,
     check=check,
+    reads_route=True,
 )

@@ -8,7 +8,6 @@ spent rather than when some inner wait happens to end.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import Iterator
 
@@ -27,7 +26,7 @@ def deadline(route_timeout: float | None) -> Layer:
             if route_timeout is not None:
                 capped = time.monotonic() + route_timeout
                 if call.deadline is None or capped < call.deadline:
-                    call = dataclasses.replace(call, deadline=capped)
+                    call = call.until(capped)
             remaining = call.remaining()
             if remaining is None:
                 return await inner(call)

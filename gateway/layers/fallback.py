@@ -8,7 +8,6 @@ as invalid is never "rescued": caller errors pass straight through.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -156,11 +155,8 @@ def fallback(steps: tuple, table: Callable[[], RouteTable], metrics: FallbackMet
                     log.debug("fallback %s for %s failed: %s", label, call.model, err)
                     continue
                 metrics.fallbacks.labels(call.model, label).inc()
-                return dataclasses.replace(
-                    result,
-                    degraded=label,
-                    attempts=result.attempts + 1,
-                    primary_failure=failed,
+                return result.replace(
+                    degraded=label, attempts=result.attempts + 1, primary_failure=failed
                 )
             metrics.fallbacks.labels(call.model, "exhausted").inc()
             raise primary_error

@@ -7,7 +7,6 @@ The delay is fixed, or the primary variant's observed p95 (so only the slowest ~
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -118,7 +117,7 @@ def hedge(policy: HedgeSettings, tracker: LatencyTracker, metrics: HedgeMetrics)
                             winner = "first" if task is first else "second"
                             metrics.hedges.labels(call.model, winner).inc()
                             result = task.result()
-                            return dataclasses.replace(result, attempts=result.attempts + 1)
+                            return result.replace(attempts=result.attempts + 1)
                         if not isinstance(error, GatewayError):
                             raise error
                         errors.append(error)

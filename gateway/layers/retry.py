@@ -10,7 +10,6 @@ the call moves at once to a variant on another backend, or is handed up to fallb
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -159,7 +158,7 @@ def retry(policy: RetrySettings, budget: RetryBudget, metrics: RetryMetrics) -> 
                     pending = ""
                 if error is None:
                     if attempt > 1:
-                        return dataclasses.replace(result, attempts=result.attempts + attempt - 1)
+                        return result.replace(attempts=result.attempts + attempt - 1)
                     return result
                 if error.fail_fast:
                     # The breaker refused without calling the backend: the same backend can

@@ -7,7 +7,6 @@ response metadata).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 from gateway.errors import GatewayError
@@ -32,7 +31,7 @@ def route(
         if service is None:
             service = plan.service = compile_route(plan)
         try:
-            result = await service(dataclasses.replace(call, plan=plan, target=target))
+            result = await service(call.to(target, plan))
         except GatewayError as err:
             blame(err, target)
             raise

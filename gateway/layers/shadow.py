@@ -9,7 +9,6 @@ what makes a shadow useful before a canary.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import random
 from collections.abc import Callable, Iterator
@@ -147,7 +146,7 @@ class ShadowRunner:
             return
         self._in_flight[model] = busy + 1
         # The mirror reads the caller's request as the primary did: nothing edits it.
-        mirror = dataclasses.replace(call, target=target, deadline=None)
+        mirror = call.to(target).until(None)
         task = asyncio.ensure_future(self._run(mirror, primary.response, send))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
