@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from tritonclient.grpc import service_pb2 as oip
 
+from adapters.codecs.oip import CONTENTS_FIELD as _CONTENTS_FIELD
 from gateway.errors import invalid, shown
 
 # The InferParameter oneof, in the order messages list them.
@@ -170,3 +171,18 @@ def check_output_datatypes(
                     f"{where} needs an output of datatype {accepted}; model {shown(model)}'s "
                     f"output {shown(tensor.name)} is {datatype}"
                 )
+
+
+def check_data_present(request: oip.ModelInferRequest, backend: str) -> None:
+    """For backends that need data for every input (ParameterRules.data_required): refuse an
+    input sent with neither typed contents nor raw_input_contents. check_structure lets that
+    through only for a shape with no elements."""
+    for tensor in request.inputs:
+        if not tensor.HasField("contents"):
+            field = _CONTENTS_FIELD.get(tensor.datatype)
+            how = f"contents.{field} or raw_input_contents" if field else "raw_input_contents"
+            shape = "[" + ",".join(map(str, tensor.shape)) + "]"
+            raise invalid(
+                f"input {shown(tensor.name)} has no data: {backend} needs {how} even for shape "
+                f"{shape}, which has no elements (send them empty)"
+            )

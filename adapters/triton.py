@@ -8,6 +8,7 @@ a layer that can see deadlines and budgets.
 from __future__ import annotations
 
 import functools
+import time
 
 import grpc
 from tritonclient.grpc import service_pb2 as oip
@@ -59,6 +60,8 @@ class TritonAdapter(NoOptions):
         self._model_ready = stub.ModelReady
         self._metadata = stub.ModelMetadata
         self._config = stub.ModelConfig
+        # (model, version) -> (expires, output name -> datatype)
+        self._output_types: dict[tuple[str, str], tuple[float, dict[str, str]]] = {}
 
     def _error(self, err: grpc.aio.AioRpcError) -> BackendError:
         return rpc_error(err, self.name)
@@ -69,13 +72,33 @@ class TritonAdapter(NoOptions):
         # Validation already applied the primary variant's table; a retry, hedge, fallback or
         # shadow may bring the call here from another backend kind, so Triton checks its own.
         parameters.check_parameters(request, self.parameters)
-        body = backend_tensors(request, target).SerializeToString() + _model_fields(
+        if not request.raw_input_contents:
+            parameters.check_data_present(request, "Triton")
+        backend_request = backend_tensors(request, target)
+        if any(o.parameters for o in backend_request.outputs):
+            await self._check_output_datatypes(backend_request, target, timeout)
+        body = backend_request.SerializeToString() + _model_fields(
             target.backend_model, target.backend_version
         )
         try:
             return await self._infer(body, timeout=timeout)
         except grpc.aio.AioRpcError as err:
             raise self._error(err) from None
+
+    async def _check_output_datatypes(self, request, target, timeout: float | None) -> None:
+        """Output parameters such as classification only on outputs of the datatypes Triton can
+        take (classification of a BYTES output kills tritonserver 2.51). Checked here, on every
+        call that carries one, whatever brought it (retry, fallback, hedge, shadow, another
+        backend kind's route), against this model's outputs (cached for a minute)."""
+        key = (target.backend_model, target.backend_version)
+        cached = self._output_types.get(key)
+        if cached is None or cached[0] < time.monotonic():
+            # A failure to describe the model is the call's failure (the backend is down or the
+            # model unknown): raised as is, so fallback and breakers see what they would have.
+            meta = await self.metadata(*key, timeout=min(timeout or 5.0, 5.0))
+            types = {t.name: t.datatype for t in meta.outputs}
+            cached = self._output_types[key] = (time.monotonic() + 60.0, types)
+        parameters.check_output_datatypes(request, self.parameters, target.model, cached[1])
 
     async def ready(self, model: str = "", version: str = "", *, timeout: float = 2.0) -> bool:
         try:

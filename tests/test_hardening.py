@@ -14,6 +14,7 @@ import pytest
 from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc
 
+from tests.backends.triton import free_port
 from tests.faults.proxy import FaultProxy
 from tests.gateway_process import ADMIN_TOKEN, GatewayProcess, triton_backend
 from tests.loadgen import Results, metric, run_load, scrape
@@ -270,3 +271,42 @@ def test_metadata_rpcs_refuse_huge_names_with_a_short_message(gateway):
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "over the limit" in caught.value.details()
             assert len(caught.value.details()) < 300
+
+
+def test_classification_on_a_bytes_output_is_refused_on_every_path(triton):
+    """Classifying a BYTES output kills tritonserver 2.51. The route's schema (wrongly) says the
+    output is INT32, so validation of the chosen variant lets the request through; the chosen
+    variant's backend is down and the fallback variant's model has a BYTES output: the Triton
+    adapter refuses it there too, and Triton stays up."""
+    dead = f"127.0.0.1:{free_port()}"
+    config = {
+        "backends": [triton_backend(triton.address), triton_backend(dead, "dead")],
+        "routes": [
+            {
+                "model": "identity",
+                "schema": {
+                    "inputs": [{"name": "INPUT0", "datatype": "INT32", "shape": [-1]}],
+                    "outputs": [{"name": "OUTPUT1", "datatype": "INT32", "shape": [-1]}],
+                },
+                "variants": [
+                    {"name": "primary", "backend": "dead", "backend_model": "demo_identity", "weight": 1},
+                    {"name": "backup", "backend": "triton-a", "backend_model": "demo_identity", "weight": 0},
+                ],
+                "policy": {"retry": {"max_attempts": 1}, "fallback": [{"variant": "backup"}]},
+            }
+        ],
+    }  # fmt: skip
+    with GatewayProcess(config).start(wait="live") as gw:
+        request = oip.ModelInferRequest(model_name="identity")
+        request.inputs.add(name="INPUT0", datatype="INT32", shape=[2])
+        request.raw_input_contents.append(np.array([1, 2], np.int32).tobytes())
+        request.outputs.add(name="OUTPUT1").parameters["classification"].int64_param = 1
+        with grpc.insecure_channel(gw.address) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.ModelInfer(request, timeout=10)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "OUTPUT1" in caught.value.details() and "BYTES" in caught.value.details()
+    with grpc.insecure_channel(triton.address) as channel:
+        live = service_pb2_grpc.GRPCInferenceServiceStub(channel).ServerLive
+        assert live(oip.ServerLiveRequest(), timeout=5).live

@@ -22,7 +22,12 @@ from tritonclient.grpc import service_pb2 as oip
 
 from adapters.base import Adapter, ModelSpec, TensorSpec, declared_spec
 from adapters.codecs.oip import CONTENTS_FIELD, NUMPY_DTYPE
-from adapters.parameters import ParameterRules, check_output_datatypes, check_parameters
+from adapters.parameters import (
+    ParameterRules,
+    check_data_present,
+    check_output_datatypes,
+    check_parameters,
+)
 from gateway.errors import invalid, shown
 from gateway.layers import RouteLayer
 from gateway.pipeline import InferCall, InferResult, InferService, Layer
@@ -419,20 +424,6 @@ class SpecCache:
 
 
 _NO_PARAMETERS = ParameterRules("this backend")
-
-
-def check_data_present(request: oip.ModelInferRequest, backend: str) -> None:
-    """For backends that need data for every input (ParameterRules.data_required): refuse an
-    input sent with neither typed contents nor raw_input_contents. check_structure lets that
-    through only for a shape with no elements."""
-    for tensor in request.inputs:
-        if not tensor.HasField("contents"):
-            field = CONTENTS_FIELD.get(tensor.datatype)
-            how = f"contents.{field} or raw_input_contents" if field else "raw_input_contents"
-            raise invalid(
-                f"input {shown(tensor.name)} has no data: {backend} needs {how} even for shape "
-                f"{_shape(tensor.shape)}, which has no elements (send them empty)"
-            )
 
 
 def schema(adapters: Callable[[], Mapping[str, Adapter]], cache: SpecCache) -> Layer:
