@@ -218,6 +218,60 @@ def test_compile_is_deterministic_and_a_weight_change_only_changes_routes():
     ]
 
 
+def test_compile_fallback_variants_and_down_variants():
+    base = {
+        "listeners": {"xds": "127.0.0.1:18000"},
+        "backends": [triton_backend("127.0.0.1:1"), {**triton_backend("127.0.0.1:2", "triton-b")}],
+    }
+    same = {
+        "name": "b",
+        "backend": "triton-b",
+        "backend_model": "demo_linear",
+        "backend_version": "1",
+        "weight": 0,
+    }
+    other = {**same, "backend_model": "other"}
+    primary = {
+        "name": "a",
+        "backend": "triton-a",
+        "backend_model": "demo_linear",
+        "backend_version": "1",
+        "weight": 1,
+    }
+    policy = {"fallback": [{"variant": "b"}]}
+    ok = from_dict(
+        {**base, "routes": [{"model": "m", "variants": [primary, same], "policy": policy}]}
+    )
+    assert decide(ok)[0].path == "envoy"
+    resources = compile_config(ok)
+    assert "tga|m|a" in resources.by_type[CLUSTER]
+    route = resources.by_type[ROUTE]["tensorgate"].virtual_hosts[0].routes[0]
+    assert route.route.cluster == "tga|m|a"
+    assert (
+        route.route.retry_policy.retry_priority.name == "envoy.retry_priorities.previous_priorities"
+    )
+    # a fallback that asks the backend for another model cannot share the primary's rename
+    bad = from_dict(
+        {**base, "routes": [{"model": "m", "variants": [primary, other], "policy": policy}]}
+    )
+    assert (
+        decide(bad)[0].path == "gateway" and "fallback to variant 'b'" in decide(bad)[0].reasons[0]
+    )
+    # readiness: a down variant leaves the pick while a sibling can answer, never the last one
+    two = from_dict(
+        {**base, "routes": [{"model": "m", "variants": [primary, {**same, "weight": 1}]}]}
+    )
+
+    def picked(down):
+        route = compile_config(two, down).by_type[ROUTE]["tensorgate"].virtual_hosts[0].routes[0]
+        return [c.name for c in route.route.weighted_clusters.clusters] or [route.route.cluster]
+
+    assert picked(frozenset()) == ["tg|m|a", "tg|m|b"]
+    assert picked(frozenset({("triton-a", "demo_linear", "1")})) == ["tg|m|b"]
+    both = frozenset({("triton-a", "demo_linear", "1"), ("triton-b", "demo_linear", "1")})
+    assert picked(both) == ["tg|m|a", "tg|m|b"]
+
+
 def test_config_keeps_xds_on_loopback_unless_asked():
     base = {"backends": [triton_backend("127.0.0.1:1")], "routes": linear_routes()[:1]}
     with pytest.raises(ConfigError, match=r"listeners\.xds"):

@@ -327,18 +327,22 @@ def _cluster(
     options = http_protocol_options_pb2.HttpProtocolOptions()
     options.explicit_http_config.http2_protocol_options.CopyFrom(_http2())
     if upstream_lua is not None:
-        options.http_filters.add(
-            name="envoy.filters.http.lua",
-            typed_config=_any(lua_pb2.Lua(default_source_code={"inline_string": upstream_lua})),
-        )
-        options.http_filters.add(
-            name="envoy.filters.http.upstream_codec",
-            typed_config=_any(upstream_codec_pb2.UpstreamCodec()),
-        )
+        _add_upstream_lua(options, upstream_lua)
     cluster.typed_extension_protocol_options[_HTTP_OPTIONS].CopyFrom(_any(options))
     # An ejected (breaker-open) variant must get no calls: never "panic" back onto it.
     cluster.common_lb_config.healthy_panic_threshold.value = 0
     return cluster, endpoints
+
+
+def _add_upstream_lua(options: http_protocol_options_pb2.HttpProtocolOptions, lua: str) -> None:
+    options.http_filters.add(
+        name="envoy.filters.http.lua",
+        typed_config=_any(lua_pb2.Lua(default_source_code={"inline_string": lua})),
+    )
+    options.http_filters.add(
+        name="envoy.filters.http.upstream_codec",
+        typed_config=_any(upstream_codec_pb2.UpstreamCodec()),
+    )
 
 
 def _breaker(cluster: cluster_pb2.Cluster, backend: config_pb2.Backend, config) -> None:
@@ -524,12 +528,11 @@ def _aggregate(
 ) -> cluster_pb2.Cluster:
     """Priority i is members[i]: retries walk down it (previous_priorities), and so does load
     while a member's hosts are ejected. Requests run the upstream filter of members[0]'s variant
-    (the one the route picked), which is why fallbacks must ask for the same backend model."""
-    cluster, _ = _cluster(name, "127.0.0.1:1", upstream_lua=lua, buffer_limit=buffer_limit)
-    cluster.ClearField("type")
-    cluster.ClearField("eds_cluster_config")
-    cluster.ClearField("common_lb_config")
-    cluster.connect_timeout.CopyFrom(_duration(5.0))
+    (the one the route picked), which is why fallbacks must ask for the same backend model.
+    Connections (HTTP/2, timeouts) are the members' own."""
+    cluster = cluster_pb2.Cluster(
+        name=name, alt_stat_name=_stat_name(name), connect_timeout=_duration(5.0)
+    )
     cluster.lb_policy = cluster_pb2.Cluster.CLUSTER_PROVIDED
     cluster.cluster_type.CopyFrom(
         cluster_pb2.Cluster.CustomClusterType(
@@ -537,6 +540,12 @@ def _aggregate(
             typed_config=_any(aggregate_pb2.ClusterConfig(clusters=members)),
         )
     )
+    if lua is not None:
+        cluster.per_connection_buffer_limit_bytes.value = buffer_limit
+        options = http_protocol_options_pb2.HttpProtocolOptions()
+        options.explicit_http_config.http2_protocol_options.CopyFrom(_http2())
+        _add_upstream_lua(options, lua)
+        cluster.typed_extension_protocol_options[_HTTP_OPTIONS].CopyFrom(_any(options))
     return cluster
 
 
