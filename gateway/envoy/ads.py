@@ -94,6 +94,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self.number = 0
         self._streams: set[_Stream] = set()
         self._nonces = itertools.count(1)
+        self._pack_cache: dict[tuple[str, str], list[any_pb2.Any]] = {}
         self.listeners: list[Callable[[str, str, str, str], None]] = []  # (node, type, ver, what)
 
     # --- snapshots ---------------------------------------------------------------------------
@@ -178,6 +179,22 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         for listener in self.listeners:
             listener(stream.node, _SHORT[type_url], version, what)
 
+    def _packed(self, type_url: str, version: str, resources: dict) -> list[any_pb2.Any]:
+        """The resources packed once per content version, shared by every Envoy's stream (a
+        fleet costs one serialization of a large route table, not one per Envoy)."""
+        key = (type_url, version)
+        packed = self._pack_cache.get(key)
+        if packed is None:
+            packed = []
+            for _, resource in sorted(resources.items()):
+                item = any_pb2.Any()
+                item.Pack(resource)
+                packed.append(item)
+            if len(self._pack_cache) >= 16:
+                self._pack_cache.pop(next(iter(self._pack_cache)))
+            self._pack_cache[key] = packed
+        return packed
+
     # --- what to send next ---------------------------------------------------------------------
 
     def _due(self, stream: _Stream) -> list[discovery_pb2.DiscoveryResponse]:
@@ -239,10 +256,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         response = discovery_pb2.DiscoveryResponse(
             version_info=version, type_url=type_url, nonce=nonce
         )
-        for _, resource in sorted(resources.items()):
-            packed = any_pb2.Any()
-            packed.Pack(resource)
-            response.resources.append(packed)
+        response.resources.extend(self._packed(type_url, version, resources))
         sent = _Sent(version, nonce, wanted or frozenset(), dict(resources))
         stream.pending[type_url] = sent
         stream.last_sent[type_url] = sent
