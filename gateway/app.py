@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import pathlib
 import signal
@@ -16,7 +15,7 @@ from tritonclient.grpc import service_pb2_grpc
 import gateway
 from adapters.base import Adapter
 from adapters.registry import build_adapter
-from gateway import reflection
+from gateway import memory, reflection
 from gateway.config import seconds
 from gateway.health import Readiness
 from gateway.intake import Intake
@@ -327,24 +326,9 @@ class Gateway:
         await self._stopped.wait()
 
 
-# glibc serves allocations above a dynamic threshold (up to 32 MiB) from its heap and keeps the
-# pages after free: measured, 10 rejected 30 MiB requests left RSS +200 MB with nothing alive.
-# A fixed threshold maps every buffer >= 256 KiB on its own and unmaps it on free.
-_MMAP_THRESHOLD_BYTES = 256 * 1024
-_M_MMAP_THRESHOLD = -3
-
-
-def return_large_buffers_to_os() -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
-    except (OSError, AttributeError):  # not glibc: its allocator decides
-        pass
-
-
 async def serve(config: config_pb2.GatewayConfig, state_dir: str = ".tensorgate-state") -> None:
     """Run until SIGTERM or SIGINT, then drain and return."""
-    return_large_buffers_to_os()
+    memory.return_large_buffers_to_os()
     gw = Gateway(config, state_dir)
     await gw.start()
     loop = asyncio.get_running_loop()
