@@ -173,26 +173,32 @@ def _check_known_fields(request: oip.ModelInferRequest) -> None:
     Triton's C++ parser reads it as the parameter. That smuggled `shared_memory_region` past the
     allowlist (Triton then read another client's region). What the gateway cannot see, it does not
     forward. About a microsecond per message checked, whatever the request's size."""
-    places = [("the request", request)]
-    places += [(f"request parameter {shown(k)}", v) for k, v in request.parameters.items()]
-    for tensor in request.inputs:
-        where = f"input {shown(tensor.name)}"
-        places.append((where, tensor))
-        if tensor.HasField("contents"):
-            places.append((f"{where} contents", tensor.contents))
-        places += [(f"{where} parameter {shown(k)}", v) for k, v in tensor.parameters.items()]
-    for tensor in request.outputs:
-        where = f"output {shown(tensor.name)}"
-        places.append((where, tensor))
-        places += [(f"{where} parameter {shown(k)}", v) for k, v in tensor.parameters.items()]
-    for where, message in places:
+    for message, where in _messages(request):
         numbers = _unknown(message)
         if numbers:
             raise invalid(
-                f"{where} has fields the Open Inference Protocol does not define (field "
+                f"{where()} has fields the Open Inference Protocol does not define (field "
                 f"number(s) {numbers[:80]}; a corrupt parameters entry also shows up this way): "
                 "refused, since the backend may read them differently than the gateway"
             )
+
+
+def _messages(request: oip.ModelInferRequest):
+    """Every message in the request, with a function naming where it is (built only when one
+    is refused: the check runs on every call)."""
+    yield request, lambda: "the request"
+    for key, value in request.parameters.items():
+        yield value, lambda key=key: f"request parameter {shown(key)}"
+    for tensor in request.inputs:
+        yield tensor, lambda t=tensor: f"input {shown(t.name)}"
+        if tensor.HasField("contents"):
+            yield tensor.contents, lambda t=tensor: f"input {shown(t.name)} contents"
+        for key, value in tensor.parameters.items():
+            yield value, lambda t=tensor, k=key: f"input {shown(t.name)} parameter {shown(k)}"
+    for tensor in request.outputs:
+        yield tensor, lambda t=tensor: f"output {shown(t.name)}"
+        for key, value in tensor.parameters.items():
+            yield value, lambda t=tensor, k=key: f"output {shown(t.name)} parameter {shown(k)}"
 
 
 def _check_raw(name: str, datatype: str, shape, elements: int, buffer: bytes, index: int) -> None:
