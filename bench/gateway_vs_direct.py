@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import ctypes
 import datetime as dt
+import functools
 import json
 import math
 import os
@@ -38,7 +39,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -398,6 +399,67 @@ async def check_answers(targets: Sequence[Target]) -> None:
         print(f"answer OK from {target.name}: {got}{extra}")
 
 
+LoadFn = Callable[..., Awaitable[LoadResult]]
+
+
+async def measure_leg(
+    target: Target,
+    concurrency: int,
+    *,
+    duration: float,
+    warmup: float,
+    timeout: float,
+    triton: TritonServer | None,
+    cpu_sets: dict[str, Callable[[], list[int]]] | None = None,
+    load: LoadFn | None = None,
+) -> tuple[dict, LoadResult]:
+    """One measured leg against `target`: the load, CPU seconds by process set, other processes'
+    CPU, and (with `triton`) Triton's batching and server-side time over the window.
+
+    `load` runs the closed loop (default: bench.loadgen.run_load on the target's address, model
+    and version); it is called with concurrency, duration, warmup, timeout, on_window_start and
+    on_window_end. `cpu_sets` adds process sets to the CPU sample (e.g. another backend)."""
+    hop = target.hop_pid
+    sets: dict[str, Callable[[], list[int]]] = {
+        "loadgen": lambda: [os.getpid()],
+        "hop": lambda: [hop] if hop else [],
+    }
+    if triton is not None:
+        sets["triton"] = lambda: process_group(triton.pid)
+    sets.update(cpu_sets or {})
+    sampler = CpuSampler(sets)
+    if load is None:
+        load = functools.partial(run_load, target.address, target.model, version=target.version)
+    before = await triton_stats(triton.address) if triton is not None else None
+    result = await load(
+        concurrency=concurrency,
+        duration=duration,
+        warmup=warmup,
+        timeout=timeout,
+        on_window_start=sampler.start,
+        on_window_end=sampler.stop,
+    )
+    cpu = {
+        proc: {
+            "seconds": round(used, 3),
+            "cores": round(used / result.elapsed_s, 3),
+            "us_per_call": round(1e6 * used / max(result.ok, 1), 1),
+        }
+        for proc, used in sampler.used.items()
+        if proc != "hop" or hop
+    }
+    record = {
+        "name": target.name,
+        **result.summary(),
+        "cpu": cpu,
+        "other_cores": round(sampler.other / result.elapsed_s, 3),
+        "steal_cores": round(sampler.steal / result.elapsed_s, 3),
+    }
+    if triton is not None and before is not None:
+        record["triton"] = _triton_delta(before, await triton_stats(triton.address))
+    return record, result
+
+
 async def measure(
     args: argparse.Namespace, triton: TritonServer, targets: Sequence[Target]
 ) -> tuple[list[dict], dict[tuple[str, int], LoadResult]]:
@@ -408,44 +470,14 @@ async def measure(
     order = (*targets, *reversed(targets)) * args.rounds
     for concurrency in args.concurrency:
         for target in order:
-            hop = target.hop_pid
-            sampler = CpuSampler(
-                {
-                    "loadgen": lambda: [os.getpid()],
-                    "hop": lambda hop=hop: [hop] if hop else [],
-                    "triton": lambda: process_group(triton.pid),
-                }
-            )
-            before = await triton_stats(triton.address)
-            result = await run_load(
-                target.address,
-                target.model,
-                version=target.version,
-                concurrency=concurrency,
+            record, result = await measure_leg(
+                target,
+                concurrency,
                 duration=leg,
                 warmup=args.warmup,
                 timeout=args.timeout,
-                on_window_start=sampler.start,
-                on_window_end=sampler.stop,
+                triton=triton,
             )
-            after = await triton_stats(triton.address)
-            cpu = {
-                proc: {
-                    "seconds": round(used, 3),
-                    "cores": round(used / result.elapsed_s, 3),
-                    "us_per_call": round(1e6 * used / max(result.ok, 1), 1),
-                }
-                for proc, used in sampler.used.items()
-                if proc != "hop" or hop
-            }
-            record = {
-                "name": target.name,
-                **result.summary(),
-                "cpu": cpu,
-                "other_cores": round(sampler.other / result.elapsed_s, 3),
-                "steal_cores": round(sampler.steal / result.elapsed_s, 3),
-                "triton": _triton_delta(before, after),
-            }
             runs.append(record)
             merged.setdefault((target.name, concurrency), []).append(result)
             print(
