@@ -19,6 +19,8 @@ from gateway.errors import not_found, shown
 from gateway.policy import route_settings
 from tensorgate.config.v1 import config_pb2
 
+VARIANT_TRAILER = "x-tensorgate-variant"
+BACKEND_TRAILER = "x-tensorgate-backend"
 # uhashring places vnodes * weight points per variant; weights are scaled to about this many
 # units per route so a ring stays small however large the configured weights are.
 _RING_UNITS = 100
@@ -43,6 +45,8 @@ class Target:
     schema: config_pb2.ModelSchema | None = None  # the route's declared tensors, if any
     input_names: tuple[tuple[str, str], ...] = ()  # (public, backend) where they differ
     output_names: tuple[tuple[str, str], ...] = ()
+    # The response trailers naming this variant, built once (they go out with every answer).
+    trailers: tuple[tuple[str, str], ...] = ()
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -178,6 +182,7 @@ def _plan(route: config_pb2.Route, defaults: config_pb2.RoutePolicy, memo: dict)
             schema=route.schema if route.HasField("schema") else None,
             input_names=tuple(sorted(v.input_names.items())),
             output_names=tuple(sorted(v.output_names.items())),
+            trailers=((VARIANT_TRAILER, v.name), (BACKEND_TRAILER, v.backend)),
         )
         for v in route.variants
     )

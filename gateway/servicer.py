@@ -19,11 +19,12 @@ import gateway
 from gateway.errors import GatewayError, invalid, shown
 from gateway.layers.validation import MAX_VERSION_BYTES, check_name
 from gateway.pipeline import InferCall, InferResult, InferService
+from gateway.routing import BACKEND_TRAILER, VARIANT_TRAILER
 
 log = logging.getLogger(__name__)
 
-VARIANT_HEADER = "x-tensorgate-variant"
-BACKEND_HEADER = "x-tensorgate-backend"
+VARIANT_HEADER = VARIANT_TRAILER
+BACKEND_HEADER = BACKEND_TRAILER
 DEGRADED_HEADER = "x-tensorgate-degraded"
 CACHE_HEADER = "x-tensorgate-cache"
 _CACHE_HIT = ((CACHE_HEADER, "hit"),)
@@ -191,9 +192,7 @@ def _schema_metadata(schema) -> oip.ModelMetadataResponse:
 
 
 def _headers(target) -> tuple[tuple[str, str], ...]:
-    if target is None:
-        return ()
-    return ((VARIANT_HEADER, target.variant), (BACKEND_HEADER, target.backend))
+    return () if target is None else target.trailers
 
 
 async def _announce(context, target) -> None:
