@@ -23,16 +23,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import sys
-import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from urllib.parse import urlsplit
 
 import httpx
 
-from bench.loadgen import DEFAULT_INPUT, OK, LoadResult, format_result
+from bench.loadgen import DEFAULT_INPUT, OK, LoadResult, closed_loop, format_result
 
 # The gateway's TorchServe adapter pools the same way (docs/adapters/torchserve.md).
 LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=32)
@@ -118,78 +115,44 @@ async def run_http_load(
         raise ValueError("concurrency must be >= 1")
     if client not in ("raw", "httpx"):
         raise ValueError(f"client must be raw or httpx, not {client!r}")
-    latencies: list[float] = []
-    errors: Counter[str] = Counter()
-    warmup_calls = 0
-    measure_from = math.inf
-    stop_at = math.inf
-    clock = time.perf_counter
-
     async with httpx.AsyncClient(limits=LIMITS, timeout=timeout, headers=HEADERS) as shared:
 
-        def sender() -> Callable[[], Awaitable[int]]:
-            if client == "httpx":
+        def sender() -> Callable[[], Awaitable[str]]:
+            connection = RawConnection(url, body) if client == "raw" else None
 
-                async def via_httpx() -> int:
-                    return (await shared.post(url, content=body)).status_code
-
-                return via_httpx
-            connection = RawConnection(url, body)
-
-            async def via_raw() -> int:
-                async with asyncio.timeout(timeout):
-                    return (await connection.post())[0]
-
-            return via_raw
-
-        async def worker() -> None:
-            nonlocal warmup_calls
-            send = sender()
-            while True:
-                start = clock()
-                if start >= stop_at:
-                    return
+            async def send() -> str:
                 try:
-                    status = await send()
-                    code = OK if status == 200 else f"HTTP_{status}"
-                except (httpx.HTTPError, OSError, asyncio.IncompleteReadError, TimeoutError) as err:
-                    code = type(err).__name__
-                except asyncio.LimitOverrunError as err:
-                    code = type(err).__name__
-                end = clock()
-                if start < measure_from:
-                    warmup_calls += 1
-                elif code == OK:
-                    latencies.append(end - start)
-                else:
-                    errors[code] += 1
+                    if connection is None:
+                        status = (await shared.post(url, content=body)).status_code
+                    else:
+                        async with asyncio.timeout(timeout):
+                            status = (await connection.post())[0]
+                except (
+                    httpx.HTTPError,
+                    OSError,
+                    asyncio.IncompleteReadError,
+                    asyncio.LimitOverrunError,
+                    TimeoutError,
+                ) as err:
+                    return type(err).__name__
+                return OK if status == 200 else f"HTTP_{status}"
 
-        tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
-        try:
-            await asyncio.sleep(warmup)
-            if on_window_start is not None:
-                on_window_start()
-            measure_from = clock()
-            stop_at = measure_from + duration
-            await asyncio.gather(*tasks)
-            elapsed = clock() - measure_from
-            if on_window_end is not None:
-                on_window_end()
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            return send
 
+        window = await closed_loop(
+            sender,
+            concurrency=concurrency,
+            duration=duration,
+            warmup=warmup,
+            on_window_start=on_window_start,
+            on_window_end=on_window_end,
+        )
     return LoadResult(
         target=url,
         model=url.rsplit("/predictions/", 1)[-1],
         version="",
         concurrency=concurrency,
-        elapsed_s=elapsed,
-        ok=len(latencies),
-        errors=dict(errors),
-        warmup_calls=warmup_calls,
-        latencies_s=latencies,
+        **window,
     )
 
 

@@ -22,7 +22,7 @@ import struct
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -162,6 +162,46 @@ async def run_load(
         raise ValueError("concurrency must be >= 1")
     if request is None:
         request = build_request(model, version)
+    async with grpc.aio.insecure_channel(target) as channel:
+        await asyncio.wait_for(channel.channel_ready(), timeout=10.0)
+        infer = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+
+        def sender() -> Callable[[], Awaitable[str]]:
+            async def send() -> str:
+                try:
+                    await infer(request, timeout=timeout)
+                except grpc.aio.AioRpcError as err:
+                    return err.code().name
+                return OK
+
+            return send
+
+        window = await closed_loop(
+            sender,
+            concurrency=concurrency,
+            duration=duration,
+            warmup=warmup,
+            on_window_start=on_window_start,
+            on_window_end=on_window_end,
+        )
+    return LoadResult(
+        target=target, model=model, version=version, concurrency=concurrency, **window
+    )
+
+
+async def closed_loop(
+    sender: Callable[[], Callable[[], Awaitable[str]]],
+    *,
+    concurrency: int,
+    duration: float,
+    warmup: float,
+    on_window_start: Callable[[], None] | None = None,
+    on_window_end: Callable[[], None] | None = None,
+) -> dict:
+    """The measuring loop shared by every load generator here (gRPC above, HTTP in
+    bench/http_loadgen.py): `concurrency` workers, each with its own `sender()`, call it back to
+    back; a call returns its outcome code (OK or an error name). Returns LoadResult's
+    measurement fields: elapsed_s, ok, errors, warmup_calls, latencies_s."""
     latencies: list[float] = []
     errors: Counter[str] = Counter()
     warmup_calls = 0
@@ -169,56 +209,44 @@ async def run_load(
     stop_at = math.inf
     clock = time.perf_counter
 
-    async with grpc.aio.insecure_channel(target) as channel:
-        await asyncio.wait_for(channel.channel_ready(), timeout=10.0)
-        infer = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+    async def worker() -> None:
+        nonlocal warmup_calls
+        send = sender()
+        while True:
+            start = clock()
+            if start >= stop_at:
+                return
+            code = await send()
+            end = clock()
+            if start < measure_from:
+                warmup_calls += 1
+            elif code == OK:
+                latencies.append(end - start)
+            else:
+                errors[code] += 1
 
-        async def worker() -> None:
-            nonlocal warmup_calls
-            while True:
-                start = clock()
-                if start >= stop_at:
-                    return
-                try:
-                    await infer(request, timeout=timeout)
-                    code = OK
-                except grpc.aio.AioRpcError as err:
-                    code = err.code().name
-                end = clock()
-                if start < measure_from:
-                    warmup_calls += 1
-                elif code == OK:
-                    latencies.append(end - start)
-                else:
-                    errors[code] += 1
-
-        tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
-        try:
-            await asyncio.sleep(warmup)
-            if on_window_start is not None:
-                on_window_start()
-            measure_from = clock()
-            stop_at = measure_from + duration
-            await asyncio.gather(*tasks)
-            elapsed = clock() - measure_from
-            if on_window_end is not None:
-                on_window_end()
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    return LoadResult(
-        target=target,
-        model=model,
-        version=version,
-        concurrency=concurrency,
-        elapsed_s=elapsed,
-        ok=len(latencies),
-        errors=dict(errors),
-        warmup_calls=warmup_calls,
-        latencies_s=latencies,
-    )
+    tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
+    try:
+        await asyncio.sleep(warmup)
+        if on_window_start is not None:
+            on_window_start()
+        measure_from = clock()
+        stop_at = measure_from + duration
+        await asyncio.gather(*tasks)
+        elapsed = clock() - measure_from
+        if on_window_end is not None:
+            on_window_end()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return {
+        "elapsed_s": elapsed,
+        "ok": len(latencies),
+        "errors": dict(errors),
+        "warmup_calls": warmup_calls,
+        "latencies_s": latencies,
+    }
 
 
 async def probe(
