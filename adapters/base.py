@@ -137,7 +137,8 @@ class Adapter(Protocol):
 
 
 class NoOptions:
-    """For adapters whose kind has no options of its own."""
+    """The checks of an adapter whose kind has no options of its own (override either one when
+    it has some: backend options, variant options)."""
 
     @classmethod
     def check_backend(cls, backend, at: str) -> Iterator[tuple[str, str]]:

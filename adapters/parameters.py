@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from tritonclient.grpc import service_pb2 as oip
 
-from adapters.codecs.oip import CONTENTS_FIELD as _CONTENTS_FIELD
+from adapters.codecs.oip import data_fields
 from gateway.errors import invalid, shown
 
 # The InferParameter oneof, in the order messages list them.
@@ -179,8 +179,7 @@ def check_data_present(request: oip.ModelInferRequest, backend: str) -> None:
     through only for a shape with no elements."""
     for tensor in request.inputs:
         if not tensor.HasField("contents"):
-            field = _CONTENTS_FIELD.get(tensor.datatype)
-            how = f"contents.{field} or raw_input_contents" if field else "raw_input_contents"
+            how = data_fields(tensor.datatype)
             shape = "[" + ",".join(map(str, tensor.shape)) + "]"
             raise invalid(
                 f"input {shown(tensor.name)} has no data: {backend} needs {how} even for shape "

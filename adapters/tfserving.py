@@ -16,7 +16,7 @@ import grpc
 from tritonclient.grpc import service_pb2 as oip
 
 from adapters import parameters
-from adapters.base import BackendError, ModelSpec, TensorSpec, backend_tensors
+from adapters.base import BackendError, ModelSpec, NoOptions, TensorSpec, backend_tensors
 from adapters.codecs import oip as oip_codec
 from adapters.codecs import tensorproto
 from adapters.grpc_common import channel_options, rpc_error
@@ -37,7 +37,7 @@ def _options(target) -> config_pb2.TFServingVariant:
     return (target.options if target is not None else None) or _NO_OPTIONS
 
 
-class TFServingAdapter:
+class TFServingAdapter(NoOptions):
     parameters = parameters.TFSERVING
 
     def __init__(self, backend: config_pb2.Backend, *, max_request_bytes: int) -> None:
@@ -51,10 +51,6 @@ class TFServingAdapter:
         self._get_status = serving_pb2_grpc.ModelServiceStub(self._channel).GetModelStatus
         # Output order follows the signature (a protobuf map has none): cached per model.
         self._output_order: dict[tuple[str, str, str], tuple[float, tuple[str, ...]]] = {}
-
-    @classmethod
-    def check_backend(cls, backend: config_pb2.Backend, at: str) -> Iterator[tuple[str, str]]:
-        return iter(())
 
     @classmethod
     def check_variant(

@@ -88,7 +88,7 @@ class Runtime:
             adapters=adapters,
             backend_call=lambda: self.backend_call,
             per_try_timeout=self.per_try_timeout.__getitem__,
-            extras={"specs": validation.SpecCache()},
+            specs=validation.SpecCache(),
         )
         self.route_layers = route_layers()
         self.layer_state = {layer.name: layer.state(env) for layer in self.route_layers}

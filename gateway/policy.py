@@ -1,7 +1,6 @@
-"""Failure classes shared by the layers, and each backend's guard settings (breaker, bulkhead).
-
-Computed once per config revision so the hot path reads attributes, not protobuf presence checks.
-"""
+"""Failure classes shared by the layers, and each backend's guard settings (breaker, bulkhead),
+computed once per config revision so the hot path reads attributes, not protobuf presence checks.
+Per-route settings are each layer's own (gateway/layers/)."""
 
 from __future__ import annotations
 
@@ -46,9 +45,6 @@ def seconds(duration) -> float:
     return duration.seconds + duration.nanos / 1e9
 
 
-_s = seconds
-
-
 def route_settings(
     route: config_pb2.Route, defaults: config_pb2.RoutePolicy, memo: dict | None = None
 ):
@@ -85,9 +81,11 @@ def breaker_settings(
     return BreakerSettings(
         consecutive_failures=b.consecutive_failures or base.consecutive_failures,
         failure_ratio=b.failure_ratio,
-        window=_s(b.window) if b.HasField("window") else base.window,
+        window=seconds(b.window) if b.HasField("window") else base.window,
         minimum_calls=b.minimum_calls or base.minimum_calls,
-        open_duration=_s(b.open_duration) if b.HasField("open_duration") else base.open_duration,
+        open_duration=(
+            seconds(b.open_duration) if b.HasField("open_duration") else base.open_duration
+        ),
         half_open_max_calls=b.half_open_max_calls or base.half_open_max_calls,
         half_open_successes=b.half_open_successes or base.half_open_successes,
         disabled=b.disabled,

@@ -19,12 +19,9 @@ import gateway
 from gateway.errors import GatewayError, invalid, shown
 from gateway.layers.validation import MAX_VERSION_BYTES, check_name
 from gateway.pipeline import InferCall, InferResult, InferService
-from gateway.routing import BACKEND_TRAILER, VARIANT_TRAILER
 
 log = logging.getLogger(__name__)
 
-VARIANT_HEADER = VARIANT_TRAILER
-BACKEND_HEADER = BACKEND_TRAILER
 DEGRADED_HEADER = "x-tensorgate-degraded"
 CACHE_HEADER = "x-tensorgate-cache"
 _CACHE_HIT = ((CACHE_HEADER, "hit"),)
@@ -50,8 +47,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             check_name("name", request.name)
             check_name("version", request.version, MAX_VERSION_BYTES)
         except GatewayError as err:
-            failure = _failure(err)
-            await context.abort(failure[0], failure[1])
+            code, message, _ = _failure(err)
+        else:
+            return await self._model_ready(request)
+        await context.abort(code, message)
+
+    async def _model_ready(self, request) -> oip.ModelReadyResponse:
         plan = self._runtime.table.get(request.name)
         if plan is None:
             return oip.ModelReadyResponse(ready=False)
@@ -88,14 +89,14 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 )
                 _public_names(reply, target)
         except GatewayError as err:
-            failure = _failure(err)
+            code, message, _ = _failure(err)
         else:
             reply.name = plan.model
             del reply.versions[:]
             reply.versions.extend(plan.versions)
-            await _announce(context, target)
+            context.set_trailing_metadata(target.trailers)
             return reply
-        await context.abort(failure[0], failure[1])
+        await context.abort(code, message)
 
     async def ModelConfig(self, request, context):
         try:
@@ -107,12 +108,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 target=target,
             )
         except GatewayError as err:
-            failure = _failure(err)
+            code, message, _ = _failure(err)
         else:
             reply.config.name = plan.model
-            await _announce(context, target)
+            context.set_trailing_metadata(target.trailers)
             return reply
-        await context.abort(failure[0], failure[1])
+        await context.abort(code, message)
 
     async def ModelInfer(self, request, context):
         remaining = context.time_remaining()
@@ -126,21 +127,21 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             result = await self._infer(call)
         except GatewayError as err:
-            failure = _failure(err)
+            code, message, failed = _failure(err)
         except Exception as err:
             # A bug of ours must not surface as UNKNOWN with a stack trace in the message.
             log.exception("ModelInfer failed for model %s", shown(call.model))
-            failure = _failure(
+            code, message, failed = _failure(
                 err, GatewayError(grpc.StatusCode.INTERNAL, "internal gateway error")
             )
         else:
             return self._answer(result, context)
-        if failure[2] is not None:
-            context.set_trailing_metadata(_headers(failure[2]))
-        await context.abort(failure[0], failure[1])
+        if failed is not None:
+            context.set_trailing_metadata(failed.trailers)
+        await context.abort(code, message)
 
     def _answer(self, result: InferResult, context):
-        headers = _headers(result.target)
+        headers = result.target.trailers
         if result.degraded:
             headers += ((DEGRADED_HEADER, result.degraded),)
         if result.cached:
@@ -154,12 +155,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
 def _failure(raised: BaseException, answer: GatewayError | None = None) -> tuple:
     """(code, message, target that failed or None) to abort with for `raised` (or `answer`),
-    after clearing the locals of every
-    frame its traceback holds. Otherwise an exception kept in a layer's local (fallback's
-    primary error, hedge's errors) closes a cycle through its own traceback (exception ->
-    frames -> request), and a rejected 40 MiB request stays resident until the cycle collector
-    happens to run. Abort is called outside the `except` block so the abort exception has no
-    __context__ to hold either.
+    after clearing the locals of every frame its traceback holds. Otherwise an exception kept in
+    a layer's local (fallback's primary error, hedge's errors) closes a cycle through its own
+    traceback (exception -> frames -> request), and a rejected 40 MiB request stays resident
+    until the cycle collector happens to run. Plain values, not the exception, for the same
+    reason (a local holding it would close a cycle through the caller's frame); and abort is
+    called outside the `except` block so the abort exception has no __context__ to hold either.
 
     Aborting (not set_code + return) matters: only a raised abort gives a trailers-only
     response, which is where Envoy and other proxies read grpc-status to decide on retries."""
@@ -189,14 +190,6 @@ def _schema_metadata(schema) -> oip.ModelMetadataResponse:
         for t in tensors:
             out.add(name=t.name, datatype=t.datatype, shape=list(t.shape))
     return reply
-
-
-def _headers(target) -> tuple[tuple[str, str], ...]:
-    return () if target is None else target.trailers
-
-
-async def _announce(context, target) -> None:
-    context.set_trailing_metadata(_headers(target))
 
 
 def _route_key(context, header: str) -> str | None:

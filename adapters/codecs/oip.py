@@ -48,6 +48,12 @@ CONTENTS_FIELD: dict[str, str] = {
 }
 
 
+def data_fields(datatype: str) -> str:
+    """Where an input of `datatype` may carry its data, for messages."""
+    field = CONTENTS_FIELD.get(datatype)
+    return f"contents.{field} or raw_input_contents" if field else "raw_input_contents"
+
+
 def datatype_of(array: np.ndarray) -> str:
     if array.dtype == np.object_ or array.dtype.kind in "SU":
         return "BYTES"

@@ -45,6 +45,7 @@ from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, message
 
 from gateway.policy import breaker_settings, bulkhead_settings, route_settings
+from gateway.routing import BACKEND_TRAILER, VARIANT_TRAILER
 from tensorgate.config.v1 import config_pb2
 
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
@@ -58,8 +59,8 @@ ROUTE_NAME = "tensorgate"
 GATEWAY_CLUSTER = "tensorgate_gateway"
 INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
 MODEL_HEADER = "x-tensorgate-model"
-VARIANT_HEADER = "x-tensorgate-variant"
-BACKEND_HEADER = "x-tensorgate-backend"
+VARIANT_HEADER = VARIANT_TRAILER  # the same trailers as the Python data plane
+BACKEND_HEADER = BACKEND_TRAILER
 VERSION_HEADER = "x-tensorgate-version"
 
 _LUA = pathlib.Path(__file__).parent / "lua"

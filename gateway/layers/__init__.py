@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tensorgate.config.v1 import config_pb2
@@ -36,7 +36,7 @@ class LayerEnv:
     adapters: Callable[[], Mapping[str, Adapter]] = dict
     backend_call: Callable[[], InferService] = lambda: None  # breaker, bulkhead, dispatch
     per_try_timeout: Callable[[str], float] = lambda backend: 30.0
-    extras: dict[str, Any] = field(default_factory=dict)  # shared objects, e.g. the spec cache
+    specs: Any = None  # gateway.layers.validation.SpecCache: model descriptions, shared
 
 
 def _no_problems(policy, at, route, models) -> Iterator[tuple[str, str]]:

@@ -101,7 +101,7 @@ class BatchingState:
 
 
 def batching(by_variant: dict[str, BatchSettings], shared: BatchingState, plan: RoutePlan) -> Layer:
-    specs = shared.env.extras["specs"]
+    specs = shared.env.specs
     adapters = shared.env.adapters
 
     def layer(inner: InferService) -> InferService:

@@ -21,7 +21,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from tritonclient.grpc import service_pb2 as oip
 
 from adapters.base import Adapter, ModelSpec, TensorSpec, declared_spec
-from adapters.codecs.oip import CONTENTS_FIELD, NUMPY_DTYPE
+from adapters.codecs.oip import CONTENTS_FIELD, NUMPY_DTYPE, data_fields
 from adapters.parameters import (
     ParameterRules,
     check_data_present,
@@ -139,8 +139,7 @@ def check_structure(
         elif has_contents:
             _check_contents(name, datatype, shape, elements, tensor.contents)
         elif elements:
-            field = CONTENTS_FIELD.get(datatype)
-            how = f"contents.{field} or raw_input_contents" if field else "raw_input_contents"
+            how = data_fields(datatype)
             hint = ""
             if tensor.parameters:  # data by reference (shared memory) is not for callers
                 names = ", ".join(shown(k) for k in sorted(tensor.parameters)[:3])
@@ -464,5 +463,5 @@ SCHEMA = RouteLayer(
     settings=lambda policy, route: None,
     active=lambda settings: True,
     state=lambda env: env,
-    build=lambda settings, env, plan: schema(env.adapters, env.extras["specs"]),
+    build=lambda settings, env, plan: schema(env.adapters, env.specs),
 )
