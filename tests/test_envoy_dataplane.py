@@ -29,7 +29,16 @@ from tritonclient.grpc import service_pb2_grpc
 from gateway.config import ConfigError, from_dict
 from gateway.envoy import ads
 from gateway.envoy.bootstrap import bootstrap, render
-from gateway.envoy.compile import CLUSTER, ENDPOINT, LISTENER, ROUTE, compile_config, decide
+from gateway.envoy.compile import (
+    CLUSTER,
+    ENDPOINT,
+    LISTENER,
+    ROUTE,
+    RUNTIME,
+    WEIGHTS_LAYER,
+    compile_config,
+    decide,
+)
 from tensorgate.admin.v1 import admin_pb2, admin_pb2_grpc
 from tests.backends.process import BackendProcess, free_port, tool
 from tests.gateway_process import ADMIN_TOKEN, GatewayProcess, triton_backend
@@ -191,15 +200,19 @@ def test_compile_decides_the_path_per_route_and_says_why():
     # pinned versions first, then unpinned, then everything else to the gateway
     assert names == ["linear@1", "linear@2", "linear", "gateway"]
     weighted = routes[2].route.weighted_clusters
-    assert [(c.name, c.weight.value) for c in weighted.clusters] == [
-        ("tg|linear|stable", 80),
-        ("tg|linear|canary", 20),
-    ]
+    assert [c.name for c in weighted.clusters] == ["tg|linear|stable", "tg|linear|canary"]
+    # the weights are in the runtime layer the route names, not in the route
+    assert weighted.runtime_key_prefix == "tgw.linear"
+    layer = resources.by_type[RUNTIME][WEIGHTS_LAYER].layer
+    assert {k: layer[k] for k in layer if k.startswith("tgw.linear.")} == {
+        "tgw.linear.tg|linear|stable": 80,
+        "tgw.linear.tg|linear|canary": 20,
+    }
     assert weighted.use_hash_policy.value
     assert routes[2].route.hash_policy[0].header.header_name == "x-tensorgate-route-key"
 
 
-def test_compile_is_deterministic_and_a_weight_change_only_changes_routes():
+def test_compile_is_deterministic_and_a_weight_change_only_changes_the_weights_layer():
     def build(weight):
         routes = linear_routes()[:1]
         routes[0]["variants"][1]["weight"] = weight
@@ -211,11 +224,22 @@ def test_compile_is_deterministic_and_a_weight_change_only_changes_routes():
         return compile_config(from_dict(config))
 
     a, b, c = build(20), build(20), build(30)
-    for type_url in (CLUSTER, ENDPOINT, LISTENER, ROUTE):
+    types = (CLUSTER, ENDPOINT, RUNTIME, LISTENER, ROUTE)
+    for type_url in types:
         assert a.version(type_url) == b.version(type_url)
-    assert [t for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE) if a.version(t) != c.version(t)] == [
-        ROUTE
-    ]
+    assert [t for t in types if a.version(t) != c.version(t)] == [RUNTIME]
+    # so does a variant leaving the split (a drain, a 100/0 flip)
+    assert [t for t in types if a.version(t) != build(0).version(t)] == [RUNTIME]
+
+
+def _taking_traffic(resources, route) -> list[str]:
+    """The clusters a compiled route sends calls to: its cluster, or its weighted clusters whose
+    weight in the runtime layer is not 0."""
+    if route.route.cluster:
+        return [route.route.cluster]
+    layer = resources.by_type[RUNTIME][WEIGHTS_LAYER].layer
+    prefix = route.route.weighted_clusters.runtime_key_prefix
+    return [c.name for c in route.route.weighted_clusters.clusters if layer[f"{prefix}.{c.name}"]]
 
 
 def test_compile_fallback_variants_and_down_variants():
@@ -246,7 +270,7 @@ def test_compile_fallback_variants_and_down_variants():
     resources = compile_config(ok)
     assert "tga|m|a" in resources.by_type[CLUSTER]
     route = resources.by_type[ROUTE]["tensorgate"].virtual_hosts[0].routes[0]
-    assert route.route.cluster == "tga|m|a"
+    assert _taking_traffic(resources, route) == ["tga|m|a"]
     assert (
         route.route.retry_policy.retry_priority.name == "envoy.retry_priorities.previous_priorities"
     )
@@ -263,13 +287,19 @@ def test_compile_fallback_variants_and_down_variants():
     )
 
     def picked(down):
-        route = compile_config(two, down).by_type[ROUTE]["tensorgate"].virtual_hosts[0].routes[0]
-        return [c.name for c in route.route.weighted_clusters.clusters] or [route.route.cluster]
+        resources = compile_config(two, down)
+        return _taking_traffic(
+            resources, resources.by_type[ROUTE]["tensorgate"].virtual_hosts[0].routes[0]
+        )
 
     assert picked(frozenset()) == ["tg|m|a", "tg|m|b"]
     assert picked(frozenset({("triton-a", "demo_linear", "1")})) == ["tg|m|b"]
     both = frozenset({("triton-a", "demo_linear", "1"), ("triton-b", "demo_linear", "1")})
     assert picked(both) == ["tg|m|a", "tg|m|b"]
+    # readiness moves weights only: the route table Envoys hold stays the same
+    assert compile_config(two, frozenset({("triton-a", "demo_linear", "1")})).version(
+        ROUTE
+    ) == compile_config(two).version(ROUTE)
 
 
 def test_config_keeps_xds_on_loopback_unless_asked():
@@ -305,15 +335,19 @@ def test_ads_pushes_clusters_before_routes_and_never_resends_a_nack():
     stream = ads._Stream()
     for type_url in (CLUSTER, LISTENER):
         server._handle(stream, _request(type_url))
+    server._handle(stream, _request(RUNTIME, names=[WEIGHTS_LAYER]))
     first = server._due(stream)
-    assert [r.type_url for r in first] == [CLUSTER]  # no listener before clusters are ACKed
-    cds = first[0]
+    # no listener before clusters and weights are ACKed
+    assert [r.type_url for r in first] == [CLUSTER, RUNTIME]
+    cds, rtds = first
     eds_names = sorted(n for n in compile_config(from_dict(config)).by_type[ENDPOINT])
     server._handle(stream, _request(ENDPOINT, names=eds_names))
     server._handle(stream, _request(CLUSTER, cds.nonce, version=cds.version_info))
     second = server._due(stream)
     assert [r.type_url for r in second] == [ENDPOINT]
     server._handle(stream, _request(ENDPOINT, second[0].nonce, eds_names))
+    assert server._due(stream) == []  # the weights are still unanswered
+    server._handle(stream, _request(RUNTIME, rtds.nonce, [WEIGHTS_LAYER]))
     third = server._due(stream)
     assert [r.type_url for r in third] == [LISTENER]
     server._handle(stream, _request(LISTENER, third[0].nonce))
@@ -324,9 +358,26 @@ def test_ads_pushes_clusters_before_routes_and_never_resends_a_nack():
     server._handle(stream, _request(ROUTE, rds[0].nonce, ["tensorgate"], error="bad route"))
     assert server._due(stream) == []
     assert server.metrics.nacks.labels("rds")._value.get() == 1
-    # A new snapshot (a weight change) is a new version: sent, RDS only.
+    # A weight change is a new weights layer: sent, RTDS only.
     config["routes"][0]["variants"][1]["weight"] = 50
     server.set_snapshot(compile_config(from_dict(config)))
+    (rtds,) = server._due(stream)
+    assert rtds.type_url == RUNTIME
+    server._handle(stream, _request(RUNTIME, rtds.nonce, [WEIGHTS_LAYER]))
+    assert server._due(stream) == []
+    # A new route changes the route table: weights first, then the route table (the one
+    # Envoy rejected is never re-sent, this one is new).
+    config["routes"].append(linear_routes()[1])
+    server.set_snapshot(compile_config(from_dict(config)))
+    cds, rtds = server._due(stream)
+    assert (cds.type_url, rtds.type_url) == (CLUSTER, RUNTIME)
+    server._handle(stream, _request(CLUSTER, cds.nonce, version=cds.version_info))
+    eds_names = sorted(server.snapshot.by_type[ENDPOINT])  # Envoy asks for the new clusters'
+    server._handle(stream, _request(ENDPOINT, names=eds_names))
+    (eds,) = server._due(stream)
+    server._handle(stream, _request(ENDPOINT, eds.nonce, eds_names))
+    assert server._due(stream) == []  # the weights are still unanswered
+    server._handle(stream, _request(RUNTIME, rtds.nonce, [WEIGHTS_LAYER]))
     assert [r.type_url for r in server._due(stream)] == [ROUTE]
 
 
@@ -603,6 +654,8 @@ def _variant(stub, model):
 def test_admin_weight_change_reaches_envoy_fast(stack, stub):
     gateway, envoy, _ = stack
     delays = []
+    routes_applied = envoy.counter("http.tensorgate.rds.tensorgate.update_success")
+    weights_applied = envoy.counter("runtime.update_success")
     with grpc.insecure_channel(gateway.admin_address) as channel:
         admin = admin_pb2_grpc.AdminServiceStub(channel)
         target = "a"
@@ -624,7 +677,9 @@ def test_admin_weight_change_reaches_envoy_fast(stack, stub):
     p99 = delays[-1]
     print(f"propagation over 20 changes: p50 {delays[9] * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms")
     assert p99 < 1.0
-    assert envoy.counter("cluster.tensorgate_xds.upstream_rq_total") >= 0
+    # each flip was a push of the weights layer; the route table Envoy holds never changed
+    assert envoy.counter("runtime.update_success") >= weights_applied + 20
+    assert envoy.counter("http.tensorgate.rds.tensorgate.update_success") == routes_applied
 
 
 def test_admin_drain_reaches_envoy(stack, stub):

@@ -5,15 +5,15 @@ connected Envoy. A new snapshot wakes every stream; each stream then moves its E
 an order that never lets a route name a cluster the Envoy does not have:
 
 1. CDS: the union of the clusters the Envoy has and the new ones (nothing it still routes to
-   disappears), then EDS for what it subscribes to;
+   disappears), then EDS for what it subscribes to, and RTDS (the weights layer);
 2. once those are ACKed: LDS and RDS (the new route table);
 3. once RDS is ACKed: CDS again with exactly the new clusters (unused ones removed).
 
 At most one response per type is unanswered at a time. An ACK records the version; a NACK
 (error_detail set) is logged and counted (`tensorgate_xds_nacks_total`) and the stream waits for
 the next snapshot: the same push is never sent again, so a config Envoy rejects cannot loop.
-Versions are content hashes, so an unchanged type is never re-sent (a weight change is one RDS
-push).
+Versions are content hashes, so an unchanged type is never re-sent (a weight change is one RTDS
+push: the routes read their weights from the runtime layer).
 """
 
 from __future__ import annotations
@@ -34,14 +34,16 @@ from gateway.envoy.compile import (
     ENDPOINT,
     LISTENER,
     ROUTE,
+    RUNTIME,
     TYPES,
     Resources,
+    content_version,
 )
 
 log = logging.getLogger(__name__)
 
 _WILDCARD = (CLUSTER, LISTENER)
-_SHORT = {CLUSTER: "cds", ENDPOINT: "eds", LISTENER: "lds", ROUTE: "rds"}
+_SHORT = {CLUSTER: "cds", ENDPOINT: "eds", RUNTIME: "rtds", LISTENER: "lds", ROUTE: "rds"}
 
 
 class XdsMetrics:
@@ -219,12 +221,15 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 if name in clusters and name not in endpoints:
                     endpoints = {**endpoints, name: assignment}
         out += self._offer(stream, ENDPOINT, endpoints)
-        # 2. listener and routes, once every cluster they name is ACKed (with its endpoints).
+        out += self._offer(stream, RUNTIME, snap.by_type.get(RUNTIME, {}))
+        # 2. listener and routes, once every cluster they name is ACKed (with its endpoints),
+        # and the weights they read.
         acked_clusters = stream.acked.get(CLUSTER)
         acked_endpoints = stream.acked.get(ENDPOINT, _EMPTY).resources.keys()
         if (
             CLUSTER not in stream.pending
             and ENDPOINT not in stream.pending
+            and RUNTIME not in stream.pending
             and acked_clusters is not None
             and routed <= acked_clusters.resources.keys()
             # an EDS cluster warms until its endpoints arrive: routes wait for them too
@@ -269,7 +274,7 @@ _EMPTY = _Sent("", "", frozenset(), {})
 
 
 def _version(resources: dict) -> str:
-    return Resources({"x": resources}).version("x")
+    return content_version(resources)
 
 
 async def serve(address: str, server: XdsServer) -> tuple[grpc.aio.Server, int]:

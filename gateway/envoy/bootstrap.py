@@ -10,7 +10,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import config_source_pb2, grpc_service_pb2
 from google.protobuf import json_format
 
-from gateway.envoy.compile import _cluster, _socket
+from gateway.envoy.compile import WEIGHTS_LAYER, _cluster, _socket
 from tensorgate.config.v1 import config_pb2
 
 XDS_CLUSTER = "tensorgate_xds"
@@ -55,6 +55,13 @@ def bootstrap(
     for source in (dynamic.cds_config, dynamic.lds_config):
         source.ads.SetInParent()
         source.resource_api_version = config_source_pb2.V3
+    # The variant weights: an RTDS layer the routes read (compile.WEIGHTS_LAYER); the admin
+    # layer stays for operators' runtime overrides.
+    weights = boot.layered_runtime.layers.add(name=WEIGHTS_LAYER)
+    weights.rtds_layer.name = WEIGHTS_LAYER
+    weights.rtds_layer.rtds_config.ads.SetInParent()
+    weights.rtds_layer.rtds_config.resource_api_version = config_source_pb2.V3
+    boot.layered_runtime.layers.add(name="admin").admin_layer.SetInParent()
     return boot
 
 
