@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import pathlib
 import signal
+import socket
+import uuid
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -35,7 +38,11 @@ from gateway.policy import breaker_settings, bulkhead_settings
 from gateway.routing import RouteTable
 from gateway.servicer import InferenceServicer
 from gateway.stats import RecentStats
+from gateway.store import open_store
 from tensorgate.config.v1 import config_pb2
+
+# Set in the environment of `serve --workers` processes: they share the file store.
+WORKER_ENV = "TENSORGATE_WORKER"
 
 log = logging.getLogger(__name__)
 
@@ -167,9 +174,20 @@ def _bind(server: grpc.aio.Server, address: str, field: str, tls: config_pb2.Tls
 
 class Gateway:
     def __init__(
-        self, config: config_pb2.GatewayConfig, state_dir: str = ".tensorgate-state"
+        self,
+        config: config_pb2.GatewayConfig,
+        state_dir: str = ".tensorgate-state",
+        *,
+        listeners: config_pb2.Listeners | None = None,
+        reuse_port: bool = False,
     ) -> None:
+        """`listeners`: what this process binds, when not config.listeners (a worker of
+        `serve --workers`: gateway/workers.py); the Runtime is built from `config` either way.
+        `reuse_port`: bind the data plane with SO_REUSEPORT, to share its port with the other
+        workers."""
         self.config = config
+        self.listeners = listeners if listeners is not None else config.listeners
+        self.reuse_port = reuse_port
         self.runtime = Runtime(config)
         self.server: grpc.aio.Server | None = None
         self.admin_server: grpc.aio.Server | None = None
@@ -180,6 +198,8 @@ class Gateway:
         self._state_dir = config.admin.state_dir or state_dir
         self._rollouts = None
         self.route_manager = None
+        self.store = None
+        self._follow: asyncio.Task | None = None
         self.control_plane = None  # Envoy mode (listeners.xds): gateway/envoy/
         self._stopped = asyncio.Event()
         self.intake = Intake(
@@ -188,8 +208,35 @@ class Gateway:
             max_in_flight_bytes=config.limits.max_in_flight_bytes,
         )
 
+    async def _open_store(self) -> None:
+        """The revision store and what follows it: the route table (booted from the store's
+        latest revision), drains, and the rollouts (driven here when the admin API is)."""
+        from gateway.admin.rollout import RolloutController
+        from gateway.admin.routes import RouteManager
+
+        config = self.config
+        replica = config.store.etcd.replica or f"{socket.gethostname()}-{os.getpid()}"
+        self.store = open_store(config, self._state_dir, replica)
+        shared = config.store.HasField("etcd") or bool(os.environ.get(WORKER_ENV))
+        manager = RouteManager(self.runtime, self.store, self.runtime.metrics.registry)
+        manager.on_drains.append(self.runtime.readiness.use_drained)
+        # Without an admin API nor a shared store nothing can change the table: the boot file
+        # is served as it is and nothing is written (a read-only file system is fine).
+        await manager.boot(record=config.listeners.admin != "off" or shared)
+        await manager.sync()  # drains as stored
+        self.route_manager = manager
+        lease_ttl = seconds(config.store.etcd.lease_ttl) if config.store.HasField("etcd") else 10
+        self._rollouts = RolloutController(
+            manager, self.store, self.runtime.recent, replica, uuid.uuid4().hex,
+            lease_ttl=lease_ttl,
+        )  # fmt: skip
+        self._rollouts.run(drive=config.listeners.admin != "off", publish=shared)
+        self._follow = asyncio.create_task(manager.follow(), name="store-follow")
+
     async def start(self) -> None:
         config = self.config
+        listeners = self.listeners
+        await self._open_store()
         # Room above the configured limit so oversized requests reach the validator and get a
         # message naming the limit; beyond twice the limit gRPC itself answers RESOURCE_EXHAUSTED.
         receive_limit = 2 * config.limits.max_request_bytes
@@ -197,8 +244,9 @@ class Gateway:
             options=[
                 ("grpc.max_receive_message_length", receive_limit),
                 ("grpc.max_send_message_length", max(receive_limit, 64 * 1024 * 1024)),
-                # With SO_REUSEPORT a second gateway could silently share a busy port.
-                ("grpc.so_reuseport", 0),
+                # With SO_REUSEPORT a second gateway could silently share a busy port: only the
+                # workers of one `serve --workers` share theirs (gateway/workers.py).
+                ("grpc.so_reuseport", int(self.reuse_port)),
             ]
         )
         servicer = InferenceServicer(self.runtime, self.runtime.request_path())
@@ -215,27 +263,25 @@ class Gateway:
             ),
             registrar,
         )
-        address = config.listeners.data_plane
-        tls = (
-            config.listeners.data_plane_tls if config.listeners.HasField("data_plane_tls") else None
-        )
+        address = listeners.data_plane
+        tls = listeners.data_plane_tls if listeners.HasField("data_plane_tls") else None
         self.port = _bind(self.server, address, "listeners.data_plane", tls)
-        if config.listeners.admin != "off":
+        if listeners.admin != "off":
             self.admin_server = self._admin_server()
-        if config.listeners.metrics != "off":
-            self._metrics_server = self.runtime.metrics.serve(config.listeners.metrics)
+        if listeners.metrics != "off":
+            self._metrics_server = self.runtime.metrics.serve(listeners.metrics)
             self.metrics_port = self._metrics_server.server_port
         await self.server.start()
         if self.admin_server is not None:
             await self.admin_server.start()
         await self.runtime.readiness.start()
-        if config.listeners.xds != "off":
+        if listeners.xds != "off":
             from gateway.envoy.control import ControlPlane
 
             self.control_plane = ControlPlane(
                 self.runtime.metrics.registry, lambda: self.runtime.readiness.down
             )
-            await self.control_plane.start(config.listeners.xds, self.runtime.config)
+            await self.control_plane.start(listeners.xds, self.runtime.config)
             if self.route_manager is not None:
                 self.route_manager.on_change.append(self.control_plane.update)
         host = address.rpartition(":")[0]
@@ -249,7 +295,7 @@ class Gateway:
 
     def _admin_server(self) -> grpc.aio.Server:
         """The admin API on its own listener, behind authentication (reflection included)."""
-        from gateway.admin import audit, auth, rollout, routes, service, store
+        from gateway.admin import auth, service
         from tensorgate.admin.v1 import admin_pb2, admin_pb2_grpc
 
         admin = self.config.admin
@@ -262,13 +308,7 @@ class Gateway:
                 "listeners.admin is set but no credentials are configured: set admin.tokens_file, "
                 "admin.tokens_env or admin.tls.client_ca_file (or listeners.admin: off)"
             )
-        manager = routes.RouteManager(
-            self.runtime,
-            store.FileStore(self._state_dir, keep=admin.history or 100),
-            audit.AuditLog(self._state_dir),
-        )
-        self.route_manager = manager
-        self._rollouts = rollout.RolloutController(manager, self.runtime.recent)
+        manager = self.route_manager
         server = grpc.aio.server(
             interceptors=[auth.AuthInterceptor(auth.Authenticator(tokens, admin.client_cert_role))],
             options=[("grpc.so_reuseport", 0)],
@@ -285,7 +325,7 @@ class Gateway:
             registrar,
         )
         tls = admin.tls if admin.HasField("tls") else None
-        self.admin_port = _bind(server, self.config.listeners.admin, "listeners.admin", tls)
+        self.admin_port = _bind(server, self.listeners.admin, "listeners.admin", tls)
         return server
 
     async def shutdown(self) -> None:
@@ -310,6 +350,8 @@ class Gateway:
             await self.admin_server.stop(0)
         if self._rollouts is not None:
             await self._rollouts.close()
+        if self._follow is not None:
+            self._follow.cancel()
         await self.intake.quiesce(grace)
         if self.control_plane is not None:
             await self.control_plane.stop()  # Envoys keep serving their last config
@@ -317,6 +359,8 @@ class Gateway:
         await self.server.stop(max(left, 0.0))
         await self.runtime.readiness.stop()
         await self.runtime.close()
+        if self.store is not None:
+            await self.store.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         self._stopped.set()

@@ -30,6 +30,7 @@ DEFAULT_SHUTDOWN_GRACE_S = 15.0
 DEFAULT_HEALTH_CHECK_INTERVAL_S = 2.0
 DEFAULT_ENVOY_LISTEN = "127.0.0.1:8080"
 DEFAULT_ENVOY_MAX_BODY_BYTES = 4 * 1024 * 1024
+DEFAULT_ETCD_PREFIX = "/tensorgate/default"
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 _MODEL = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
@@ -150,6 +151,7 @@ def validate(
     _check_routes(checked.routes, backends, problems)
     _check_settings(checked, problems)
     _check_envoy(checked, problems)
+    _check_store(checked, problems)
     if problems:
         raise ConfigError(source, problems)
     return checked
@@ -175,6 +177,16 @@ def _apply_defaults(config: config_pb2.GatewayConfig) -> None:
             envoy.gateway_address = f"{host}:{port}"
         if not envoy.max_body_bytes:
             envoy.max_body_bytes = DEFAULT_ENVOY_MAX_BODY_BYTES
+    if config.store.WhichOneof("kind") is None:
+        config.store.file.SetInParent()
+    if config.store.HasField("etcd"):
+        etcd = config.store.etcd
+        if not etcd.prefix:
+            etcd.prefix = DEFAULT_ETCD_PREFIX
+        if not etcd.HasField("timeout"):
+            etcd.timeout.FromMilliseconds(2000)
+        if not etcd.HasField("lease_ttl"):
+            etcd.lease_ttl.FromSeconds(10)
     d = config.defaults
     if not d.HasField("per_try_timeout"):
         d.per_try_timeout.FromMilliseconds(int(DEFAULT_PER_TRY_TIMEOUT_S * 1000))
@@ -501,6 +513,44 @@ def _check_envoy(config: config_pb2.GatewayConfig, problems: list[Problem]) -> N
     for i, model in enumerate(envoy.gateway_routes):
         if model not in models:
             problems.append(Problem(f"envoy.gateway_routes[{i}]", f"no route for model {model!r}"))
+
+
+def _check_store(config: config_pb2.GatewayConfig, problems: list[Problem]) -> None:
+    """store.etcd: endpoints, a prefix, TLS files named together, plaintext only on loopback."""
+    if not config.store.HasField("etcd"):
+        return
+    etcd = config.store.etcd
+    if not etcd.endpoints:
+        problems.append(Problem("store.etcd.endpoints", "name at least one host:port"))
+    plaintext = not etcd.ca_file
+    for i, endpoint in enumerate(etcd.endpoints):
+        reason = address_problem(endpoint)
+        if reason:
+            problems.append(Problem(f"store.etcd.endpoints[{i}]", reason))
+        elif plaintext and not etcd.insecure_plaintext_on_network:
+            host = endpoint.rpartition(":")[0]
+            if not is_loopback(host):
+                problems.append(
+                    Problem(
+                        f"store.etcd.endpoints[{i}]",
+                        f"{endpoint!r} is not loopback and store.etcd.ca_file is unset: the "
+                        "route table would cross the network in clear. Set ca_file (and "
+                        "cert_file/key_file for client certificates), or "
+                        "insecure_plaintext_on_network: true on a network you trust",
+                    )
+                )
+    if not etcd.prefix.startswith("/") or etcd.prefix.endswith("/") or "//" in etcd.prefix:
+        problems.append(
+            Problem("store.etcd.prefix", f"{etcd.prefix!r}: use /a/b (leading /, no trailing /)")
+        )
+    if bool(etcd.cert_file) != bool(etcd.key_file):
+        problems.append(Problem("store.etcd", "cert_file and key_file go together"))
+    if etcd.cert_file and not etcd.ca_file:
+        problems.append(Problem("store.etcd.ca_file", "required with a client certificate"))
+    if _duration_s(etcd.timeout) <= 0 or _duration_s(etcd.timeout) > 60:
+        problems.append(Problem("store.etcd.timeout", "must be within (0, 60s]"))
+    if not 2 <= _duration_s(etcd.lease_ttl) <= 300:
+        problems.append(Problem("store.etcd.lease_ttl", "must be within [2s, 300s]"))
 
 
 def _duration_s(duration) -> float:

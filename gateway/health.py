@@ -138,6 +138,16 @@ class Readiness:
         self._combine()
         await self._publish()
 
+    async def use_drained(self, backends: frozenset[str]) -> None:
+        """The drained set as the revision store holds it (shared by every replica)."""
+        if backends == self.drained:
+            return
+        for backend in sorted(backends ^ self.drained):
+            log.info("backend %s %s", backend, "drained" if backend in backends else "undrained")
+        self.drained = set(backends)
+        self._combine()
+        await self._publish()
+
     def table_changed(self) -> None:
         self._combine()
 

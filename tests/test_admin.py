@@ -182,7 +182,7 @@ def test_invalid_changes_leave_the_table_byte_identical(admin):
             ),
             metadata=ADMIN,
         )
-    assert err.value.code() == grpc.StatusCode.ABORTED
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert table(admin).SerializeToString(deterministic=True) == before
 
 
@@ -210,7 +210,7 @@ async def test_concurrent_writers_lose_no_update(gateway):
                         )
                         break
                     except grpc.aio.AioRpcError as err:
-                        assert err.code() == grpc.StatusCode.ABORTED
+                        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
                         aborted += 1
 
         await asyncio.gather(*(writer() for _ in range(clients)))

@@ -1,14 +1,15 @@
-"""Append-only audit log of admin changes: who, when, what, and the diff (JSON lines)."""
+"""Audit entries of admin changes: who, when, what, and the diff of the route table. The store
+keeps them with the revision they made (gateway/store/)."""
 
 from __future__ import annotations
 
 import difflib
 import json
-import os
-import pathlib
-import time
 
 from google.protobuf import json_format
+
+from gateway.store.base import now
+from tensorgate.store.v1 import store_pb2
 
 
 def routes_text(routes) -> list[str]:
@@ -19,26 +20,12 @@ def routes_text(routes) -> list[str]:
     ).splitlines()
 
 
-class AuditLog:
-    def __init__(self, directory: str | pathlib.Path) -> None:
-        self.path = pathlib.Path(directory) / "audit.jsonl"
-
-    def record(self, *, who: str, method: str, revision: int, summary: str, before, after) -> None:
-        diff = "\n".join(
-            difflib.unified_diff(
-                routes_text(before), routes_text(after), "before", "after", lineterm="", n=2
-            )
+def entry(*, who: str, method: str, revision: int, summary: str, before, after):
+    diff = "\n".join(
+        difflib.unified_diff(
+            routes_text(before), routes_text(after), "before", "after", lineterm="", n=2
         )
-        entry = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "who": who,
-            "method": method,
-            "revision": revision,
-            "summary": summary,
-            "diff": diff,
-        }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+    )
+    return store_pb2.AuditEntry(
+        revision=revision, time=now(), who=who, method=method, summary=summary, diff=diff
+    )

@@ -1,10 +1,18 @@
-"""Progressive canary rollouts with automatic analysis.
+"""Progressive canary rollouts with automatic analysis, durable in the revision store.
 
 Each step moves the canary's share of the (canary + baseline) traffic up, as a normal revision,
 holds it for a minimum time and number of canary calls, then compares the canary with the
 baseline over that step: error ratio (backend-side failures) and p99 latency. A canary that does
 worse by more than the configured factors is rolled back to the weights it started from, by
 itself, with the reason recorded; one that passes every step is promoted to 100%.
+
+A rollout's state (step, when it started, the analyses so far, the weights to restore) lives in
+the store as a RolloutRecord, rewritten after every step. Any replica answers Start, Get and
+Abort; one replica, the holder of the store's driver lease, drives every running rollout. If it
+dies, another takes the lease within its TTL and resumes each rollout from its persisted step
+(the step's analysis window included). The driver's writes are conditional on still holding
+the lease, so a deposed driver cannot write over its successor. The analysis sums the counts
+every replica publishes to the store (gateway/stats.py `window`), not one replica's traffic.
 """
 
 from __future__ import annotations
@@ -17,20 +25,16 @@ import time
 import grpc
 from google.protobuf import timestamp_pb2
 
-from gateway.admin.routes import RouteManager, find_route
+from gateway.admin.routes import RouteManager, find_route, unavailable
 from gateway.errors import GatewayError, invalid, shown
-from gateway.stats import RecentStats
+from gateway.stats import RecentStats, window
+from gateway.store.base import Conflict, RevisionStore, StoreUnavailable, now
 from tensorgate.admin.v1 import admin_pb2
+from tensorgate.store.v1 import store_pb2
 
 log = logging.getLogger(__name__)
 DEFAULT_STEPS = (5, 25, 50, 100)
 Rollout = admin_pb2.Rollout
-
-
-def _now() -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.GetCurrentTime()
-    return stamp
 
 
 def _seconds(duration, default: float) -> float:
@@ -38,28 +42,63 @@ def _seconds(duration, default: float) -> float:
     return value if value > 0 else default
 
 
+def _age(stamp: timestamp_pb2.Timestamp) -> float:
+    return max(0.0, time.time() - stamp.ToNanoseconds() / 1e9)
+
+
+class Deposed(Exception):
+    """This replica no longer holds the driver lease."""
+
+
+class Stopped(Exception):
+    """The rollout left RUNNING elsewhere (aborted through another replica)."""
+
+
 class RolloutController:
-    def __init__(self, routes: RouteManager, stats: RecentStats, poll: float = 0.2) -> None:
+    def __init__(
+        self,
+        routes: RouteManager,
+        store: RevisionStore,
+        stats: RecentStats,
+        replica: str,
+        incarnation: str,
+        *,
+        poll: float = 0.2,
+        lease_ttl: float = 10.0,
+    ) -> None:
         self._routes = routes
+        self._store = store
         self._stats = stats
+        self.replica = replica
+        self._incarnation = incarnation
         self._poll = poll
-        self._rollouts: dict[str, admin_pb2.Rollout] = {}
+        self._lease_ttl = lease_ttl
         self._tasks: dict[str, asyncio.Task] = {}
-        self._original: dict[str, dict[str, int]] = {}  # weights before each model's rollout
+        self._loops: list[asyncio.Task] = []
+        self._wake = asyncio.Event()
+        self.driving = False
 
-    def get(self, model: str) -> admin_pb2.Rollout:
-        rollout = self._rollouts.get(model)
-        if rollout is None:
+    # --- the admin RPCs (any replica) --------------------------------------------------------
+
+    async def _records(self) -> dict[str, store_pb2.RolloutRecord]:
+        try:
+            return await self._store.rollouts()
+        except StoreUnavailable as err:
+            raise unavailable(self._store, err) from None
+
+    async def get(self, model: str) -> admin_pb2.Rollout:
+        record = (await self._records()).get(model)
+        if record is None:
             raise GatewayError(grpc.StatusCode.NOT_FOUND, f"no rollout for model {shown(model)}")
-        return rollout
+        return record.rollout
 
-    def start(self, request: admin_pb2.StartRolloutRequest, who: str) -> admin_pb2.Rollout:
-        running = self._rollouts.get(request.model)
-        if running is not None and running.state == Rollout.STATE_RUNNING:
+    async def start(self, request: admin_pb2.StartRolloutRequest, who: str) -> admin_pb2.Rollout:
+        running = (await self._records()).get(request.model)
+        if running is not None and running.rollout.state == Rollout.STATE_RUNNING:
             raise GatewayError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"a rollout of {shown(running.canary)} for model {shown(request.model)} is "
-                "already running",
+                f"a rollout of {shown(running.rollout.canary)} for model {shown(request.model)} "
+                "is already running",
             )
         route = find_route(self._routes.routes(), request.model)
         names = {v.name for v in route.variants}
@@ -85,60 +124,174 @@ class RolloutController:
             state=Rollout.STATE_RUNNING,
             steps=steps,
             percent=0,
-            started_at=_now(),
+            started_at=now(),
         )
-        self._rollouts[request.model] = rollout
-        self._original[request.model] = {v.name: v.weight for v in route.variants}
-        task = asyncio.create_task(
-            self._run(rollout, request, who), name=f"rollout-{request.model}"
+        record = store_pb2.RolloutRecord(
+            rollout=rollout,
+            request=request,
+            original_weights={v.name: v.weight for v in route.variants},
+            started_by=who,
         )
-        self._tasks[request.model] = task
+        try:
+            await self._store.put_rollout(record)
+        except StoreUnavailable as err:
+            raise unavailable(self._store, err) from None
+        self._wake.set()
         return rollout
 
     async def abort(self, model: str, reason: str, who: str) -> admin_pb2.Rollout:
-        rollout = self.get(model)
-        if rollout.state != Rollout.STATE_RUNNING:
+        record = (await self._records()).get(model)
+        if record is None:
+            raise GatewayError(grpc.StatusCode.NOT_FOUND, f"no rollout for model {shown(model)}")
+        if record.rollout.state != Rollout.STATE_RUNNING:
             raise GatewayError(
                 grpc.StatusCode.FAILED_PRECONDITION, f"the rollout of {shown(model)} is not running"
             )
-        task = self._tasks.get(model)
+        task = self._tasks.pop(model, None)
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        await self._restore(rollout, who)
-        self._end(
-            rollout, Rollout.STATE_ABORTED, f"aborted by {who}: {reason or 'no reason given'}"
-        )
-        return rollout
+        # The driver (maybe another replica) sees the record leave RUNNING and stops.
+        self._end(record, Rollout.STATE_ABORTED, f"aborted by {who}: {reason or 'no reason given'}")
+        try:
+            await self._store.put_rollout(record)
+        except StoreUnavailable as err:
+            raise unavailable(self._store, err) from None
+        await self._restore(record, who)
+        return record.rollout
+
+    # --- driving (the lease holder) ------------------------------------------------------------
+
+    def run(self, *, drive: bool, publish: bool) -> None:
+        """Start the background work: with `publish`, publish this replica's counts (every
+        replica's traffic counts in an analysis); with `drive`, drive rollouts while holding
+        the lease."""
+        self._loops = []
+        if publish:
+            self._loops.append(asyncio.create_task(self._publish_counts(), name="rollout-counts"))
+        if drive:
+            self._loops.append(asyncio.create_task(self._lead(), name="rollout-driver"))
 
     async def close(self) -> None:
-        for task in self._tasks.values():
+        for task in [*self._loops, *self._tasks.values()]:
             task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await asyncio.gather(*self._loops, *self._tasks.values(), return_exceptions=True)
+        self._tasks.clear()
 
-    async def _set_percent(self, rollout, percent: int, who: str) -> None:
-        def mutate(routes) -> None:
-            route = find_route(routes, rollout.model)
-            for variant in route.variants:
-                if variant.name == rollout.canary:
-                    variant.weight = percent
-                elif variant.name == rollout.baseline:
-                    variant.weight = 100 - percent
+    async def _publish_counts(self) -> None:
+        while True:
+            try:
+                await self._store.publish_counts(
+                    self._stats.counts(self.replica, self._incarnation)
+                )
+            except StoreUnavailable:
+                pass  # the driver sees this replica's counts again when the store is back
+            except Exception:
+                log.exception("rollouts: cannot publish counts")
+            await asyncio.sleep(min(1.0, self._poll * 5))
 
-        await self._routes.change(
-            who=f"rollout:{who}",
-            method="Rollout",
-            summary=f"rollout {rollout.model}: {rollout.canary} {percent}%, "
-            f"{rollout.baseline} {100 - percent}%",
-            mutate=mutate,
-        )
+    async def _lead(self) -> None:
+        renew = max(0.2, self._lease_ttl / 3)
+        while True:
+            try:
+                holds = await self._store.try_drive(self.replica)
+            except StoreUnavailable:
+                holds = False
+            except Exception:
+                log.exception("rollouts: driver election failed")
+                holds = False
+            if holds != self.driving:
+                log.info("rollouts: %s %s the driver", self.replica, "is" if holds else "is not")
+                self.driving = holds
+            if holds:
+                await self._adopt()
+            else:
+                for model in list(self._tasks):
+                    self._tasks.pop(model).cancel()
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), renew)
+            except TimeoutError:
+                pass
+
+    async def _adopt(self) -> None:
+        """Drive every running rollout that has no task here (new, or left by a dead driver)."""
+        try:
+            records = await self._store.rollouts()
+        except StoreUnavailable:
+            return
+        for model, record in records.items():
+            task = self._tasks.get(model)
+            if task is not None and task.done():
+                del self._tasks[model]
+                task = None
+            if record.rollout.state == Rollout.STATE_RUNNING and task is None:
+                log.info("rollouts: %s drives %s/%s from step %d", self.replica, model,
+                         record.rollout.canary, record.rollout.step)  # fmt: skip
+                self._tasks[model] = asyncio.create_task(
+                    self._drive(model), name=f"rollout-{model}"
+                )
+
+    async def _save(self, record: store_pb2.RolloutRecord) -> None:
+        """Persist progress, only while this replica is still the driver and the rollout is
+        still running (an abort from any replica wins)."""
+        await self._still_running(record)
+        record.driver = self.replica
+        try:
+            await self._store.put_rollout(record, as_driver=self.replica)
+        except Conflict:
+            raise Deposed from None
+
+    async def _all_counts(self) -> list[store_pb2.ReplicaCounts]:
+        """Every replica's published counts, this one's read live."""
+        others = await self._store.replica_counts()
+        mine = self._stats.counts(self.replica, self._incarnation)
+        return [c for c in others if c.replica != self.replica] + [mine]
+
+    async def _still_running(self, record: store_pb2.RolloutRecord) -> None:
+        current = (await self._store.rollouts()).get(record.rollout.model)
+        if (
+            current is None
+            or current.rollout.state != Rollout.STATE_RUNNING
+            or current.rollout.started_at != record.rollout.started_at  # replaced by another
+        ):
+            raise Stopped
+
+    async def _set_percent(self, record: store_pb2.RolloutRecord, percent: int) -> None:
+        rollout = record.rollout
+        route = find_route(self._routes.routes(), rollout.model)
+        weights = {v.name: v.weight for v in route.variants}
+        if (weights.get(rollout.canary), weights.get(rollout.baseline)) != (
+            percent,
+            100 - percent,
+        ):
+
+            def mutate(routes) -> None:
+                route = find_route(routes, rollout.model)
+                for variant in route.variants:
+                    if variant.name == rollout.canary:
+                        variant.weight = percent
+                    elif variant.name == rollout.baseline:
+                        variant.weight = 100 - percent
+
+            await self._routes.change(
+                who=f"rollout:{record.started_by}",
+                method="Rollout",
+                summary=f"rollout {rollout.model}: {rollout.canary} {percent}%, "
+                f"{rollout.baseline} {100 - percent}%",
+                mutate=mutate,
+            )
         rollout.percent = percent
 
-    async def _restore(self, rollout, who: str) -> None:
-        original = self._original.get(rollout.model, {})
+    async def _restore(self, record: store_pb2.RolloutRecord, who: str) -> None:
+        original = dict(record.original_weights)
+        route = find_route(self._routes.routes(), record.rollout.model)
+        if all(original.get(v.name, v.weight) == v.weight for v in route.variants):
+            record.rollout.percent = 0
+            return  # already restored (by the replica that aborted, or a previous driver)
 
         def mutate(routes) -> None:
-            route = find_route(routes, rollout.model)
+            route = find_route(routes, record.rollout.model)
             for variant in route.variants:
                 if variant.name in original:
                     variant.weight = original[variant.name]
@@ -146,87 +299,133 @@ class RolloutController:
         await self._routes.change(
             who=f"rollout:{who}",
             method="Rollout",
-            summary=f"rollout {rollout.model}: {rollout.canary} rolled back",
+            summary=f"rollout {record.rollout.model}: {record.rollout.canary} rolled back",
             mutate=mutate,
         )
-        rollout.percent = 0
+        record.rollout.percent = 0
 
-    def _end(self, rollout, state, reason: str) -> None:
+    def _end(self, record: store_pb2.RolloutRecord, state, reason: str) -> None:
+        rollout = record.rollout
         rollout.state = state
         rollout.reason = reason
-        rollout.ended_at.CopyFrom(_now())
-        log.info(
-            "rollout of %s/%s: %s (%s)",
-            rollout.model,
-            rollout.canary,
-            Rollout.State.Name(state),
-            reason,
-        )
+        rollout.ended_at.CopyFrom(now())
+        log.info("rollout of %s/%s: %s (%s)", rollout.model, rollout.canary,
+                 Rollout.State.Name(state), reason)  # fmt: skip
 
-    async def _run(self, rollout, request, who: str) -> None:
+    async def _finish(self, record, state, reason: str, *, restore: bool) -> None:
+        # Recorded first: once the record has left RUNNING no driver touches the weights again.
+        self._end(record, state, reason)
+        await self._save(record)
+        if restore:
+            await self._restore(record, record.started_by)
+
+    async def _drive(self, model: str) -> None:
+        try:
+            record = (await self._store.rollouts())[model]
+            await self._steps(record)
+        except (Deposed, StoreUnavailable) as err:
+            log.warning("rollouts: stopped driving %s (%s); the next driver resumes it",
+                        model, type(err).__name__)  # fmt: skip
+        except Stopped:
+            # Aborted elsewhere: its weights are restored there; again here in case a step's
+            # weights landed after that restore (a no-op otherwise).
+            await self._restore(record, record.started_by)
+        except asyncio.CancelledError:
+            raise
+        except GatewayError as err:  # the table changed under us in a way that broke the rollout
+            try:
+                await self._finish(
+                    record, Rollout.STATE_ABORTED, f"stopped: {err.message}", restore=False
+                )
+            except (Stopped, Deposed, StoreUnavailable):
+                pass
+        finally:
+            if self._tasks.get(model) is asyncio.current_task():
+                del self._tasks[model]
+
+    async def _steps(self, record: store_pb2.RolloutRecord) -> None:
+        rollout, request = record.rollout, record.request
         min_duration = _seconds(request.min_step_duration, 30.0)
         max_duration = _seconds(request.max_step_duration, 10 * min_duration)
         min_requests = request.min_requests or 100
         error_factor = request.max_error_ratio_factor or 2.0
         slack = request.error_ratio_slack or 0.01
         p99_factor = request.max_p99_factor or 2.0
-        last_baseline: tuple[int, float, float] | None = None
-        try:
-            for index, percent in enumerate(rollout.steps):
+        first = rollout.step
+        for index in range(first, len(rollout.steps)):
+            percent = rollout.steps[index]
+            resumed = index == first and record.HasField("step_started_at")
+            if not resumed:
                 rollout.step = index
-                await self._set_percent(rollout, percent, who)
-                started = time.monotonic()
-                while True:
-                    await asyncio.sleep(self._poll)
-                    elapsed = time.monotonic() - started
-                    canary = self._stats.summary(rollout.model, rollout.canary, since=started)
-                    if elapsed >= min_duration and canary[0] >= min_requests:
-                        break
-                    if elapsed >= max_duration:
-                        await self._restore(rollout, who)
-                        self._end(
-                            rollout,
-                            Rollout.STATE_ROLLED_BACK,
-                            f"step {percent}%: only {canary[0]} canary calls in {elapsed:.0f}s "
-                            f"(needs {min_requests}); rolled back",
-                        )
-                        return
-                baseline = self._stats.summary(rollout.model, rollout.baseline, since=started)
-                if baseline[0] == 0 and last_baseline is not None:
-                    baseline = (
-                        last_baseline  # at 100% the baseline gets no calls: use the last step's
-                    )
-                last_baseline = baseline if baseline[0] else last_baseline
-                failed = []
-                if canary[1] > baseline[1] * error_factor + slack:
-                    failed.append(
-                        f"error ratio {canary[1]:.3f} > {error_factor:g} x baseline "
-                        f"{baseline[1]:.3f} + {slack:g}"
-                    )
-                if baseline[0] and canary[2] > baseline[2] * p99_factor:
-                    failed.append(
-                        f"p99 {canary[2] * 1000:.1f} ms > {p99_factor:g} x baseline "
-                        f"{baseline[2] * 1000:.1f} ms"
-                    )
-                rollout.analyses.add(
-                    percent=percent,
-                    canary_requests=canary[0],
-                    canary_error_ratio=canary[1],
-                    canary_p99_seconds=canary[2],
-                    baseline_requests=baseline[0],
-                    baseline_error_ratio=baseline[1],
-                    baseline_p99_seconds=baseline[2],
-                    passed=not failed,
-                )
-                if failed:
-                    await self._restore(rollout, who)
-                    self._end(
-                        rollout, Rollout.STATE_ROLLED_BACK, f"step {percent}%: " + "; ".join(failed)
+                rollout.percent = percent
+                record.step_started_at.CopyFrom(now())
+                del record.step_start_counts[:]
+                record.step_start_counts.extend(await self._all_counts())
+                await self._save(record)  # the step and its window start, before traffic moves
+            await self._set_percent(record, percent)
+            while True:
+                await asyncio.sleep(self._poll)
+                await self._still_running(record)
+                elapsed = _age(record.step_started_at)
+                counts = await self._all_counts()
+                start = list(record.step_start_counts)
+                canary = window(start, counts, rollout.model, rollout.canary)
+                if elapsed >= min_duration and canary[0] >= min_requests:
+                    break
+                if elapsed >= max_duration:
+                    await self._finish(
+                        record,
+                        Rollout.STATE_ROLLED_BACK,
+                        f"step {percent}%: only {canary[0]} canary calls in {elapsed:.0f}s "
+                        f"(needs {min_requests}); rolled back",
+                        restore=True,
                     )
                     return
-                rollout.reason = f"step {percent}% passed"
-            self._end(rollout, Rollout.STATE_PROMOTED, f"{rollout.canary} promoted to 100%")
-        except asyncio.CancelledError:
-            raise
-        except GatewayError as err:  # the table changed under us in a way that broke the rollout
-            self._end(rollout, Rollout.STATE_ABORTED, f"stopped: {err.message}")
+            baseline = window(start, counts, rollout.model, rollout.baseline)
+            last = record.last_baseline
+            if baseline[0] == 0 and last.baseline_requests:
+                # at 100% the baseline gets no calls: compare with the last step's
+                baseline = (
+                    last.baseline_requests,
+                    last.baseline_error_ratio,
+                    last.baseline_p99_seconds,
+                )
+            failed = []
+            if canary[1] > baseline[1] * error_factor + slack:
+                failed.append(
+                    f"error ratio {canary[1]:.3f} > {error_factor:g} x baseline "
+                    f"{baseline[1]:.3f} + {slack:g}"
+                )
+            if baseline[0] and canary[2] > baseline[2] * p99_factor:
+                failed.append(
+                    f"p99 {canary[2] * 1000:.1f} ms > {p99_factor:g} x baseline "
+                    f"{baseline[2] * 1000:.1f} ms"
+                )
+            analysis = rollout.analyses.add(
+                percent=percent,
+                canary_requests=canary[0],
+                canary_error_ratio=canary[1],
+                canary_p99_seconds=canary[2],
+                baseline_requests=baseline[0],
+                baseline_error_ratio=baseline[1],
+                baseline_p99_seconds=baseline[2],
+                passed=not failed,
+            )
+            if baseline[0]:
+                record.last_baseline.CopyFrom(analysis)
+            if failed:
+                await self._finish(
+                    record,
+                    Rollout.STATE_ROLLED_BACK,
+                    f"step {percent}%: " + "; ".join(failed),
+                    restore=True,
+                )
+                return
+            rollout.reason = f"step {percent}% passed"
+            record.ClearField("step_started_at")
+            if index + 1 < len(rollout.steps):
+                rollout.step = index + 1
+            await self._save(record)
+        await self._finish(
+            record, Rollout.STATE_PROMOTED, f"{rollout.canary} promoted to 100%", restore=False
+        )

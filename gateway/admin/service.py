@@ -9,9 +9,9 @@ from google.protobuf import timestamp_pb2
 
 from gateway.admin.auth import current_principal
 from gateway.admin.rollout import RolloutController
-from gateway.admin.routes import RouteManager, find_route
-from gateway.admin.store import StoredRevision
+from gateway.admin.routes import RouteManager, find_route, unavailable
 from gateway.errors import GatewayError, invalid, shown
+from gateway.store.base import StoredRevision, StoreUnavailable
 from tensorgate.admin.v1 import admin_pb2, admin_pb2_grpc
 
 
@@ -136,18 +136,18 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     @_handled
     async def ListRevisions(self, request, context):
-        history = self._routes.history()
+        history = await self._routes.history()
         if request.limit:
             history = history[: request.limit]
         return admin_pb2.ListRevisionsResponse(revisions=[revision_message(r) for r in history])
 
     @_handled
     async def StartRollout(self, request, context):
-        return admin_pb2.StartRolloutResponse(rollout=self._rollouts.start(request, _who()))
+        return admin_pb2.StartRolloutResponse(rollout=await self._rollouts.start(request, _who()))
 
     @_handled
     async def GetRollout(self, request, context):
-        return admin_pb2.GetRolloutResponse(rollout=self._rollouts.get(request.model))
+        return admin_pb2.GetRolloutResponse(rollout=await self._rollouts.get(request.model))
 
     @_handled
     async def AbortRollout(self, request, context):
@@ -208,4 +208,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 grpc.StatusCode.NOT_FOUND,
                 f"no backend {shown(backend)} (backends: {', '.join(sorted(names))})",
             )
-        await self._runtime.readiness.set_drained(backend, drained)
+        store = self._routes.store
+        try:
+            await store.set_drained(backend, drained)
+            current = await store.drained()
+        except StoreUnavailable as err:
+            raise unavailable(store, err) from None
+        await self._runtime.readiness.use_drained(current)
