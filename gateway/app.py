@@ -68,6 +68,7 @@ class Runtime:
             lambda: self.table,
             self.metrics,
             seconds(config.lifecycle.health_check_interval),
+            all_routes=config.lifecycle.readiness == config_pb2.READINESS_ALL_ROUTES,
         )
         self.recent = RecentStats()
         self.breakers: dict[str, breaker.BackendBreaker] = {}

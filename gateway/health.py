@@ -1,8 +1,10 @@
 """Backend readiness probing and the gateway's own readiness.
 
-The gateway is ready when it is not draining and every route has at least one variant on a
-backend whose last probe succeeded: a load balancer should not send traffic to an instance that
-would answer some model with UNAVAILABLE for certain.
+The gateway is ready once it has started (route table loaded, first probe round done) and until
+it drains. Per-model health is ModelReady's, the route_ready gauge's and `tensorgate admin
+backends`': one model whose backends are down must not take the instance, and with it every
+healthy model, out of the load balancer (blast radius). lifecycle.readiness:
+READINESS_ALL_ROUTES restores the stricter rule (ready only while every route can answer).
 """
 
 from __future__ import annotations
@@ -42,12 +44,15 @@ class Readiness:
         table: Callable[[], RouteTable],
         metrics: GatewayMetrics,
         interval: float,
+        all_routes: bool = False,
     ) -> None:
         self.servicer = HealthServicer()
         self._adapters = adapters
         self._table = table
         self._metrics = metrics
         self._interval = interval
+        self._all_routes = all_routes
+        self.started = False
         self.backend_up: dict[str, bool] = {}
         self._failures: dict[str, int] = {}
         self._next_probe: dict[str, float] = {}
@@ -60,8 +65,10 @@ class Readiness:
 
     async def start(self) -> None:
         await self.servicer.set(LIVENESS_SERVICE, SERVING)
-        await self._publish()  # NOT_SERVING until the first probe round says otherwise
+        await self._publish()  # NOT_SERVING until the first probe round is done
         await self.probe()
+        self.started = True
+        await self._publish()
         self._task = asyncio.create_task(self._loop(), name="backend-probe")
 
     async def stop(self) -> None:
@@ -177,7 +184,7 @@ class Readiness:
             up = self.route_ready(plan.model)
             self._metrics.route_ready.labels(plan.model).set(1 if up else 0)
             all_routes = all_routes and up
-        ready = all_routes and not self.draining
+        ready = self.started and not self.draining and (all_routes or not self._all_routes)
         if ready != self.ready:
             log.info("gateway readiness: %s", "SERVING" if ready else "NOT_SERVING")
         self.ready = ready

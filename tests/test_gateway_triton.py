@@ -337,11 +337,22 @@ def test_refused_backend_is_unavailable_never_unknown():
         grpc.insecure_channel(gw.address) as channel,
     ):
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        assert not stub.ServerReady(oip.ServerReadyRequest()).ready
+        # The gateway is ready (started, not draining); the model is not.
+        assert stub.ServerReady(oip.ServerReadyRequest()).ready
+        assert not stub.ModelReady(oip.ModelReadyRequest(name="linear")).ready
         with pytest.raises(grpc.RpcError) as err:
             stub.ModelInfer(linear_request())
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "backend 'dead' unavailable" in err.value.details()
+    # Opt-in: ready only while every route can answer.
+    strict = {**config, "lifecycle": {"readiness": "READINESS_ALL_ROUTES"}}
+    with (
+        GatewayProcess(strict).start(wait="live") as gw,
+        grpc.insecure_channel(gw.address) as channel,
+    ):
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        time.sleep(0.5)  # past the first probe round
+        assert not stub.ServerReady(oip.ServerReadyRequest()).ready
 
 
 # --- health, reflection, metrics -------------------------------------------------------------

@@ -499,15 +499,16 @@ async def test_unhealthy_variant_gets_no_traffic_until_it_recovers(proxy, triton
             gw.address, lambda: linear_request(), concurrency=2, duration=1.0, timeout=5
         )
         assert during.errors() == [] and {o.variant for o in during.outcomes} == {"y"}
-        # "lonely" has no healthy variant and no fallback: the gateway is not ready; "guarded"
-        # can still answer (static fallback), so it is.
-        assert not stub.ServerReady(oip.ServerReadyRequest()).ready
+        # "lonely" has no healthy variant and no fallback: it is not ready, but the gateway
+        # stays ready for the models that can answer (blast radius); "guarded" can still
+        # answer (static fallback), so it is ready.
+        assert stub.ServerReady(oip.ServerReadyRequest()).ready
         assert not stub.ModelReady(oip.ModelReadyRequest(name="lonely")).ready
         assert stub.ModelReady(oip.ModelReadyRequest(name="guarded")).ready
         assert stub.ModelReady(oip.ModelReadyRequest(name="linear")).ready
         proxy.heal()
         deadline = time.monotonic() + 10
-        while not stub.ServerReady(oip.ServerReadyRequest()).ready:
+        while not stub.ModelReady(oip.ModelReadyRequest(name="lonely")).ready:
             assert time.monotonic() < deadline, "never recovered"
             await asyncio.sleep(0.1)
         after = await run_load(
