@@ -30,3 +30,21 @@ def triton():
     """One real Triton for the session (start and stop cost ~5 s each)."""
     with TritonServer(DEMO_MODELS) as server:
         yield server
+
+
+@pytest.fixture
+def etcd():
+    """A real single-node etcd on 127.0.0.1 for ONE test (function scope: tests kill, pause and
+    restart it; start ~0.2 s), data wiped afterwards. Fails, never skips, without etcd."""
+    from tests.backends.etcd import EtcdServer, etcd_tool
+
+    problem = None
+    try:
+        etcd_tool("etcd")
+        etcd_tool("etcdctl")
+    except FileNotFoundError as e:
+        problem = str(e)
+    if problem is not None:
+        pytest.fail(problem, pytrace=False)
+    with EtcdServer() as server:
+        yield server

@@ -78,10 +78,16 @@ class _Client(aetcd.Client):
         if self._connected.is_set():
             return
         options = [
-            ("grpc.keepalive_time_ms", 5_000),
+            # Notice a hung etcd under a quiet watch stream (else it stays silent forever); etcd
+            # answers pings more often than every 5 s with GOAWAY "too_many_pings".
+            ("grpc.keepalive_time_ms", 10_000),
             ("grpc.keepalive_timeout_ms", 3_000),
+            ("grpc.http2.ping_timeout_ms", 3_000),
+            ("grpc.http2.max_pings_without_data", 0),
             ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.initial_reconnect_backoff_ms", 100),
+            # Back within a second of etcd (gRPC's default backoff grows to 120 s).
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 1_000),
             # A call made while the connection is down waits for it (up to the store's
             # deadline) instead of failing at once: right after etcd comes back, writes work.
@@ -300,10 +306,13 @@ class EtcdStore:
         changed = asyncio.Event()
         failure: list[BaseException] = []
 
+        watches = []
+
         async def pump(start: int) -> None:
             nonlocal revision
             try:
                 watch = await self._client.watch_prefix(prefix, start_revision=start)
+                watches.append(watch)
                 async for event in watch:
                     revision = max(revision, event.kv.mod_revision)
                     changed.set()
@@ -331,6 +340,9 @@ class EtcdStore:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+            for watch in watches:  # leaving the loop does not end the watch on the server
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(watch.cancel(), 1.0)
 
     async def close(self) -> None:
         if self._renewer is not None:
