@@ -20,6 +20,7 @@ from adapters.base import BackendError, ModelSpec, NoOptions, TensorSpec, backen
 from adapters.codecs import oip as oip_codec
 from adapters.codecs import tensorproto
 from adapters.grpc_common import channel_options, rpc_error
+from gateway import tracing
 from gateway.errors import shown
 from tensorgate.config.v1 import config_pb2
 from tensorgate.tfserving import serving_pb2, serving_pb2_grpc
@@ -85,7 +86,7 @@ class TFServingAdapter(NoOptions):
             tensorproto.to_tensor_proto(array, tensor.datatype, predict.inputs[tensor.name])
         predict.output_filter.extend(o.name for o in request.outputs)
         try:
-            reply = await self._predict(predict, timeout=timeout)
+            reply = await self._predict(predict, timeout=timeout, metadata=tracing.outgoing())
         except grpc.aio.AioRpcError as err:
             raise rpc_error(err, self.name) from None
         response = oip.ModelInferResponse(

@@ -21,6 +21,7 @@ from adapters import parameters
 from adapters.base import BackendError, ModelSpec, backend_tensors, declared_spec
 from adapters.codecs import kserve_json
 from adapters.codecs import oip as oip_codec
+from gateway import tracing
 from gateway.errors import invalid, shown
 from tensorgate.config.v1 import config_pb2
 
@@ -165,7 +166,7 @@ class TorchServeAdapter:
             url,
             self._client,
             content=self._body(request, contract),
-            headers={"content-type": "application/json"},
+            headers={"content-type": "application/json", **dict(tracing.outgoing())},
             timeout=timeout,
         )
         if reply.status_code != 200:

@@ -17,6 +17,7 @@ from tritonclient.grpc import service_pb2_grpc
 from adapters import parameters
 from adapters.base import BackendError, ModelSpec, NoOptions, TensorSpec, backend_tensors
 from adapters.grpc_common import channel_options, rpc_error
+from gateway import tracing
 from tensorgate.config.v1 import config_pb2
 
 
@@ -81,7 +82,7 @@ class TritonAdapter(NoOptions):
             target.backend_model, target.backend_version
         )
         try:
-            return await self._infer(body, timeout=timeout)
+            return await self._infer(body, timeout=timeout, metadata=tracing.outgoing())
         except grpc.aio.AioRpcError as err:
             raise self._error(err) from None
 

@@ -9,6 +9,7 @@ import pathlib
 import signal
 import socket
 import uuid
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,7 +19,7 @@ from tritonclient.grpc import service_pb2_grpc
 import gateway
 from adapters.base import Adapter
 from adapters.registry import build_adapter
-from gateway import memory, reflection
+from gateway import logs, memory, reflection, tracing
 from gateway.config import seconds
 from gateway.health import Readiness
 from gateway.intake import Intake
@@ -362,6 +363,7 @@ class Gateway:
         await self.runtime.close()
         if self.store is not None:
             await self.store.close()
+        tracing.shutdown()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         self._stopped.set()
@@ -371,14 +373,27 @@ class Gateway:
         await self._stopped.wait()
 
 
-async def serve(config: config_pb2.GatewayConfig, state_dir: str = ".tensorgate-state") -> None:
-    """Run until SIGTERM or SIGINT, then drain and return."""
+async def serve(
+    config: config_pb2.GatewayConfig,
+    state_dir: str = ".tensorgate-state",
+    *,
+    listeners: config_pb2.Listeners | None = None,
+    reuse_port: bool = False,
+    started: Callable[[Gateway], None] | None = None,
+) -> None:
+    """Run until SIGTERM or SIGINT, then drain and return. `listeners` and `reuse_port` as in
+    Gateway; `started(gateway)` runs once it serves and handles the signals (a worker of
+    `serve --workers` reports its ports: gateway/workers.py)."""
     memory.return_large_buffers_to_os()
-    gw = Gateway(config, state_dir)
+    logs.setup(config.observability.logging, logging.getLevelName(logging.getLogger().level))
+    tracing.configure(config.observability.tracing)
+    gw = Gateway(config, state_dir, listeners=listeners, reuse_port=reuse_port)
     await gw.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if started is not None:
+        started(gw)
     await stop.wait()
     await gw.shutdown()

@@ -16,6 +16,7 @@ from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc
 
 import gateway
+from gateway import logs, tracing
 from gateway.errors import GatewayError, invalid, shown
 from gateway.layers.validation import MAX_VERSION_BYTES, check_name
 from gateway.pipeline import InferCall, InferResult, InferService
@@ -116,32 +117,55 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         await context.abort(code, message)
 
     async def ModelInfer(self, request, context):
+        started = time.perf_counter()
         remaining = context.time_remaining()
-        call = InferCall(
-            request=request,
-            model=request.model_name,
-            version=request.model_version,
-            route_key=_route_key(context, self._runtime.route_key_header),
-            deadline=None if remaining is None else time.monotonic() + remaining,
-        )
+        metadata = context.invocation_metadata()
+        route_key, sent_id = _metadata_values(metadata, self._runtime.route_key_header)
+        fields = logs.CallFields(logs.request_id(sent_id), request.model_name)
+        token = logs.current.set(fields)
         try:
-            result = await self._infer(call)
-        except GatewayError as err:
-            code, message, failed = _failure(err)
-        except Exception as err:
-            # A bug of ours must not surface as UNKNOWN with a stack trace in the message.
-            log.exception("ModelInfer failed for model %s", shown(call.model))
-            code, message, failed = _failure(
-                err, GatewayError(grpc.StatusCode.INTERNAL, "internal gateway error")
-            )
-        else:
-            return self._answer(result, context)
-        if failed is not None:
-            context.set_trailing_metadata(failed.trailers)
-        await context.abort(code, message)
+            with tracing.server_span(metadata, request.model_name, request.model_version) as span:
+                call = InferCall(
+                    request=request,
+                    model=request.model_name,
+                    version=request.model_version,
+                    route_key=route_key,
+                    deadline=None if remaining is None else time.monotonic() + remaining,
+                )
+                try:
+                    result = await self._infer(call)
+                except GatewayError as err:
+                    code, message, failed = _failure(err)
+                except Exception as err:
+                    # A bug of ours must not surface as UNKNOWN with a stack trace in it.
+                    log.exception("ModelInfer failed for model %s", shown(call.model))
+                    code, message, failed = _failure(
+                        err, GatewayError(grpc.StatusCode.INTERNAL, "internal gateway error")
+                    )
+                else:
+                    target = result.target
+                    fields.variant, fields.backend, fields.code = (
+                        target.variant, target.backend, "OK",
+                    )  # fmt: skip
+                    tracing.finish(span, code="OK", variant=target.variant, backend=target.backend)
+                    return self._answer(result, context, fields.request_id)
+                fields.code = code.name
+                trailers = ((logs.REQUEST_ID, fields.request_id),)
+                if failed is not None:
+                    fields.variant, fields.backend = failed.variant, failed.backend
+                    trailers = (*failed.trailers, *trailers)
+                tracing.finish(span, code=code.name, variant=fields.variant,
+                               backend=fields.backend, message=message)  # fmt: skip
+                context.set_trailing_metadata(trailers)
+            await context.abort(code, message)
+        finally:
+            if logs.sampled():
+                fields.duration_ms = (time.perf_counter() - started) * 1000
+                logs.access(fields)
+            logs.current.reset(token)
 
-    def _answer(self, result: InferResult, context):
-        headers = result.target.trailers
+    def _answer(self, result: InferResult, context, request_id: str):
+        headers = (*result.target.trailers, (logs.REQUEST_ID, request_id))
         if result.degraded:
             headers += ((DEGRADED_HEADER, result.degraded),)
         if result.cached:
@@ -192,11 +216,15 @@ def _schema_metadata(schema) -> oip.ModelMetadataResponse:
     return reply
 
 
-def _route_key(context, header: str) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == header:
-            return value or None
-    return None
+def _metadata_values(metadata, route_key_header: str) -> tuple[str | None, str | None]:
+    """(route key, caller's request id) from the call's metadata, in one pass."""
+    route_key = request_id = None
+    for key, value in metadata or ():
+        if key == route_key_header:
+            route_key = value or None
+        elif key == logs.REQUEST_ID:
+            request_id = value
+    return route_key, request_id
 
 
 def _timeout(context) -> float:

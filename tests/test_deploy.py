@@ -2,7 +2,8 @@
 
 - Kubernetes: kubernetes-validate (strict, offline schemas) on every manifest and on the
   `kubectl kustomize` rendering; the ConfigMap's gateway config passes `tensorgate check-config`
-  and really serves (admin API included) in front of a real Triton.
+  and really serves (admin API included) in front of a real Triton, its route table in a real
+  etcd over TLS with a client certificate, as the manifests configure it.
 - Envoy: `envoy --mode validate`, then a real Envoy with deploy/envoy/envoy.yaml (only its three
   loopback ports substituted) between stock tritonclient and a real gateway + Triton.
 - Prometheus: `promtool check rules` / `test rules`, then a real Prometheus with
@@ -24,6 +25,7 @@ import os
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -43,6 +45,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 from tensorgate.admin.v1 import admin_pb2, admin_pb2_grpc
 from tests import certs
+from tests.backends.etcd import EtcdServer, etcd_tool
 from tests.backends.process import tool
 from tests.backends.triton import REPO_ROOT, free_port
 from tests.gateway_process import GatewayProcess, triton_backend
@@ -338,7 +341,10 @@ def gateway_registry():
     )
 
     async def build():
+        from gateway.admin.routes import StoreMetrics
+
         runtime = Runtime(config)
+        StoreMetrics(runtime.metrics.registry)  # what `serve` adds: the revision store's gauges
         await runtime.close()
         return runtime.metrics.registry
 
@@ -391,7 +397,8 @@ def test_deployment_matches_the_gateway_config():
     for kind in ("requests", "limits"):
         assert set(container["resources"][kind]) == {"cpu", "memory"}
 
-    # The admin tokens file is on the Secret's mount, the state dir on a writable emptyDir.
+    # The admin tokens file and the etcd client's TLS files are on their Secrets' read-only
+    # mounts; the only writable path is /tmp (the etcd store writes nothing to disk).
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
 
@@ -404,8 +411,14 @@ def test_deployment_matches_the_gateway_config():
     assert Path(config["admin"]["tokens_file"]).name in {
         i["path"] for i in tokens["secret"]["items"]
     }
-    state = volume_of(config["admin"]["state_dir"])
-    assert "emptyDir" in state and not state["readOnly"]
+    etcd = config["store"]["etcd"]
+    for field, key in (("ca_file", "ca.crt"), ("cert_file", "tls.crt"), ("key_file", "tls.key")):
+        assert Path(etcd[field]).name == key, field
+        secret = volume_of(etcd[field])
+        assert secret["readOnly"] and secret["secret"]["secretName"] == "tensorgate-etcd-client"
+    assert "state_dir" not in config["admin"]  # unused with store.etcd
+    writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
+    assert writable == {"/tmp"} and "emptyDir" in volume_of("/tmp")
     assert volume_of(container["args"][-1])["readOnly"]
 
 
@@ -417,6 +430,7 @@ def test_services_hpa_pdb_and_network_policy():
     assert admin["type"] == "ClusterIP"
     assert [p["targetPort"] for p in admin["ports"]] == ["admin"]
     assert admin["publishNotReadyAddresses"] is True
+    assert "clusterIP" not in admin  # load-balanced: every replica serves the shared table
     pod_labels = manifest("Deployment")["spec"]["template"]["metadata"]["labels"]
     for spec in (manifest("Service")["spec"], admin):
         assert spec["selector"].items() <= pod_labels.items()
@@ -446,10 +460,46 @@ def test_services_hpa_pdb_and_network_policy():
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
 
 
+class TlsEtcd(EtcdServer):
+    """A real etcd on 127.0.0.1 that speaks TLS only and requires client certificates, as
+    gateway.yaml's store.etcd expects of a production etcd."""
+
+    def __init__(self, ca_cert: Path, server: tuple[Path, Path], client: tuple[Path, Path]):
+        self.tls_flags = [f"--cacert={ca_cert}", f"--cert={client[1]}", f"--key={client[0]}"]
+        self._context = ssl.create_default_context(cafile=str(ca_cert))
+        self._context.load_cert_chain(str(client[1]), str(client[0]))
+        super().__init__(
+            extra_args=[
+                f"--cert-file={server[1]}", f"--key-file={server[0]}",
+                "--client-cert-auth", f"--trusted-ca-file={ca_cert}",
+            ]
+        )  # fmt: skip
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.client_port}"
+
+    def health(self, timeout: float = 1.0) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=timeout, context=self._context) as reply:  # fmt: skip
+                return json.loads(reply.read()).get("health") == "true"
+        except (OSError, ValueError):
+            return False
+
+    def get(self, key: str) -> str:
+        return self.etcdctl(*self.tls_flags, "get", key, "--print-value-only").strip()
+
+
 def test_configmap_gateway_config_serves_with_its_admin_api(triton, tmp_path):
     """The ConfigMap's config, with only addresses and paths made local: every backend -> the
-    test's Triton, listeners -> free loopback ports, tokens file, TLS files and state dir -> a
-    temp dir. The admin API answers over TLS only (its port is on the pod network)."""
+    test's Triton, listeners -> free loopback ports, store.etcd's endpoint -> a local etcd that
+    requires TLS client certificates, tokens and TLS files -> a temp dir. The admin API answers
+    over TLS only (its port is on the pod network); the route table lives in etcd, and nothing
+    is written to disk."""
+    try:
+        etcd_tool("etcd"), etcd_tool("etcdctl")
+    except FileNotFoundError as err:
+        pytest.fail(str(err), pytrace=False)
     config = yaml.safe_load(configmap_gateway_yaml())
     for backend in config["backends"]:
         backend["address"] = triton.address
@@ -457,31 +507,47 @@ def test_configmap_gateway_config_serves_with_its_admin_api(triton, tmp_path):
     config["listeners"] = {"admin": f"127.0.0.1:{admin_port}"}  # GatewayProcess adds the others
     token = "k8s-test-token-0123456789"
     (tmp_path / "tokens.yaml").write_text(yaml.safe_dump([{"name": "ops", "role": "admin", "token": token}]))  # fmt: skip
-    config["admin"] |= {"tokens_file": str(tmp_path / "tokens.yaml"), "state_dir": str(tmp_path / "state")}  # fmt: skip
+    config["admin"] |= {"tokens_file": str(tmp_path / "tokens.yaml")}
     ca = certs.make_ca(tmp_path, "ca")
     key, cert = certs.issue(tmp_path, ca, "gateway", server=True)
     config["admin"]["tls"] = {"cert_file": str(cert), "key_file": str(key)}
+    etcd_server = certs.issue(tmp_path, ca, "etcd", server=True)
+    client_key, client_cert = certs.issue(tmp_path, ca, "tensorgate", server=False)
     config["lifecycle"] |= {"drain_delay": "0s", "shutdown_grace": "2s"}
-    with GatewayProcess(config, directory=str(tmp_path)) as gw:
-        with grpc.insecure_channel(gw.address) as channel:
-            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-            reply = stub.ModelInfer(linear_request(version="1"), timeout=10)
-        assert np.frombuffer(reply.raw_output_contents[0], dtype=np.float32).tolist() == Y_V1
-        with grpc.insecure_channel(gw.admin_address) as channel:
-            with pytest.raises(grpc.RpcError):  # plaintext is not spoken there
-                admin_pb2_grpc.AdminServiceStub(channel).GetRouteTable(
-                    admin_pb2.GetRouteTableRequest(), timeout=5
+    store = config["store"]["etcd"]
+    head = f"{store['prefix']}/state/head"
+    auth = (("authorization", f"Bearer {token}"),)
+    with TlsEtcd(ca[1], etcd_server, (client_key, client_cert)) as etcd:
+        store |= {"endpoints": [etcd.endpoint], "ca_file": str(ca[1]), "cert_file": str(client_cert), "key_file": str(client_key)}  # fmt: skip
+        with GatewayProcess(config, directory=str(tmp_path)) as gw:
+            with grpc.insecure_channel(gw.address) as channel:
+                stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+                reply = stub.ModelInfer(linear_request(version="1"), timeout=10)
+            assert np.frombuffer(reply.raw_output_contents[0], dtype=np.float32).tolist() == Y_V1
+            with grpc.insecure_channel(gw.admin_address) as channel:
+                with pytest.raises(grpc.RpcError):  # plaintext is not spoken there
+                    admin_pb2_grpc.AdminServiceStub(channel).GetRouteTable(
+                        admin_pb2.GetRouteTableRequest(), timeout=5
+                    )
+            tls = grpc.ssl_channel_credentials(root_certificates=ca[1].read_bytes())
+            with grpc.secure_channel(gw.admin_address, tls) as channel:
+                admin = admin_pb2_grpc.AdminServiceStub(channel)
+                table = admin.GetRouteTable(
+                    admin_pb2.GetRouteTableRequest(), metadata=auth, timeout=10
                 )
-        tls = grpc.ssl_channel_credentials(root_certificates=ca[1].read_bytes())
-        with grpc.secure_channel(gw.admin_address, tls) as channel:
-            admin = admin_pb2_grpc.AdminServiceStub(channel)
-            table = admin.GetRouteTable(
-                admin_pb2.GetRouteTableRequest(),
-                metadata=(("authorization", f"Bearer {token}"),),
-                timeout=10,
-            )
-        assert [r.model for r in table.routes] == ["linear"]
-    assert gw.proc.returncode == 0, gw.log()
+                # The empty prefix was seeded with the ConfigMap's routes as revision 1 ...
+                assert [r.model for r in table.routes] == ["linear"]
+                assert table.revision.number == 1 and etcd.get(head) == "1"
+                # ... and a change is a compare-and-swap in etcd.
+                weights = {"stable": 100, "canary": 0, "backup": 0}
+                changed = admin.SetVariantWeights(
+                    admin_pb2.SetVariantWeightsRequest(model="linear", weights=weights, expected_revision=1),
+                    metadata=auth,
+                    timeout=10,
+                )  # fmt: skip
+                assert changed.revision.number == 2 and etcd.get(head) == "2"
+        assert gw.proc.returncode == 0, gw.log()
+    assert not (tmp_path / ".tensorgate-state").exists()  # admin.state_dir's default: unused
 
 
 # --- Envoy ---------------------------------------------------------------------------------------
@@ -599,11 +665,16 @@ def test_envoy_retries_unavailable_once_and_caller_errors_never(workdir):
     gw = GatewayProcess(config, directory=str(workdir / "gateway")).start(wait="live")
     envoy = None
     try:
-        # Not ready (its backend is down): Envoy's only host is unhealthy, and Envoy still
-        # routes to it (panic threshold), so the gateway's own answer comes back.
+        # Ready although its backend is down (readiness is the gateway's own, lifecycle.readiness
+        # default): Envoy's only host is healthy and the gateway's own answer comes back.
         envoy = EnvoyProcess(host_port(gw.address)[1], workdir)
         wait_for(
-            lambda: int(envoy.stats()["health_check.failure"]) >= 1, 15, "a failed health check"
+            lambda: (
+                int((stats := envoy.stats())["health_check.success"]) >= 1
+                and stats["membership_healthy"] == "1"
+            ),
+            15,
+            "a successful health check",
         )
         with grpc.insecure_channel(envoy.address) as channel:
             stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import grpc
 import prometheus_client as prom
 
+from gateway import logs
 from gateway.admin import audit
 from gateway.config import ConfigError, validate
 from gateway.errors import GatewayError, shown
@@ -181,6 +182,11 @@ class RouteManager:
                         raise stale(expected_revision, err.live) from None
                     continue
                 self._swap(revision, validated)
+                logs.audit_log.info(
+                    "revision %d by %s: %s", revision.number, who, summary,
+                    extra={"fields": {"audit": {"revision": revision.number, "who": who,
+                                                "method": method, "summary": summary}}},
+                )  # fmt: skip
                 return revision
             raise GatewayError(
                 grpc.StatusCode.ABORTED,

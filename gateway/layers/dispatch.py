@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 import grpc
 
 from adapters.base import Adapter
+from gateway import tracing
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import InferCall, InferResult, InferService, blame
@@ -41,15 +42,18 @@ def dispatch(
             timeout = min(timeout, remaining)
         gauge = metrics.backend_in_flight_for(target.backend)
         gauge.inc()
-        try:
-            response = await adapter.infer(call.request, timeout=timeout, target=target)
-        except GatewayError as err:
-            if budget_bound and err.code is grpc.StatusCode.DEADLINE_EXCEEDED:
-                err.budget_ran_out = True
-            blame(err, target)
-            raise
-        finally:
-            gauge.dec()
+        with tracing.attempt_span(target) as span:
+            try:
+                response = await adapter.infer(call.request, timeout=timeout, target=target)
+            except GatewayError as err:
+                if budget_bound and err.code is grpc.StatusCode.DEADLINE_EXCEEDED:
+                    err.budget_ran_out = True
+                blame(err, target)
+                tracing.finish(span, code=err.code.name, message=err.message)
+                raise
+            finally:
+                gauge.dec()
+            tracing.finish(span, code="OK")
         if target.output_names:  # the response is ours (the adapter's): renamed in place
             public = {b: p for p, b in target.output_names}
             for tensor in response.outputs:

@@ -18,6 +18,7 @@ import prometheus_client as prom
 from tritonclient.grpc import service_pb2 as oip
 
 from adapters.codecs import oip as oip_codec
+from gateway import tracing
 from gateway.errors import GatewayError
 from gateway.layers import LayerEnv, RouteLayer
 from gateway.pipeline import InferCall, InferResult, InferService, Layer, PrimaryFailure, blame
@@ -148,7 +149,8 @@ def fallback(steps: tuple, table: Callable[[], RouteTable], metrics: FallbackMet
                 if target is None or target == call.target:
                     continue
                 try:
-                    result = await inner(call.to(target))
+                    with tracing.step("fallback"):
+                        result = await inner(call.to(target))
                 except GatewayError as err:
                     if err.code not in BACKEND_FAILURES:
                         raise

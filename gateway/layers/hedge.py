@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import prometheus_client as prom
 
+from gateway import tracing
 from gateway.errors import GatewayError
 from gateway.layers import RouteLayer
 from gateway.pipeline import InferCall, InferResult, InferService, Layer
@@ -105,7 +106,8 @@ def hedge(policy: HedgeSettings, tracker: LatencyTracker, metrics: HedgeMetrics)
             if done:
                 return first.result()
             # Both tries read the same caller's request: nothing on the path edits it.
-            second = asyncio.ensure_future(timed(call.to(other)))
+            with tracing.step("hedge"):  # the task takes the context it is created in
+                second = asyncio.ensure_future(timed(call.to(other)))
             pending = {first, second}
             errors: list[GatewayError] = []
             try:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import grpc
 import prometheus_client as prom
 
+from gateway import tracing
 from gateway.errors import GatewayError
 from gateway.layers import LayerEnv, RouteLayer
 from gateway.pipeline import InferCall, InferResult, InferService, Layer
@@ -142,7 +143,11 @@ def retry(policy: RetrySettings, budget: RetryBudget, metrics: RetryMetrics) -> 
             while True:
                 attempt_call = call if target is call.target else call.to(target)
                 try:
-                    result = await inner(attempt_call)
+                    if attempt > 1:
+                        with tracing.step("retry"):
+                            result = await inner(attempt_call)
+                    else:
+                        result = await inner(attempt_call)
                 except GatewayError as err:
                     error = err
                 except BaseException:  # cancelled: the retry was admitted, so it was sent

@@ -19,6 +19,7 @@ import prometheus_client as prom
 from tritonclient.grpc import service_pb2 as oip
 
 from adapters.codecs import oip as oip_codec
+from gateway import tracing
 from gateway.errors import GatewayError
 from gateway.layers import LayerEnv, RouteLayer
 from gateway.pipeline import InferCall, InferResult, InferService, Layer
@@ -147,7 +148,8 @@ class ShadowRunner:
         self._in_flight[model] = busy + 1
         # The mirror reads the caller's request as the primary did: nothing edits it.
         mirror = call.to(target).until(None)
-        task = asyncio.ensure_future(self._run(mirror, primary.response, send))
+        with tracing.step("shadow"):  # the task takes the context it is created in
+            task = asyncio.ensure_future(self._run(mirror, primary.response, send))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
