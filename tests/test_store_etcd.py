@@ -304,3 +304,28 @@ async def test_rollout_survives_its_driver_being_killed(triton, etcd):
             "rollout linear: canary 50%, stable 50%",
             "rollout linear: canary 100%, stable 0%",
         ], steps
+
+
+def test_a_change_etcd_refuses_is_unavailable_and_changes_nothing(triton):
+    """etcd refuses a revision over its request size limit: the admin call fails with
+    UNAVAILABLE saying why, the table and revision stay, and smaller changes still work."""
+    from tests.backends.etcd import EtcdServer
+
+    with (
+        EtcdServer(extra_args=["--max-request-bytes", "8192"]) as small,
+        Replica(triton, small, "a") as a,
+    ):
+        before = a.table()
+        big = admin_pb2.SetFallbackRequest(model="linear")
+        big.fallback.add().static_response.outputs.add(
+            name="OUTPUT0", datatype="FP32", shape=[4000], fp_values=[0.5] * 4000
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            a.admin.SetFallback(big, metadata=ADMIN, timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "too large" in err.value.details() and "nothing was changed" in err.value.details()
+        after = a.table()
+        assert after.revision.number == before.revision.number
+        assert list(after.routes) == list(before.routes)
+        a.set_weights(canary=42)
+        assert a.table().revision.number == before.revision.number + 1

@@ -34,6 +34,7 @@ from tensorgate.store.v1 import store_pb2
 
 log = logging.getLogger(__name__)
 DEFAULT_STEPS = (5, 25, 50, 100)
+IDLE_PUBLISH_S = 30.0
 Rollout = admin_pb2.Rollout
 
 
@@ -179,11 +180,18 @@ class RolloutController:
         self._tasks.clear()
 
     async def _publish_counts(self) -> None:
+        """Every second while a rollout runs (its analysis needs them), every 30 s otherwise
+        (each publish is a write: an idle fleet should not keep etcd busy)."""
+        last = 0.0
         while True:
             try:
-                await self._store.publish_counts(
-                    self._stats.counts(self.replica, self._incarnation)
-                )
+                records = await self._store.rollouts()
+                running = any(r.rollout.state == Rollout.STATE_RUNNING for r in records.values())
+                if running or time.monotonic() - last >= IDLE_PUBLISH_S:
+                    await self._store.publish_counts(
+                        self._stats.counts(self.replica, self._incarnation)
+                    )
+                    last = time.monotonic()
             except StoreUnavailable:
                 pass  # the driver sees this replica's counts again when the store is back
             except Exception:
@@ -356,6 +364,10 @@ class RolloutController:
             percent = rollout.steps[index]
             resumed = index == first and record.HasField("step_started_at")
             if not resumed:
+                if index == 0:
+                    # Idle replicas publish counts every 30 s; they see the rollout and publish
+                    # every second within one: then the window's start is current everywhere.
+                    await asyncio.sleep(min(1.5, self._poll * 7.5))
                 rollout.step = index
                 rollout.percent = percent
                 record.step_started_at.CopyFrom(now())

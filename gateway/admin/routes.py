@@ -72,6 +72,9 @@ class RouteManager:
         self.on_drains: list[Callable[[frozenset[str]], object]] = []
         self.revision: StoredRevision | None = None
         self._rejected: int = 0  # the last stored revision found invalid (logged once)
+        # The store's newest revision, even one this process cannot serve: a change made here
+        # goes on top of it (so an invalid head can be replaced through any replica).
+        self._head: int = 0
 
     @property
     def store(self) -> RevisionStore:
@@ -141,7 +144,7 @@ class RouteManager:
     ) -> StoredRevision:
         async with self._lock:
             for _ in range(_RETRIES):
-                live = self.revision.number
+                live = max(self.revision.number, self._head)
                 if expected_revision and expected_revision != live:
                     raise stale(expected_revision, live)
                 before = self.routes()
@@ -239,7 +242,10 @@ class RouteManager:
             result = notify(drained)
             if asyncio.iscoroutine(result):
                 await result
-        if latest is None or latest.number <= self.revision.number:
+        if latest is None:
+            return
+        self._head = latest.number
+        if latest.number <= self.revision.number:
             return
         try:
             validated = self._validated(latest.routes, f"stored revision {latest.number}")

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 # A follower re-reads at least this often even if the watch stays quiet: a watch stream that
 # died without an error (a half-open connection) cannot leave a replica behind for long.
 RESYNC_S = 5.0
+# Audit entries kept (the newest); revisions kept: admin.history.
+AUDIT_KEPT = 10_000
 
 
 def _target(endpoints: list[str]) -> str:
@@ -151,8 +153,9 @@ class EtcdStore:
         """Run one etcd call with the store's deadline; outages become StoreUnavailable."""
         try:
             return await asyncio.wait_for(coroutine, self._timeout)
-        except (TimeoutError, etcd_errors.ConnectionFailedError, etcd_errors.ConnectionTimeoutError,
-                etcd_errors.InternalError, grpc.aio.AioRpcError) as err:  # fmt: skip
+        except (TimeoutError, etcd_errors.ClientError, grpc.aio.AioRpcError) as err:
+            # Down, hung, full (NOSPACE), a request over its size limit, no permission: the
+            # write did not happen, and the message says why.
             raise StoreUnavailable(f"{self.description}: {_reason(err)}") from None
 
     # --- revisions -------------------------------------------------------------------------------
@@ -194,6 +197,9 @@ class EtcdStore:
         if revision.number > self._keep:
             dropped = _number_key(revision.number - self._keep)
             success.append(tx.delete(self._key("revisions", dropped)))
+        if revision.number > AUDIT_KEPT:  # the audit trail outlives revisions, but not forever
+            dropped = _number_key(revision.number - AUDIT_KEPT)
+            success.append(tx.delete(self._key("audit", dropped)))
         succeeded, responses = await self._call(
             self._client.transaction(compare=compare, success=success, failure=[tx.get(head)])
         )
