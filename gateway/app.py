@@ -232,7 +232,7 @@ class Gateway:
             manager, self.store, self.runtime.recent, replica, uuid.uuid4().hex,
             lease_ttl=lease_ttl,
         )  # fmt: skip
-        self._rollouts.run(drive=config.listeners.admin != "off", publish=shared)
+        self._rollouts.run(drive=self.listeners.admin != "off", publish=shared)
         self._follow = asyncio.create_task(manager.follow(), name="store-follow")
 
     async def start(self) -> None:

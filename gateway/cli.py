@@ -10,6 +10,7 @@ import sys
 
 from gateway import __version__
 from gateway.config import ConfigError, load_file
+from gateway.workers import MAX_WORKERS, supervise, worker_count
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,6 +20,13 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", "-c", required=True, help="gateway YAML file")
     serve.add_argument("--log-level", default="INFO")
+    serve.add_argument(
+        "--workers",
+        type=worker_count,
+        default=1,
+        help="gateway processes sharing the data-plane port (SO_REUSEPORT; balanced per "
+        f"connection); 1 to {MAX_WORKERS}, default 1: one process (gateway/workers.py)",
+    )
     check = sub.add_parser("check-config", help="validate a gateway YAML file and exit")
     check.add_argument("file")
     boot = sub.add_parser(
@@ -65,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     from gateway.app import serve as run
 
     state_dir = str(pathlib.Path(args.config).resolve().parent / ".tensorgate-state")
+    if args.workers > 1:
+        return supervise(config, state_dir, workers=args.workers, log_level=args.log_level)
     try:
         asyncio.run(run(config, state_dir))
     except ConfigError as err:

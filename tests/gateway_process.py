@@ -19,6 +19,8 @@ from tests.backends.triton import REPO_ROOT, free_port
 TENSORGATE = Path(sys.executable).parent / "tensorgate"
 
 
+# The supervisor's log line once every worker of `serve --workers N` serves (gateway/workers.py).
+WORKERS_UP = "workers up:"
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
 READ_TOKEN = "read-token-0123456789abcdef"
 
@@ -32,10 +34,13 @@ class GatewayProcess:
         admin: bool = False,
         env: dict | None = None,
         directory: str | None = None,
+        workers: int = 1,
     ) -> None:
         """`admin`: also serve the admin API with two tokens (ADMIN_TOKEN, READ_TOKEN) from a
-        tokens file. `directory`: reuse a config/state directory (to restart a gateway)."""
+        tokens file. `directory`: reuse a config/state directory (to restart a gateway).
+        `workers`: `serve --workers N` (start() then also waits until all N are up)."""
         self.config = dict(config)
+        self.workers = workers
         self.port = free_port()
         self.metrics_port = free_port()
         listeners = dict(self.config.get("listeners", {}))
@@ -70,8 +75,11 @@ class GatewayProcess:
         """wait: "ready" (ServerReady true), "live" (ServerLive answers: for configs whose
         backends are down or cannot be probed), or "none" (e.g. a TLS listener)."""
         self._log = open(self.log_path, "wb")
+        command = [str(TENSORGATE), "serve", "--config", str(self.config_path)]
+        if self.workers != 1:
+            command += ["--workers", str(self.workers)]
         self.proc = subprocess.Popen(
-            [str(TENSORGATE), "serve", "--config", str(self.config_path)],
+            command,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=REPO_ROOT,
@@ -86,6 +94,8 @@ class GatewayProcess:
                     "live",
                     lambda stub: stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=1).live,
                 )
+            if self.workers != 1 and wait != "none":
+                self._wait_for("up (all workers)", lambda stub: WORKERS_UP in self.log())
         except BaseException:
             self.stop()  # a gateway that never came up must not outlive the test
             raise
@@ -111,6 +121,21 @@ class GatewayProcess:
                     pass
                 time.sleep(0.1)
         raise RuntimeError(f"gateway not {what} in {self._startup_timeout}s:\n{self.log()}")
+
+    def pids(self) -> list[int]:
+        """Live processes of this gateway: its session (the supervisor and its workers)."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:  # gone meanwhile
+                continue
+            state, _ppid, _pgrp, session = stat[stat.rindex(")") + 2 :].split()[:4]
+            if int(session) == self.proc.pid and state != "Z":
+                pids.append(int(entry.name))
+        return pids
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

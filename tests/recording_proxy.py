@@ -27,6 +27,7 @@ class RecordingProxy:
 
     def __init__(self, upstream: str) -> None:
         self.infers: list[oip.ModelInferRequest] = []
+        self.metadata: list[dict[str, str]] = []  # each ModelInfer's invocation metadata
         self.outcomes: list[tuple[oip.ModelInferRequest, grpc.StatusCode, str]] = []
         self._lock = threading.Lock()
         self._channel = grpc.insecure_channel(upstream, options=UNLIMITED)
@@ -43,6 +44,7 @@ class RecordingProxy:
         infer = oip.ModelInferRequest.FromString(request)
         with self._lock:
             self.infers.append(infer)
+            self.metadata.append(dict(context.invocation_metadata() or ()))
         code, details = grpc.StatusCode.OK, ""
         try:
             return self._channel.unary_unary(method)(request, timeout=context.time_remaining())

@@ -1,0 +1,345 @@
+"""`serve --workers` (issue 11): throughput and CPU per call for 1 and 2 workers vs direct.
+
+Starts one real Triton (deploy/demo/models) and two gateways with the same route (`linear` ->
+demo_linear v1): `tensorgate serve` (one process) and `tensorgate serve --workers 2`. Then, per
+concurrency level, the same closed loop (bench.loadgen.closed_loop) against each target in
+mirrored order (direct, gateway-w1, gateway-w2, gateway-w2, gateway-w1, direct; --rounds times),
+spread over --channels client channels, each its own TCP connection: SO_REUSEPORT balances
+connections, not calls, and grpc would otherwise put every channel of this process on one.
+
+CPU per call counts every process of the target: for a gateway, the supervisor and its workers
+(its process group); for Triton, tritonserver and its python-backend stub. The 2-worker legs
+also record how many calls each worker served (the supervisor's /metrics, label `worker`).
+
+    python -m bench.workers [--duration 16] [--concurrency 16] [--channels 16] [--rounds 1]
+
+Everything (this load generator, the gateways, Triton) shares the machine's cores; on a 2-core
+machine the load generator and Triton take a large part of them. Writes bench/results/*.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import functools
+import itertools
+import json
+import shlex
+import signal
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+import grpc
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.grpc import service_pb2_grpc
+
+from bench.gateway_vs_direct import (
+    BACKEND_MODEL,
+    BACKEND_VERSION,
+    GATEWAY_READY_LINE,
+    REPO_ROOT,
+    RESULTS_DIR,
+    GatewayProcess,
+    Target,
+    check_answers,
+    machine_info,
+    measure_leg,
+    parse_levels,
+    process_group,
+    source_state,
+)
+from bench.loadgen import OK, LoadResult, build_request, closed_loop
+from tests.backends.triton import TritonServer
+
+ROUTE = "linear"
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+WORKERS_UP = "workers up:"  # the supervisor's line once all workers serve (gateway/workers.py)
+
+
+class WorkersGateway(GatewayProcess):
+    """`tensorgate serve [--workers N]` with bench.gateway_vs_direct's config, in its own dir."""
+
+    def __init__(self, triton_address: str, workdir: Path, workers: int) -> None:
+        self.name = f"gateway-w{workers}"
+        self.ready_line = WORKERS_UP if workers > 1 else GATEWAY_READY_LINE
+        own = workdir / self.name  # own config and state dir
+        own.mkdir(parents=True, exist_ok=True)
+        super().__init__(triton_address, own)
+        self.workers = workers
+
+    def command(self) -> list[str]:
+        command = super().command()
+        return [*command, "--workers", str(self.workers)] if self.workers > 1 else command
+
+    def served(self) -> dict[str, float]:
+        """tensorgate_requests_total by worker label ("" for a single process)."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            text = reply.read().decode()
+        counts: Counter[str] = Counter()
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == "tensorgate_requests_total":
+                    counts[s.labels.get("worker", "")] += s.value
+        return dict(counts)
+
+
+async def run_load_channels(
+    target: str,
+    model: str,
+    *,
+    version: str,
+    channels: int,
+    concurrency: int,
+    duration: float,
+    warmup: float,
+    timeout: float,
+    on_window_start: Callable[[], None] | None = None,
+    on_window_end: Callable[[], None] | None = None,
+) -> LoadResult:
+    """bench.loadgen.run_load over `channels` connections: closed-loop worker i uses channel
+    i % channels."""
+    request = build_request(model, version)
+    opened = [grpc.aio.insecure_channel(target, options=OWN_CONNECTION) for _ in range(channels)]
+    try:
+        await asyncio.gather(*(asyncio.wait_for(c.channel_ready(), 10.0) for c in opened))
+        stubs = itertools.cycle(service_pb2_grpc.GRPCInferenceServiceStub(c) for c in opened)
+
+        def sender() -> Callable[[], Awaitable[str]]:
+            infer = next(stubs).ModelInfer
+
+            async def send() -> str:
+                try:
+                    await infer(request, timeout=timeout)
+                except grpc.aio.AioRpcError as err:
+                    return err.code().name
+                return OK
+
+            return send
+
+        window = await closed_loop(
+            sender,
+            concurrency=concurrency,
+            duration=duration,
+            warmup=warmup,
+            on_window_start=on_window_start,
+            on_window_end=on_window_end,
+        )
+    finally:
+        await asyncio.gather(*(c.close() for c in opened))
+    return LoadResult(
+        target=target, model=model, version=version, concurrency=concurrency, **window
+    )
+
+
+async def measure(
+    args: argparse.Namespace,
+    triton: TritonServer,
+    targets: Sequence[Target],
+    gateways: dict[str, WorkersGateway],
+) -> tuple[list[dict], dict[tuple[str, int], LoadResult]]:
+    await check_answers(targets)
+    runs: list[dict] = []
+    merged: dict[tuple[str, int], list[LoadResult]] = {}
+    leg_s = args.duration / (2 * args.rounds)
+    for concurrency in args.concurrency:
+        for target in (*targets, *reversed(targets)) * args.rounds:
+            gw = gateways.get(target.name)
+            cpu_sets = {"gateway": functools.partial(process_group, gw.pid)} if gw else {}
+            before = gw.served() if gw else {}
+            record, result = await measure_leg(
+                target,
+                concurrency,
+                duration=leg_s,
+                warmup=args.warmup,
+                timeout=args.timeout,
+                triton=triton,
+                cpu_sets=cpu_sets,
+                load=functools.partial(
+                    run_load_channels,
+                    target.address,
+                    target.model,
+                    version=target.version,
+                    channels=args.channels,
+                ),
+            )
+            record["channels"] = args.channels
+            split = ""
+            if gw:
+                after = gw.served()
+                served = {w: int(after[w] - before.get(w, 0)) for w in sorted(after)}
+                record["served_by_worker"] = served  # warm-up included
+                if gw.workers > 1:
+                    total = sum(served.values()) or 1
+                    split = "  by worker " + "/".join(
+                        f"{100 * n / total:.0f}%" for n in served.values()
+                    )
+            runs.append(record)
+            merged.setdefault((target.name, concurrency), []).append(result)
+            gw_us = record["cpu"].get("gateway", {}).get("us_per_call", "-")
+            print(
+                f"  c={concurrency:<3} {target.name:<11} {result.rps:7.0f} ok/s  "
+                f"p50 {result.percentile_ms(50):7.3f} ms  p99 {result.percentile_ms(99):7.3f} ms  "
+                f"errors {result.error_count}  gateway CPU {gw_us} us/call{split}  "
+                f"other procs {record['other_cores']:.2f} cores",
+                flush=True,
+            )
+    return runs, {key: LoadResult.merge(parts) for key, parts in merged.items()}
+
+
+def report(
+    runs: list[dict], merged: dict[tuple[str, int], LoadResult], levels: Sequence[int]
+) -> tuple[str, list[dict]]:
+    header = (
+        f"{'target':<11} {'conc':>4} {'rps':>7} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6}   "
+        f"{'CPU us/call: loadgen / gateway / triton':<40} {'gw cores':>8}   other procs (legs)"
+    )
+    lines = [header, "-" * len(header)]
+    rows = []
+    for c in levels:
+        names = dict.fromkeys(r["name"] for r in runs if r["concurrency"] == c)
+        for name in names:
+            legs = [r for r in runs if r["name"] == name and r["concurrency"] == c]
+            result = merged[(name, c)]
+            ok = sum(r["ok"] for r in legs) or 1
+            elapsed = sum(r["elapsed_s"] for r in legs) or 1
+
+            def per_call(proc: str, legs=legs, ok=ok) -> float | None:
+                if proc not in legs[0]["cpu"]:
+                    return None
+                return round(1e6 * sum(r["cpu"][proc]["seconds"] for r in legs) / ok, 1)
+
+            cpu = {p: per_call(p) for p in ("loadgen", "gateway", "triton")}
+            gateway_s = sum(r["cpu"].get("gateway", {}).get("seconds", 0.0) for r in legs)
+            row = {
+                "name": name,
+                **result.summary(),
+                "cpu_us_per_call": cpu,
+                "gateway_cores": round(gateway_s / elapsed, 2) if cpu["gateway"] else None,
+            }
+            rows.append(row)
+            errs = ", ".join(f"{k}={v}" for k, v in sorted(result.errors.items())) or "0"
+            other = ", ".join(f"{r['other_cores']:.2f}" for r in legs)
+            cpu_text = " / ".join(
+                "-" if cpu[p] is None else str(cpu[p]) for p in ("loadgen", "gateway", "triton")
+            )
+            lines.append(
+                f"{name:<11} {c:>4} {result.rps:>7.0f} {result.percentile_ms(50):>7.3f} "
+                f"{result.percentile_ms(99):>7.3f} {errs:>6}   {cpu_text:<40} "
+                f"{row['gateway_cores'] or '-':>8}   {other}"
+            )
+        base = merged.get(("direct", c))
+        w1, w2 = merged.get(("gateway-w1", c)), merged.get(("gateway-w2", c))
+        if base and w1 and w2:
+            lines.append(
+                f"{'ratio':<11} {c:>4}  throughput w1/direct {w1.rps / base.rps:.2f}, "
+                f"w2/direct {w2.rps / base.rps:.2f}, w2/w1 {w2.rps / w1.rps:.2f}"
+            )
+        lines.append("")
+    return "\n".join(lines), rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.workers",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--duration", type=float, default=16.0, help="measured seconds per target and level"
+    )
+    parser.add_argument("--concurrency", type=parse_levels, default=[16], help="e.g. 16,32")
+    parser.add_argument("--channels", type=int, default=16, help="client connections per leg")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before each leg")
+    parser.add_argument("--rounds", type=int, default=1, help="mirrored blocks per level")
+    parser.add_argument("--timeout", type=float, default=5.0, help="per-call deadline, seconds")
+    parser.add_argument("--models", default=str(REPO_ROOT / "deploy" / "demo" / "models"))
+    parser.add_argument("--output", type=Path, default=None, help="JSON file to write")
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv_list)
+    if args.rounds < 1 or args.duration <= 0 or args.channels < 1:
+        parser.error("--rounds and --channels must be >= 1 and --duration > 0")
+
+    started = dt.datetime.now(dt.UTC)
+    machine = machine_info()
+    source = source_state()
+    print(
+        f"machine: {machine['cpu_model']}, {machine['cores']} cores "
+        f"({machine['cores_usable']} usable), Python {machine['python']}, "
+        f"grpcio {machine['grpcio']}, load avg {' '.join(machine['loadavg_at_start'])}"
+    )
+    print("the load generator, the gateways and Triton share these cores.", flush=True)
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-workers-"))
+    triton = TritonServer(args.models)
+    gateways: dict[str, WorkersGateway] = {}
+    exit_codes: dict[str, int | None] = {}
+    try:
+        t0 = time.monotonic()
+        triton.start()
+        targets = [Target("direct", triton.address, BACKEND_MODEL, BACKEND_VERSION, None)]
+        for workers in (1, 2):
+            gw = WorkersGateway(triton.address, workdir, workers)
+            gateways[gw.name] = gw
+            gw.start()
+            targets.append(Target(gw.name, gw.address, ROUTE, "", None))
+        print(f"up in {time.monotonic() - t0:.1f} s (logs in {workdir})", flush=True)
+        runs, merged = asyncio.run(measure(args, triton, targets, gateways))
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping the gateways and Triton", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for name, gw in gateways.items():
+            exit_codes[name] = gw.stop()
+        triton.stop()
+    machine["loadavg_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    table, rows = report(runs, merged, args.concurrency)
+    print()
+    print(table)
+    print(f"exit codes after SIGTERM: {exit_codes}")
+    output = args.output or RESULTS_DIR / f"workers-{started:%Y%m%dT%H%M%SZ}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(
+        json.dumps(
+            {
+                "benchmark": "workers",
+                "started_utc": started.isoformat(timespec="seconds"),
+                "command": shlex.join([sys.executable, "-m", "bench.workers", *argv_list]),
+                "machine": machine,
+                "source": source,
+                "settings": {
+                    "duration_s_per_target_and_level": args.duration,
+                    "leg_s": args.duration / (2 * args.rounds),
+                    "rounds": args.rounds,
+                    "warmup_s_per_leg": args.warmup,
+                    "channels": args.channels,
+                    "concurrency": args.concurrency,
+                    "timeout_s": args.timeout,
+                    "gateway_config": gateways["gateway-w1"].config,
+                },
+                "summary": rows,
+                "runs": runs,
+                "exit_codes": exit_codes,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"results: {output}")
+    errors = sum(r.error_count for r in merged.values())
+    return 1 if errors or any(exit_codes.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
