@@ -21,6 +21,7 @@ from adapters.base import Adapter
 from adapters.registry import build_adapter
 from gateway import logs, memory, reflection, tracing
 from gateway.config import seconds
+from gateway.drift import DriftMonitor
 from gateway.health import Readiness
 from gateway.intake import Intake
 from gateway.layers import (
@@ -64,6 +65,7 @@ class Runtime:
         self.route_key_header = config.defaults.route_key_header
         self.metrics = GatewayMetrics()
         self.metrics.info.info({"version": gateway.__version__})
+        self.metrics.served_weights(config.routes)
         self.readiness = Readiness(
             lambda: self.adapters,
             lambda: self.table,
@@ -98,6 +100,7 @@ class Runtime:
             backend_call=lambda: self.backend_call,
             per_try_timeout=self.per_try_timeout.__getitem__,
             specs=validation.SpecCache(),
+            drift=DriftMonitor(self.metrics.registry),
         )
         self.route_layers = route_layers()
         self.layer_state = {layer.name: layer.state(env) for layer in self.route_layers}
@@ -108,6 +111,7 @@ class Runtime:
         self.config = config
         self.table = RouteTable(config.routes, config.defaults.route_policy)
         self.readiness.table_changed()
+        self.metrics.served_weights(config.routes)
 
     def route_service(self, plan) -> InferService:
         """One route's chain of layers (gateway.layers.route_layers(), outermost first), with
@@ -230,7 +234,7 @@ class Gateway:
         lease_ttl = seconds(config.store.etcd.lease_ttl) if config.store.HasField("etcd") else 10
         self._rollouts = RolloutController(
             manager, self.store, self.runtime.recent, replica, uuid.uuid4().hex,
-            lease_ttl=lease_ttl,
+            lease_ttl=lease_ttl, metrics=self.runtime.metrics,
         )  # fmt: skip
         self._rollouts.run(drive=self.listeners.admin != "off", publish=shared)
         self._follow = asyncio.create_task(manager.follow(), name="store-follow")

@@ -38,6 +38,20 @@ def main(argv: list[str] | None = None) -> int:
     boot.add_argument("--node-id", default="envoy", help="this Envoy's name in the fleet")
     boot.add_argument("--admin", default="127.0.0.1:9901", help="Envoy's own admin address")
     boot.add_argument("--xds-address", help="where Envoy reaches the control plane")
+    drift = sub.add_parser("drift", help="drift monitoring: write a reference (baseline)")
+    drift_sub = drift.add_subparsers(dest="drift_command", required=True)
+    base = drift_sub.add_parser(
+        "baseline",
+        help="write a drift reference file (RoutePolicy.drift.reference_file) from a sample",
+    )
+    base.add_argument("--config", "-c", required=True, help="gateway YAML file")
+    base.add_argument("--model", required=True, help="the route whose drift policy applies")
+    base.add_argument("--sample", required=True, help="newline-delimited JSON ModelInferRequests")
+    base.add_argument(
+        "--gateway", help="host:port of a gateway serving the model (for output features)"
+    )
+    base.add_argument("--limit", type=int, default=10_000, help="requests read at most")
+    base.add_argument("--output", "-o", required=True, help="reference file to write")
     from gateway.admin import cli as admin_cli
 
     admin_cli.add_parser(sub)
@@ -56,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         if config.listeners.xds != "off":
             _print_paths(config)
         return 0
+
+    if args.command == "drift":
+        return _drift_baseline(args)
 
     if args.command == "envoy-bootstrap":
         return _envoy_bootstrap(args)
@@ -118,3 +135,24 @@ def _envoy_bootstrap(args) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _drift_baseline(args) -> int:
+    import json
+
+    from gateway import drift
+
+    try:
+        config = load_file(args.config)
+        reference = drift.baseline(config, args.model, args.sample, args.gateway, args.limit)
+    except (ConfigError, ValueError, OSError) as err:
+        print(f"drift baseline: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:  # e.g. the gateway refused a sample request
+        print(f"drift baseline: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    with open(args.output, "w", encoding="utf-8") as f:
+        json.dump(reference, f)
+    counts = ", ".join(f"{k} ({len(v)})" for k, v in reference["features"].items())
+    print(f"{args.output}: {reference['samples']} requests; features: {counts}")
+    return 0

@@ -78,6 +78,33 @@ class GatewayMetrics:
         )
         # Children are cached: labels() takes a lock and builds a tuple on every call.
         self._outcomes: dict[tuple[str, str, str, str], tuple] = {}
+        # Canary views: the weights being served, and rollouts (set by their driver).
+        self.variant_weight = prom.Gauge(
+            "tensorgate_variant_weight",
+            "Weight of each variant in the route table this process serves.",
+            ("model", "variant"),
+            registry=self.registry,
+        )
+        self.rollout_state = prom.Gauge(
+            "tensorgate_rollout_state",
+            "1 for the state each model's latest rollout is in (RUNNING, PROMOTED, ...).",
+            ("model", "canary", "state"),
+            registry=self.registry,
+        )
+        self.rollout_percent = prom.Gauge(
+            "tensorgate_rollout_percent",
+            "Canary share (%) of the running rollout's current step.",
+            ("model", "canary"),
+            registry=self.registry,
+        )
+        self.rollout_step = prom.Gauge(
+            "tensorgate_rollout_step",
+            "Index of the running rollout's current step.",
+            ("model", "canary"),
+            registry=self.registry,
+        )
+        # CPU, memory, file descriptors of this process (process_*), as the default registry has.
+        prom.ProcessCollector(registry=self.registry)
         self._in_flight: dict[str, prom.Gauge] = {}
         self._backend_in_flight: dict[str, prom.Gauge] = {}
 
@@ -92,6 +119,21 @@ class GatewayMetrics:
         if child is None:
             child = self._backend_in_flight[backend] = self.backend_in_flight.labels(backend)
         return child
+
+    def served_weights(self, routes) -> None:
+        self.variant_weight.clear()
+        for route in routes:
+            for variant in route.variants:
+                self.variant_weight.labels(route.model, variant.name).set(variant.weight)
+
+    def rollout(self, rollout, states) -> None:
+        """`states`: (name, number) of Rollout.State."""
+        for name, number in states:
+            if name != "STATE_UNSPECIFIED":
+                value = 1 if number == rollout.state else 0
+                self.rollout_state.labels(rollout.model, rollout.canary, name[6:]).set(value)
+        self.rollout_percent.labels(rollout.model, rollout.canary).set(rollout.percent)
+        self.rollout_step.labels(rollout.model, rollout.canary).set(rollout.step)
 
     def observe(self, model: str, variant: str, backend: str, code: str, seconds: float) -> None:
         key = (model, variant, backend, code)

@@ -66,6 +66,7 @@ class RolloutController:
         *,
         poll: float = 0.2,
         lease_ttl: float = 10.0,
+        metrics=None,
     ) -> None:
         self._routes = routes
         self._store = store
@@ -78,6 +79,11 @@ class RolloutController:
         self._loops: list[asyncio.Task] = []
         self._wake = asyncio.Event()
         self.driving = False
+        self._metrics = metrics
+
+    def _show(self, rollout: admin_pb2.Rollout) -> None:
+        if self._metrics is not None:
+            self._metrics.rollout(rollout, Rollout.State.items())
 
     # --- the admin RPCs (any replica) --------------------------------------------------------
 
@@ -137,6 +143,7 @@ class RolloutController:
             await self._store.put_rollout(record)
         except StoreUnavailable as err:
             raise unavailable(self._store, err) from None
+        self._show(rollout)
         self._wake.set()
         return rollout
 
@@ -158,6 +165,7 @@ class RolloutController:
             await self._store.put_rollout(record)
         except StoreUnavailable as err:
             raise unavailable(self._store, err) from None
+        self._show(record.rollout)
         await self._restore(record, who)
         return record.rollout
 
@@ -249,6 +257,7 @@ class RolloutController:
             await self._store.put_rollout(record, as_driver=self.replica)
         except Conflict:
             raise Deposed from None
+        self._show(record.rollout)
 
     async def _all_counts(self) -> list[store_pb2.ReplicaCounts]:
         """Every replica's published counts, this one's read live."""

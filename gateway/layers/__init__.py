@@ -37,6 +37,7 @@ class LayerEnv:
     backend_call: Callable[[], InferService] = lambda: None  # breaker, bulkhead, dispatch
     per_try_timeout: Callable[[str], float] = lambda backend: 30.0
     specs: Any = None  # gateway.layers.validation.SpecCache: model descriptions, shared
+    drift: Any = None  # gateway.drift.DriftMonitor: shared with the shadow layer
 
 
 def _no_problems(policy, at, route, models) -> Iterator[tuple[str, str]]:
@@ -62,10 +63,21 @@ class RouteLayer:
 def route_layers() -> tuple[RouteLayer, ...]:
     """The per-route part of the ModelInfer path, outermost first; why this order:
     docs/architecture.md. (Imported here, not at module level: layers import the pipeline.)"""
-    from gateway.layers import batching, cache, deadline, fallback, hedge, retry, shadow, validation
+    from gateway.layers import (
+        batching,
+        cache,
+        deadline,
+        drift,
+        fallback,
+        hedge,
+        retry,
+        shadow,
+        validation,
+    )
 
     return (
         validation.SCHEMA,
+        drift.LAYER,
         deadline.LAYER,
         cache.LAYER,
         shadow.LAYER,

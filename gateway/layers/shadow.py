@@ -126,9 +126,12 @@ def compare(metrics: ShadowMetrics, model: str, variant: str, primary, shadow) -
 
 
 class ShadowRunner:
-    def __init__(self, metrics: ShadowMetrics, per_try_timeout: Callable[[str], float]) -> None:
+    def __init__(
+        self, metrics: ShadowMetrics, per_try_timeout: Callable[[str], float], drift=None
+    ) -> None:
         self._metrics = metrics
         self._timeout = per_try_timeout
+        self._drift = drift  # gateway.drift.DriftMonitor, or None
         self._in_flight: dict[str, int] = {}
         self._tasks: set[asyncio.Task] = set()
 
@@ -164,6 +167,12 @@ class ShadowRunner:
         else:
             self._metrics.shadow_requests.labels(mirror.model, variant, "ok").inc()
             compare(self._metrics, mirror.model, variant, primary, shadow)
+            if self._drift is not None:
+                # The shadow's predictions against the route's reference: a shadow that
+                # answers differently from the primary drifts on the prediction features.
+                route = self._drift.existing(mirror.model)
+                if route is not None and self._drift.sampled(route):
+                    self._drift.observe(route, variant, mirror.request, shadow, shadow=True)
         finally:
             self._in_flight[mirror.model] -= 1
 
@@ -199,7 +208,8 @@ class ShadowState:
 
 def state(env: LayerEnv) -> ShadowState:
     return ShadowState(
-        ShadowRunner(ShadowMetrics(env.registry), env.per_try_timeout), env.backend_call
+        ShadowRunner(ShadowMetrics(env.registry), env.per_try_timeout, env.drift),
+        env.backend_call,
     )
 
 
