@@ -937,3 +937,17 @@ def test_grafana_dashboard_is_valid_and_uses_a_datasource_variable():
         assert metric in exprs, metric
     for q in ("0.5", "0.95", "0.99"):
         assert f"histogram_quantile({q}" in exprs or f"histogram_quantile({q}0" in exprs
+
+
+def test_docs_name_no_path_of_the_machine_they_were_written_on():
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    pattern = re.compile(r"(?<![\w.])/(work|root|home|Users)/")
+    found = []
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md")),
+                *sorted((root / "bench").glob("*.md"))]:  # fmt: skip
+        for number, line in enumerate(doc.read_text().splitlines(), 1):
+            if pattern.search(line):
+                found.append(f"{doc.name}:{number}: {line.strip()[:80]}")
+    assert not found, found

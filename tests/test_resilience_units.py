@@ -186,11 +186,35 @@ async def test_breaker_failure_ratio():
     settings = BreakerSettings(
         consecutive_failures=100, failure_ratio=0.5, minimum_calls=10, window=10
     )
-    cb = breaker.BackendBreaker("b", settings, GatewayMetrics())
+    metrics = GatewayMetrics()
+    cb = breaker.BackendBreaker("b", settings, metrics)
     for i in range(10):  # alternate: never 100 in a row, but 50% of calls fail
         with pytest.raises(GatewayError) if i % 2 else _null():
             await cb.call(_fail if i % 2 else _ok)
     assert cb.state == "open"
+    # one trip, one transition counted (it was counted twice)
+    opened = metrics.registry.get_sample_value(
+        "tensorgate_breaker_transitions_total", {"backend": "b", "state": "open"}
+    )
+    assert opened == 1
+    assert metrics.registry.get_sample_value("tensorgate_breaker_state", {"backend": "b"}) == 2
+
+
+def test_retry_budget_zero_is_kept_when_set():
+    def settings(**fields):
+        config = from_dict(
+            {
+                "backends": [{"name": "b", "kind": "BACKEND_KIND_TRITON", "address": "127.0.0.1:9"}],
+                "routes": [{"model": "m", "variants": [{"name": "a", "backend": "b", "weight": 1}],
+                            "policy": {"retry": fields}}],
+            }
+        )  # fmt: skip
+        return retry.settings(config.routes[0].policy)
+
+    assert settings().budget_ratio == 0.2 and settings().budget_min_per_second == 5
+    zero = settings(budget_ratio=0, budget_min_per_second=0)
+    assert zero.budget_ratio == 0 and zero.budget_min_per_second == 0
+    assert settings(budget_ratio=0.5).budget_ratio == 0.5
 
 
 class _null:

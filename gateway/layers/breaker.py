@@ -159,9 +159,7 @@ class BackendBreaker:
                 and self._window.total(_FAILURES) / calls >= ratio
                 and self._cb.current_state == pybreaker.STATE_CLOSED
             ):
-                self._cb.open()
-                self._metrics.breaker_state.labels(self.backend).set(2)
-                self._metrics.breaker_transitions.labels(self.backend, pybreaker.STATE_OPEN).inc()
+                self._cb.open()  # its listener (_StateToMetrics) records the transition
 
 
 def breaker(breakers: Callable[[], Mapping[str, BackendBreaker]]) -> Layer:

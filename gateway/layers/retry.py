@@ -49,8 +49,13 @@ def settings(policy: config_pb2.RoutePolicy, route=None) -> RetrySettings:
         base_delay=seconds(r.base_delay) if r.HasField("base_delay") else base.base_delay,
         max_delay=seconds(r.max_delay) if r.HasField("max_delay") else base.max_delay,
         retry_on=frozenset(grpc.StatusCode[c] for c in r.retry_on) or base.retry_on,
-        budget_ratio=r.budget_ratio or base.budget_ratio,
-        budget_min_per_second=r.budget_min_per_second or base.budget_min_per_second,
+        # Explicit zeros are kept (no ratio, no floor): the fields are proto3 `optional`.
+        budget_ratio=r.budget_ratio if r.HasField("budget_ratio") else base.budget_ratio,
+        budget_min_per_second=(
+            r.budget_min_per_second
+            if r.HasField("budget_min_per_second")
+            else base.budget_min_per_second
+        ),
         budget_window=(
             seconds(r.budget_window) if r.HasField("budget_window") else base.budget_window
         ),
