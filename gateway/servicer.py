@@ -116,6 +116,57 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             return reply
         await context.abort(code, message)
 
+    async def ModelStatistics(self, request, context):
+        """Per public model and version, from the gateway's own counts of the calls it
+        answered: inference_count and success are OK answers, fail the others, execution_count
+        the backend calls behind them (retries and hedges included, cache hits excluded),
+        cache_hit the answers from the response cache. Queue and compute phases are the
+        backends' and are not measured here (zero)."""
+        try:
+            check_name("name", request.name)
+            check_name("version", request.version, MAX_VERSION_BYTES)
+            if request.name:
+                self._runtime.table.plan(request.name)  # NOT_FOUND naming the known models
+        except GatewayError as err:
+            code, message, _ = _failure(err)
+        else:
+            reply = oip.ModelStatisticsResponse()
+            for (model, version), counts in sorted(self._runtime.recent.models.items()):
+                if request.name and model != request.name:
+                    continue
+                if request.version and version != request.version:
+                    continue
+                if self._runtime.table.get(model) is None:
+                    continue  # a route removed since
+                stats = reply.model_stats.add(
+                    name=model,
+                    version=version,
+                    last_inference=counts.last_inference_ms,
+                    inference_count=counts.success,
+                    execution_count=counts.executions,
+                )
+                infer = stats.inference_stats
+                infer.success.count, infer.success.ns = counts.success, counts.success_ns
+                infer.fail.count, infer.fail.ns = counts.fail, counts.fail_ns
+                infer.cache_hit.count, infer.cache_hit.ns = counts.cache_hits, counts.cache_hit_ns
+            return reply
+        await context.abort(code, message)
+
+    async def RepositoryIndex(self, request, context):
+        """The public models (routes), one entry per public version (or one unversioned), with
+        READY / UNAVAILABLE from the gateway's health checks; `ready`: only the ready ones."""
+        readiness = self._runtime.readiness
+        reply = oip.RepositoryIndexResponse()
+        for plan in self._runtime.table:
+            ready = readiness.route_ready(plan.model)
+            if request.ready and not ready:
+                continue
+            state = "READY" if ready else "UNAVAILABLE"
+            reason = "" if ready else "no variant or fallback can answer (backend health checks)"
+            for version in plan.versions or ("",):
+                reply.models.add(name=plan.model, version=version, state=state, reason=reason)
+        return reply
+
     async def ModelInfer(self, request, context):
         started = time.perf_counter()
         remaining = context.time_remaining()

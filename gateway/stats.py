@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections import deque
+from dataclasses import dataclass
 
 from gateway.policy import BACKEND_FAILURES
 from tensorgate.store.v1 import store_pb2
@@ -22,6 +23,18 @@ _FAILURE_NAMES = frozenset(code.name for code in BACKEND_FAILURES)
 BOUNDS = tuple(round(0.00025 * 1.25**i, 7) for i in range(60))
 
 
+@dataclass(slots=True)
+class ModelCounts:
+    success: int = 0
+    success_ns: int = 0
+    fail: int = 0
+    fail_ns: int = 0
+    cache_hits: int = 0
+    cache_hit_ns: int = 0
+    executions: int = 0  # backend calls made for them (retries and hedges count)
+    last_inference_ms: int = 0
+
+
 class RecentStats:
     def __init__(self, horizon: float = 300.0, max_samples: int = 50_000) -> None:
         self._horizon = horizon
@@ -31,6 +44,28 @@ class RecentStats:
         self._backend_of: dict[tuple[str, str], str] = {}
         # (model, variant) -> [calls, failures, histogram counts (len(BOUNDS) + 1)]
         self._totals: dict[tuple[str, str], list] = {}
+        # (model, public version) -> ModelCounts: what ModelStatistics answers
+        self.models: dict[tuple[str, str], ModelCounts] = {}
+
+    def record_call(
+        self, model: str, version: str, ok: bool, seconds: float, attempts: int, cached: bool
+    ) -> None:
+        """One call of a public model as the caller saw it (for ModelStatistics)."""
+        counts = self.models.get((model, version))
+        if counts is None:
+            counts = self.models[(model, version)] = ModelCounts()
+        ns = int(seconds * 1e9)
+        if ok:
+            counts.success += 1
+            counts.success_ns += ns
+            if cached:
+                counts.cache_hits += 1
+                counts.cache_hit_ns += ns
+            counts.last_inference_ms = time.time_ns() // 1_000_000
+        else:
+            counts.fail += 1
+            counts.fail_ns += ns
+        counts.executions += 0 if cached else attempts
 
     def record(self, model: str, variant: str, backend: str, code: str, seconds: float) -> None:
         key = (model, variant)

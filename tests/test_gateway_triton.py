@@ -411,3 +411,52 @@ def test_stock_client_errors_are_readable(gateway):
     with pytest.raises(InferenceServerException) as err:
         client.infer("linear", [inp])
     assert "INVALID_ARGUMENT" in str(err.value.status()) or "shape [1,3]" in err.value.message()
+
+
+# --- statistics and the repository index (issue 13) --------------------------------------------
+
+
+def test_inference_statistics_through_stock_tritonclient(gateway):
+    """tritonclient's get_inference_statistics, answered from the gateway's own counts: the
+    public model and version, successes, failures, the backend calls behind them."""
+    client = tc.InferenceServerClient(gateway.address)
+    before = client.get_inference_statistics("fraud", "5", as_json=True)
+    before_ok = int(
+        before["model_stats"][0]["inference_stats"]["success"].get("count", 0)
+        if before.get("model_stats")
+        else 0
+    )
+    x = np.array([[1, 2, 3, 4]], dtype=np.float32)
+    inp = tc.InferInput("INPUT0", x.shape, "FP32")
+    inp.set_data_from_numpy(x)
+    for _ in range(7):
+        client.infer("fraud", [inp])
+    stats = client.get_inference_statistics("fraud", as_json=True)["model_stats"]
+    assert [(s["name"], s["version"]) for s in stats] == [("fraud", "5")]
+    fraud = stats[0]
+    assert int(fraud["inference_stats"]["success"]["count"]) == before_ok + 7
+    assert int(fraud["inference_count"]) == before_ok + 7
+    assert int(fraud["execution_count"]) >= 7
+    assert int(fraud["inference_stats"]["success"]["ns"]) > 7 * 10_000  # > 10 us each
+    assert int(fraud["last_inference"]) > 1_700_000_000_000  # ms since the epoch
+    # a failing model counts failures
+    failing = tc.InferInput("INPUT0", [1, 4], "FP32")
+    failing.set_data_from_numpy(x)
+    with pytest.raises(InferenceServerException):
+        client.infer("fail", [failing])
+    fail_stats = client.get_inference_statistics("fail", as_json=True)["model_stats"][0]
+    assert int(fail_stats["inference_stats"]["fail"]["count"]) >= 1
+    # all models, and an unknown one
+    names = {s["name"] for s in client.get_inference_statistics(as_json=True)["model_stats"]}
+    assert {"fraud", "fail"} <= names
+    with pytest.raises(InferenceServerException, match="no-such"):
+        client.get_inference_statistics("no-such-model")
+
+
+def test_repository_index_lists_public_models(gateway):
+    client = tc.InferenceServerClient(gateway.address)
+    index = client.get_model_repository_index(as_json=True)["models"]
+    entries = {(m["name"], m.get("version", "")): m["state"] for m in index}
+    assert entries[("linear", "1")] == "READY" and entries[("linear", "2")] == "READY"
+    assert entries[("fraud", "5")] == "READY"
+    assert ("demo_linear", "1") not in entries  # backend names stay private

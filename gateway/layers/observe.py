@@ -48,6 +48,15 @@ def observe(metrics: GatewayMetrics, known_model, recent: RecentStats | None = N
                 variant = target.variant if target else ""
                 backend = target.backend if target else ""
                 metrics.observe(model, variant, backend, code, seconds)
+                if recent is not None and model != UNROUTED:
+                    recent.record_call(
+                        model,
+                        target.version if target is not None else call.version,
+                        code == _OK,
+                        seconds,
+                        result.attempts if result is not None else 1,
+                        result is not None and result.cached,
+                    )
                 if recent is not None and target is not None:
                     failure = result.primary_failure if result is not None else None
                     if failure is not None:
