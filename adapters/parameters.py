@@ -17,6 +17,7 @@ extension_classification.md), and what the adapter itself forwards.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -85,6 +86,12 @@ TRITON = ParameterRules(
     # Triton 2.51 answers "unable to find data for input tensor" for an input of shape [0] that
     # has neither contents nor a raw entry (src/grpc/infer_handler.cc InferGRPCToInput).
     data_required=True,
+)
+# In a ModelStreamInfer stream Triton also reads whether a decoupled model should send an
+# empty final response (extension: decoupled models).
+TRITON_STREAM = dataclasses.replace(
+    TRITON,
+    request={**TRITON.request, "triton_enable_empty_final_response": Rule(("bool_param",))},
 )
 # The TF Serving adapter builds a PredictRequest from inputs and requested output names only, and
 # the TorchServe adapter a JSON body from inputs, id and output names: neither forwards any

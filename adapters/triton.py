@@ -58,11 +58,33 @@ class TritonAdapter(NoOptions):
             response_deserializer=oip.ModelInferResponse.FromString,
         )
         self._server_ready = stub.ServerReady
+        self._stream = self._channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            response_deserializer=oip.ModelStreamInferResponse.FromString,
+        )
         self._model_ready = stub.ModelReady
         self._metadata = stub.ModelMetadata
         self._config = stub.ModelConfig
         # (model, version) -> (expires, output name -> datatype)
         self._output_types: dict[tuple[str, str], tuple[float, dict[str, str]]] = {}
+
+    def stream(self, *, timeout: float | None, metadata=()):
+        """A ModelStreamInfer stream to this Triton: write `stream_request` bytes, read
+        ModelStreamInferResponse messages."""
+        return self._stream(timeout=timeout, metadata=metadata)
+
+    def stream_request(self, request: oip.ModelInferRequest, target, backend_id: str) -> bytes:
+        """The bytes to write on a stream for `request`: checked as for ModelInfer, asking the
+        backend's model and version, under `backend_id` (the relay's own request id)."""
+        parameters.check_parameters(request, parameters.TRITON_STREAM)
+        if not request.raw_input_contents:
+            parameters.check_data_present(request, "Triton")
+        backend_request = backend_tensors(request, target)
+        return (
+            backend_request.SerializeToString()
+            + _model_fields(target.backend_model, target.backend_version)
+            + _string_field(3, backend_id)
+        )
 
     def _error(self, err: grpc.aio.AioRpcError) -> BackendError:
         return rpc_error(err, self.name)

@@ -20,6 +20,7 @@ from gateway import logs, tracing
 from gateway.errors import GatewayError, invalid, shown
 from gateway.layers.validation import MAX_VERSION_BYTES, check_name
 from gateway.pipeline import InferCall, InferResult, InferService
+from gateway.streaming import StreamRelay
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,21 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             reply.config.name = plan.model
             context.set_trailing_metadata(target.trailers)
             return reply
+        await context.abort(code, message)
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Each request on the stream is routed on its own (gateway/streaming.py)."""
+        route_key, _ = _metadata_values(
+            context.invocation_metadata(), self._runtime.route_key_header
+        )
+        relay = StreamRelay(self._runtime, route_key, context.time_remaining())
+        try:
+            async for reply in relay.run(request_iterator):
+                yield reply
+        except GatewayError as err:
+            code, message, _ = _failure(err)
+        else:
+            return
         await context.abort(code, message)
 
     async def ModelStatistics(self, request, context):
