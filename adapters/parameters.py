@@ -10,9 +10,10 @@ everything else is refused with INVALID_ARGUMENT before any backend call.
 
 Each adapter holds its table (`adapter.parameters`); request validation only applies it, and never
 names a backend field itself. Tables follow what the backend honours over the protocol the adapter
-speaks (Triton 2.51 gRPC: src/grpc/infer_handler.cc SetInferenceRequestMetadata and
-ParseClassificationParams; docs/protocol/extension_sequence.md, extension_schedule_policy.md,
-extension_classification.md), and what the adapter itself forwards.
+speaks (any Open Inference Protocol server: none, the protocol defines no parameter; Triton 2.51
+gRPC: src/grpc/infer_handler.cc SetInferenceRequestMetadata and ParseClassificationParams;
+docs/protocol/extension_sequence.md, extension_schedule_policy.md, extension_classification.md),
+and what the adapter itself forwards.
 """
 
 from __future__ import annotations
@@ -93,6 +94,13 @@ TRITON_STREAM = dataclasses.replace(
     TRITON,
     request={**TRITON.request, "triton_enable_empty_final_response": Rule(("bool_param",))},
 )
+# Any other Open Inference Protocol server (BACKEND_KIND_OIP): the protocol defines the parameter
+# maps but no parameter in them, and what a server does with one is its own (KServe 0.21 hands
+# every request, input and output parameter to the model's code unread, with no error: a typo or a
+# Triton-only name such as `priority` would be silently ignored, or worse, read by model code the
+# gateway knows nothing of). Nothing passes. Servers do not need data for an input with no
+# elements (KServe answers shape [0] without contents).
+OIP = ParameterRules("OIP server")
 # The TF Serving adapter builds a PredictRequest from inputs and requested output names only, and
 # the TorchServe adapter a JSON body from inputs, id and output names: neither forwards any
 # parameter, so a caller's parameter would be silently ignored. Refused instead.

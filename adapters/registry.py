@@ -39,6 +39,8 @@ KINDS: dict[int, Kind] = {
         backend_options="torchserve",
         variant_options="torchserve",
     ),
+    # Any other Open Inference Protocol gRPC server; Triton is this kind plus its extensions.
+    config_pb2.BACKEND_KIND_OIP: Kind("OIP", "adapters.oip:OIPAdapter"),
 }
 
 

@@ -6,10 +6,13 @@
   etcd over TLS with a client certificate, as the manifests configure it.
 - Envoy: `envoy --mode validate`, then a real Envoy with deploy/envoy/envoy.yaml (only its three
   loopback ports substituted) between stock tritonclient and a real gateway + Triton.
-- Prometheus: `promtool check rules` / `test rules`, then a real Prometheus with
+- Prometheus: `promtool check rules` / `test rules` (every alert fires and stays silent in a unit
+  test, every recording rule is evaluated in one), then a real Prometheus with
   deploy/prometheus/prometheus.yaml scraping a real gateway: series, recording rules, every alert
   rule and every Grafana query evaluate, and nothing fires on a healthy gateway.
-- Grafana: the dashboard JSON, whose queries use only metric names the gateway exports.
+- Grafana: the dashboard JSON, whose queries (like the rules') use only metric names a real
+  gateway exports on /metrics, recording rules of deploy/prometheus, or Envoy's statistics the
+  Envoy-mode rules read.
 
 Tools come from the project's scripts: `scripts/backend-venv tools` (Envoy, kubernetes-validate,
 kubectl) and `scripts/system-tools` (Prometheus and promtool from Debian).
@@ -148,7 +151,10 @@ class Process:
 
 # --- PromQL metric names -----------------------------------------------------------------------
 
-PROMQL_WORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan", "by", "without", "on"}
+PROMQL_WORDS = {
+    "and", "or", "unless", "bool", "offset", "inf", "nan", "by", "without", "on", "ignoring",
+    "group_left", "group_right",
+}  # fmt: skip
 
 
 def promql_metric_names(expr: str) -> set[str]:
@@ -187,12 +193,16 @@ def exported_names(exposition: str) -> set[str]:
 def test_promql_metric_names_parser():
     expr = (
         'histogram_quantile(0.99, sum by (model, le) (rate(tensorgate_request_duration_seconds_bucket{job=~"$job", code="OK"}[$__rate_interval]))) > 1e-3\n'
-        "and on (model) sum without (instance) (tensorgate_requests_in_flight) / ignoring(code) up offset 5m"
+        "and on (model) sum without (instance) (tensorgate_requests_in_flight) / ignoring(code) up offset 5m\n"
+        '/ on (model) group_left sum by (model) (rate(tensorgate_requests_total{code=~"A|B"}[1h]))\n'
+        "and ignoring (feature) (model:tensorgate_request_errors:burnrate1h > 14.4) or vector(0.999)"
     )
     assert promql_metric_names(expr) == {
         "tensorgate_request_duration_seconds_bucket",
         "tensorgate_requests_in_flight",
         "up",
+        "tensorgate_requests_total",
+        "model:tensorgate_request_errors:burnrate1h",
     }
 
 
@@ -704,27 +714,42 @@ def test_envoy_retries_unavailable_once_and_caller_errors_never(workdir):
 # --- Prometheus ----------------------------------------------------------------------------------
 
 
+RULE_FILES = ("recording.yaml", "alerts.yaml", "envoy.yaml")
+
+
+def unit_test_files() -> list[Path]:
+    """promtool unit tests: alerts_test.yaml, slo_test.yaml (multi-hour SLO windows), envoy_test.yaml."""
+    return sorted(PROM.glob("*_test.yaml"))
+
+
 def test_promtool_checks_rules_config_and_unit_tests():
     promtool = system_tool("promtool")
-    for name in ("recording.yaml", "alerts.yaml"):
+    for name in RULE_FILES:
         result = run([promtool, "check", "rules", str(PROM / name)])
         assert result.returncode == 0, result.stdout + result.stderr
     result = run([promtool, "check", "config", str(PROM / "prometheus.yaml")])
     assert result.returncode == 0, result.stdout + result.stderr
-    result = run([promtool, "test", "rules", str(PROM / "alerts_test.yaml")])
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS" in result.stdout
+    shipped = {"alerts_test.yaml", "slo_test.yaml", "envoy_test.yaml"}
+    assert {p.name for p in unit_test_files()} >= shipped
+    for path in unit_test_files():
+        result = run([promtool, "test", "rules", str(path)])
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "SUCCESS" in result.stdout
 
 
 def rules(path: Path, kind: str) -> list[dict]:
     return [r for g in load_yaml(path)["groups"] for r in g["rules"] if kind in r]
 
 
+def unit_tests() -> list[dict]:
+    return [t for path in unit_test_files() for t in load_yaml(path)["tests"]]
+
+
 def test_every_alert_is_unit_tested_both_ways_and_has_a_runbook():
     alerts = rules(PROM / "alerts.yaml", "alert")
     names = [a["alert"] for a in alerts]
     assert len(names) == len(set(names))
-    cases = [case for t in load_yaml(PROM / "alerts_test.yaml")["tests"] for case in t.get("alert_rule_test", [])]  # fmt: skip
+    cases = [case for t in unit_tests() for case in t.get("alert_rule_test", [])]
     firing = {c["alertname"] for c in cases if c.get("exp_alerts")}
     silent = {c["alertname"] for c in cases if not c.get("exp_alerts")}
     assert firing == set(names) and silent == set(names)
@@ -741,6 +766,18 @@ def test_every_alert_is_unit_tested_both_ways_and_has_a_runbook():
     assert {h for h in headings if h.startswith("Tensorgate")} == set(names)
 
 
+def test_every_recording_rule_is_evaluated_in_a_unit_test():
+    """Each recorded name is queried by some promql_expr_test: by name, or by a
+    {__name__=~"..."} selector (one expression for a rule's every window)."""
+    exprs = [case["expr"] for t in unit_tests() for case in t.get("promql_expr_test", [])]
+    patterns = [re.compile(p) for e in exprs for p in re.findall(r'__name__=~"([^"]+)"', e)]
+    named = set().union(*(promql_metric_names(e) for e in exprs))
+    for path in (PROM / f for f in RULE_FILES):
+        for rule in rules(path, "record"):
+            name = rule["record"]
+            assert name in named or any(p.fullmatch(name) for p in patterns), f"{path.name}: {name}"
+
+
 @functools.cache
 def gateway_metric_names() -> set[str]:
     """What the gateway exports, from its own registry (the live test compares with /metrics)."""
@@ -749,16 +786,42 @@ def gateway_metric_names() -> set[str]:
     return exported_names(prometheus_client.generate_latest(gateway_registry()).decode())
 
 
-def test_rules_and_dashboard_use_only_exported_metrics():
+# Series no gateway exports that rules and dashboards may read:
+# - `up`: Prometheus's own, one per scrape target (TensorgateDown).
+PROMETHEUS_OWN = {"up"}
+
+
+def envoy_statistics() -> set[str]:
+    """Envoy's statistics that envoy.yaml's rules read (Envoy mode records them as the gateway's
+    series). tests/test_envoy_dataplane.py checks each against a live Envoy's /stats/prometheus."""
+    exprs = [r["expr"] for r in rules(PROM / "envoy.yaml", "record")]
+    names = set().union(*map(promql_metric_names, exprs))
+    assert names and all(n.startswith("envoy_") for n in names), names
+    return names
+
+
+def test_rules_and_dashboard_use_only_exported_metrics(gateway):
+    """Every metric name in every rule and every dashboard query is one a real gateway (with a
+    real Triton behind it) exports on /metrics, the name of a recording rule of deploy/prometheus,
+    Prometheus's own `up`, or an Envoy statistic the Envoy-mode rules read."""
+    infer_linear(gateway.address)  # labelled families with samples too, not only their TYPE lines
+    exported = exported_names(http_get(gateway.metrics_url))
+    assert {"process_cpu_seconds_total", "process_resident_memory_bytes", "tensorgate_requests_total",
+            "tensorgate_request_duration_seconds_bucket", "tensorgate_variant_weight"} <= exported  # fmt: skip
     recorded = {r["record"] for r in rules(PROM / "recording.yaml", "record")}
+    assert not recorded & exported  # a recording rule never shadows an exported series
     for path in (PROM / "recording.yaml", PROM / "alerts.yaml"):
         for rule in rules(path, "expr"):
-            unknown = promql_metric_names(rule["expr"]) - gateway_metric_names() - {"up"}
+            unknown = promql_metric_names(rule["expr"]) - exported - recorded - PROMETHEUS_OWN
             assert not unknown, f"{path.name}: {rule.get('alert') or rule.get('record')}: {unknown}"
-    assert not recorded & gateway_metric_names()
-    for expr in dashboard_queries():
-        unknown = promql_metric_names(expr) - gateway_metric_names()
-        assert not unknown, f"tensorgate.json: {expr}: {unknown}"
+    # Envoy mode records the gateway's own series (or recording-rule names) from Envoy's.
+    for rule in rules(PROM / "envoy.yaml", "record"):
+        assert rule["record"] in exported or rule["record"].count(":") == 2, rule["record"]
+    envoy = envoy_statistics()
+    for path in sorted(DASHBOARD.parent.glob("*.json")):
+        for expr in dashboard_queries(path):
+            unknown = promql_metric_names(expr) - exported - recorded - PROMETHEUS_OWN - envoy
+            assert not unknown, f"{path.name}: {expr}: {unknown}"
 
 
 def render_prometheus(target: str) -> dict:
@@ -794,12 +857,12 @@ class PromAPI:
         return float(result[0]["value"][1]) if result else None
 
 
-def dashboard() -> dict:
-    return json.loads(DASHBOARD.read_text())
+def dashboard(path: Path = DASHBOARD) -> dict:
+    return json.loads(path.read_text())
 
 
-def dashboard_queries() -> list[str]:
-    board = dashboard()
+def dashboard_queries(path: Path = DASHBOARD) -> list[str]:
+    board = dashboard(path)
     exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
     for var in board["templating"]["list"]:
         if var["type"] == "query":
@@ -896,7 +959,12 @@ def test_prometheus_scrapes_gateway_and_evaluates_rules(gateway, workdir):
         # Every Grafana query is valid PromQL here; the core panels have data.
         for expr in dashboard_queries():
             api.query(grafana_to_promql(expr))
-        for needle in ("tensorgate_requests_total", "tensorgate_request_duration_seconds_bucket", "tensorgate_backend_up", "tensorgate_breaker_state", "tensorgate_ready"):  # fmt: skip
+        for needle in (
+            "tensorgate_requests_total", "tensorgate_request_duration_seconds_bucket",
+            "tensorgate_backend_up", "tensorgate_breaker_state", "tensorgate_ready",
+            "tensorgate_variant_weight", "process_cpu_seconds_total", "process_resident_memory_bytes",
+            "tensorgate_request_errors:burnrate", "tensorgate_slow_ok_requests:burnrate",
+        ):  # fmt: skip
             panel_exprs = [e for e in dashboard_queries() if needle in e]
             assert panel_exprs, needle
             for expr in panel_exprs:
@@ -933,8 +1001,16 @@ def test_grafana_dashboard_is_valid_and_uses_a_datasource_variable():
         "tensorgate_requests_in_flight", "tensorgate_breaker_state", "tensorgate_backend_up",
         "tensorgate_fallbacks_total", "tensorgate_retries_total", "tensorgate_shadow_max_abs_diff_bucket",
         "tensorgate_shadow_argmax_total", "tensorgate_bulkhead_rejections_total",
+        # SLOs, canaries and rollouts, drift, processes, the revision store
+        "model:tensorgate_request_errors:burnrate1h", "model:tensorgate_slow_ok_requests:burnrate1h",
+        "tensorgate_variant_weight", "tensorgate_rollout_state", "tensorgate_rollout_percent",
+        "tensorgate_rollout_step", "tensorgate_drift_psi", "tensorgate_drift_ks",
+        "process_cpu_seconds_total", "process_resident_memory_bytes", "tensorgate_store_up",
+        "tensorgate_route_revision",
     ):  # fmt: skip
         assert metric in exprs, metric
+    # Latency per variant (canary vs stable) is over OK calls only.
+    assert re.search(r'histogram_quantile\(0\.99, sum by \(model, variant, le\) \(rate\(tensorgate_request_duration_seconds_bucket\{[^}]*code="OK"', exprs)  # fmt: skip
     for q in ("0.5", "0.95", "0.99"):
         assert f"histogram_quantile({q}" in exprs or f"histogram_quantile({q}0" in exprs
 

@@ -224,11 +224,21 @@ class RolloutController:
             else:
                 for model in list(self._tasks):
                     self._tasks.pop(model).cancel()
+            await self._show_stored()
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), renew)
             except TimeoutError:
                 pass
+
+    async def _show_stored(self) -> None:
+        """Every replica's rollout gauges follow the store, not only the driver's."""
+        try:
+            records = await self._store.rollouts()
+        except StoreUnavailable:
+            return
+        for record in records.values():
+            self._show(record.rollout)
 
     async def _adopt(self) -> None:
         """Drive every running rollout that has no task here (new, or left by a dead driver)."""

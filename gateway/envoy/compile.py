@@ -174,7 +174,12 @@ def decide_route(route, config, backends, forced) -> Decision:
     kinds = {backends[v.backend].kind for v in route.variants if v.backend in backends}
     for kind in sorted(kinds - {config_pb2.BACKEND_KIND_TRITON}):
         name = config_pb2.BackendKind.Name(kind).removeprefix("BACKEND_KIND_")
-        reasons.append(f"a {name} backend: the gateway translates the protocol")
+        if kind == config_pb2.BACKEND_KIND_OIP:
+            reasons.append(
+                "an OIP backend: the gateway enforces its parameter list and output handling"
+            )
+        else:
+            reasons.append(f"a {name} backend: the gateway translates the protocol")
     if route.HasField("schema"):
         reasons.append("schema: requests are validated against the route's schema")
     if any(v.input_names or v.output_names for v in route.variants):
