@@ -96,7 +96,8 @@ def source_state() -> dict:
             )
         except (OSError, subprocess.TimeoutExpired):
             return ""
-        return out.stdout.strip() if out.returncode == 0 else ""
+        # Only trailing newlines: porcelain lines start with a status column that may be a space.
+        return out.stdout.rstrip("\n") if out.returncode == 0 else ""
 
     changed = git("status", "--porcelain", "--", "gateway", "adapters", "protos")
     return {
