@@ -227,12 +227,22 @@ class BackendProcess:
 
 def run_in_foreground(server: BackendProcess, on_ready: Callable[[float], None]) -> int:
     """The harness CLIs: starts ``server``, calls ``on_ready(seconds start() took)``, then runs
-    until Ctrl-C / SIGTERM (exit code 0) or until the server dies on its own (1)."""
+    until Ctrl-C / SIGINT / SIGTERM (exit code 0) or until the server dies on its own (1).
 
-    def on_sigterm(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # same clean shutdown path as Ctrl-C
+    Only the first signal counts. Later ones (Ctrl-C pressed twice; SIGTERM to a process group
+    followed by the SIGTERM of a script's cleanup) are ignored, or they would interrupt
+    ``server.stop()``: the harness would exit 130 at once and leave the server to PDEATHSIG's
+    SIGKILL, its shared memory segments and work directory behind. SIGINT is handled even when
+    inherited ignored: a script starts this in the background (scripts/demo), and bash starts
+    background commands with SIGINT ignored, so Ctrl-C reached everything but this harness."""
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+    def on_signal(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt  # one clean shutdown path for Ctrl-C and SIGTERM
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     try:
         started = time.monotonic()
         server.start()
