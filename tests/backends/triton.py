@@ -58,6 +58,10 @@ def _venv_layout(venv: Path) -> tuple[Path, str, str]:
     return Path(site), version, libdir
 
 
+_SHM = Path("/dev/shm")
+_SHM_PATTERN = "triton_python_backend_shm_region_*"
+
+
 class TritonServer(BackendProcess):
     """A tritonserver process serving ``model_repository`` over gRPC on 127.0.0.1 only.
 
@@ -84,6 +88,12 @@ class TritonServer(BackendProcess):
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    def start(self):
+        # The python backend's shared-memory regions outlive a tritonserver that exits on its
+        # exit timeout (a model slow to unload): remove the ones this server made, after it.
+        self._shm_before = set(_SHM.glob(_SHM_PATTERN))
+        return super().start()
 
     def _command(self) -> tuple[list[str], dict[str, str]]:
         venv = triton_venv()
@@ -144,6 +154,8 @@ class TritonServer(BackendProcess):
     def _cleanup(self) -> None:
         # Only the log is worth keeping; the backend copy (~3 MB) is rebuilt by the next start().
         shutil.rmtree(self._workdir / "backends", ignore_errors=True)
+        for region in set(_SHM.glob(_SHM_PATTERN)) - getattr(self, "_shm_before", set()):
+            region.unlink(missing_ok=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
