@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -77,6 +78,17 @@ def pdeathsig_preexec() -> Callable[[], None] | None:
     return preexec
 
 
+def with_pdeathsig(cmd: list[str]) -> list[str]:
+    """`cmd` run so that it gets SIGKILL when its parent dies (e.g. pytest killed), through
+    util-linux's setpriv rather than a preexec_fn: Python code between fork and exec can crash
+    the child (threading's after-fork reinit while gRPC's threads hold locks: a segfault seen in
+    CI). Same thread rule as pdeathsig_preexec: only from the main thread."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or threading.current_thread() is not threading.main_thread():
+        return list(cmd)
+    return [setpriv, "--pdeathsig", "KILL", "--", *cmd]
+
+
 def tail(path: Path, lines: int = 40) -> str | None:
     """The last ``lines`` lines of ``path``, or None if it does not exist."""
     try:
@@ -132,14 +144,13 @@ class BackendProcess:
         self._log.flush()
         spawned = time.monotonic()
         self._proc = subprocess.Popen(
-            cmd,
+            with_pdeathsig(cmd),
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,
             cwd=self._workdir,
             start_new_session=True,  # own process group: kill() also reaches what it forks
-            preexec_fn=pdeathsig_preexec(),
         )
         try:
             self._wait_ready()
