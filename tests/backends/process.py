@@ -7,7 +7,6 @@ A harness subclasses BackendProcess and supplies ``_command()`` (what to run) an
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 import shutil
@@ -25,7 +24,6 @@ from types import TracebackType
 from typing import IO, Self
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-_PR_SET_PDEATHSIG = 1
 
 
 def free_port() -> int:
@@ -60,29 +58,14 @@ def venv_env(venv: Path) -> dict[str, str]:
     return env
 
 
-def pdeathsig_preexec() -> Callable[[], None] | None:
-    """preexec_fn that makes the child get SIGKILL when its parent dies (e.g. pytest killed).
-
-    The kernel ties PDEATHSIG to the THREAD that forked, not the process: started from a worker
-    thread (asyncio.to_thread, an executor) the server would be killed as soon as that thread
-    exits. So only the main thread arms it; elsewhere the process group kill in stop() remains.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    # Resolved here, not in the child: between fork and exec only async-signal-safe work is safe.
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-    return preexec
-
-
 def with_pdeathsig(cmd: list[str]) -> list[str]:
     """`cmd` run so that it gets SIGKILL when its parent dies (e.g. pytest killed), through
     util-linux's setpriv rather than a preexec_fn: Python code between fork and exec can crash
     the child (threading's after-fork reinit while gRPC's threads hold locks: a segfault seen in
-    CI). Same thread rule as pdeathsig_preexec: only from the main thread."""
+    CI). The kernel ties PDEATHSIG to the THREAD that forked, not the process: started from a
+    worker thread (asyncio.to_thread, an executor) the server would be killed as soon as that
+    thread exits, so only the main thread arms it; elsewhere the process group kill in stop()
+    remains."""
     setpriv = shutil.which("setpriv")
     if setpriv is None or threading.current_thread() is not threading.main_thread():
         return list(cmd)
