@@ -25,12 +25,14 @@ import pathlib
 from dataclasses import dataclass, field
 
 from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
+from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.clusters.aggregate.v3 import cluster_pb2 as aggregate_pb2
 from envoy.extensions.filters.http.grpc_stats.v3 import config_pb2 as grpc_stats_pb2
+from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.http.upstream_codec.v3 import upstream_codec_pb2
@@ -73,6 +75,7 @@ VERSION_HEADER = "x-tensorgate-version"
 
 _LUA = pathlib.Path(__file__).parent / "lua"
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_HEADER_MUTATION = "envoy.filters.http.header_mutation"
 _UNLIMITED = 1_000_000
 
 # gRPC codes a route may retry -> Envoy's x-envoy-retry-on words for them. Connection failures
@@ -695,8 +698,8 @@ def _match(model: str, version: str | None) -> route_components_pb2.RouteMatch:
 
 
 def _identity(variant: config_pb2.Variant) -> list[base_pb2.HeaderValueOption]:
-    """Response headers naming the variant; the listener's Lua filter moves them into the
-    trailers, where the Python gateway sends them."""
+    """Response headers naming the variant: for answers that end at their headers (gRPC
+    trailers-only errors, whose headers are their trailers)."""
     return [
         base_pb2.HeaderValueOption(
             header=base_pb2.HeaderValue(key=key, value=value),
@@ -706,19 +709,35 @@ def _identity(variant: config_pb2.Variant) -> list[base_pb2.HeaderValueOption]:
     ]
 
 
+def _identity_trailers(variant: config_pb2.Variant) -> dict[str, any_pb2.Any]:
+    """The same names as trailers, where the Python gateway sends them, added by the listener's
+    header_mutation filter from this per-route (or per weighted cluster) config: no body
+    buffering, no Lua on the way back."""
+    mutations = header_mutation_pb2.Mutations(
+        response_trailers_mutations=[
+            mutation_rules_pb2.HeaderMutation(append=option) for option in _identity(variant)
+        ]
+    )
+    return {_HEADER_MUTATION: _any(header_mutation_pb2.HeaderMutationPerRoute(mutations=mutations))}
+
+
 def _route(name, match, members, route, settings, config) -> route_components_pb2.Route:
     action = route_components_pb2.RouteAction()
-    identity = []
+    identity, trailers = [], {}
     if len(members) == 1:
         action.cluster = members[0][0]
         identity = _identity(members[0][1])
+        trailers = _identity_trailers(members[0][1])
     else:
         # Weights come from the runtime layer (key: runtime_key(name, cluster)), read per
         # request; 1 applies only until the layer arrives, which the ADS server sends first.
         action.weighted_clusters.runtime_key_prefix = f"tgw.{name}"
         for cluster, variant in members:
             action.weighted_clusters.clusters.add(
-                name=cluster, weight={"value": 1}, response_headers_to_add=_identity(variant)
+                name=cluster,
+                weight={"value": 1},
+                response_headers_to_add=_identity(variant),
+                typed_per_filter_config=_identity_trailers(variant),
             )
         # Sticky: the route-key header's hash picks the weighted cluster (random without it).
         action.weighted_clusters.use_hash_policy.value = True
@@ -768,7 +787,11 @@ def _route(name, match, members, route, settings, config) -> route_components_pb
             )
         )
     return route_components_pb2.Route(
-        name=name, match=match, route=action, response_headers_to_add=identity
+        name=name,
+        match=match,
+        route=action,
+        response_headers_to_add=identity,
+        typed_per_filter_config=trailers,
     )
 
 
@@ -801,6 +824,11 @@ def _listener(config: config_pb2.GatewayConfig) -> listener_pb2.Listener:
                 typed_config=_any(
                     lua_pb2.Lua(default_source_code={"inline_string": lua_source("model.lua")})
                 ),
+            ),
+            # The variant's trailers (per-route config: _identity_trailers).
+            hcm_pb2.HttpFilter(
+                name=_HEADER_MUTATION,
+                typed_config=_any(header_mutation_pb2.HeaderMutation()),
             ),
             # Per-cluster counts by gRPC status (cluster.<c>.grpc.<service>.<method>.<code>): what
             # deploy/prometheus/envoy.yaml maps onto tensorgate_requests_total{code}.

@@ -13,8 +13,8 @@
 -- malformed, several messages, a name that is not a route name) is left unlabelled: it matches
 -- no model route and goes to the Python gateway, which answers it as it would directly.
 --
--- On the way back it moves x-tensorgate-variant / x-tensorgate-backend (response headers the
--- route adds for the variant it picked) into the trailers, where the Python gateway sends them.
+-- Nothing runs on the way back: the variant's trailers come from the header_mutation filter's
+-- per-route config (gateway/envoy/compile.py, _identity_trailers), with no body buffering.
 
 local INFER = "/inference.GRPCInferenceService/ModelInfer"
 local MAX_NAME = 128
@@ -146,20 +146,4 @@ function envoy_on_request(handle)
   headers:replace("x-tensorgate-model", name)
   if version ~= "" then headers:replace("x-tensorgate-version", version) end
   handle:clearRouteCache()
-end
-
-function envoy_on_response(handle)
-  local headers = handle:headers()
-  local variant = headers:get("x-tensorgate-variant")
-  if variant == nil or headers:get("grpc-status") ~= nil then
-    return -- not a variant route, or a trailers-only answer (its headers are its trailers)
-  end
-  local backend = headers:get("x-tensorgate-backend") or ""
-  headers:remove("x-tensorgate-variant")
-  headers:remove("x-tensorgate-backend")
-  local trailers = handle:trailers()
-  if trailers ~= nil then
-    trailers:replace("x-tensorgate-variant", variant)
-    trailers:replace("x-tensorgate-backend", backend)
-  end
 end
