@@ -43,6 +43,8 @@ class GatewayProcess:
         self.workers = workers
         self.port = free_port()
         self.metrics_port = free_port()
+        while self.metrics_port == self.port:  # free_port() may hand out the same port twice
+            self.metrics_port = free_port()
         listeners = dict(self.config.get("listeners", {}))
         listeners.setdefault("data_plane", f"127.0.0.1:{self.port}")
         listeners.setdefault("metrics", f"127.0.0.1:{self.metrics_port}")

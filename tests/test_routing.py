@@ -102,5 +102,7 @@ def test_cost_does_not_grow_with_route_count():
         return best / len(names)
 
     small, large = per_resolve(10), per_resolve(10_000)
-    assert large < small * 3, (small, large)  # same order of magnitude, noise allowed
+    # 1,000x the routes: a lookup that scanned them would be ~1,000x slower; a hashed one stays
+    # within a small factor (the large table's dicts miss the CPU caches more: 2-3x measured).
+    assert large < small * 10, (small, large)
     assert large < 20e-6  # and cheap in absolute terms: well under the ~1 ms of a backend hop
