@@ -25,6 +25,14 @@ ADMIN_TOKEN = "admin-token-0123456789abcdef"
 READ_TOKEN = "read-token-0123456789abcdef"
 
 
+def _another_port(*taken: int) -> int:
+    """A free port that is none of `taken` (free_port() may hand out the same one twice)."""
+    port = free_port()
+    while port in taken:
+        port = free_port()
+    return port
+
+
 class GatewayProcess:
     def __init__(
         self,
@@ -42,15 +50,14 @@ class GatewayProcess:
         self.config = dict(config)
         self.workers = workers
         self.port = free_port()
-        self.metrics_port = free_port()
-        while self.metrics_port == self.port:  # free_port() may hand out the same port twice
-            self.metrics_port = free_port()
+        self.metrics_port = _another_port(self.port)
         listeners = dict(self.config.get("listeners", {}))
         listeners.setdefault("data_plane", f"127.0.0.1:{self.port}")
         listeners.setdefault("metrics", f"127.0.0.1:{self.metrics_port}")
         self._dir = directory or tempfile.mkdtemp(prefix="tensorgate-test-")
         if admin:
-            listeners.setdefault("admin", f"127.0.0.1:{free_port()}")
+            admin_port = _another_port(self.port, self.metrics_port)
+            listeners.setdefault("admin", f"127.0.0.1:{admin_port}")
             tokens = Path(self._dir) / "tokens.yaml"
             tokens.write_text(
                 yaml.safe_dump(
