@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import math
 import struct
@@ -139,6 +140,10 @@ def _round(value: float) -> float | None:
     return None if math.isnan(value) else round(value, 3)
 
 
+# Options of a channel that must be its own TCP connection (run_load's `channels`).
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+
+
 async def run_load(
     target: str,
     model: str,
@@ -149,6 +154,7 @@ async def run_load(
     warmup: float = 2.0,
     timeout: float = 5.0,
     request: oip.ModelInferRequest | None = None,
+    channels: int = 1,
     on_window_start: Callable[[], None] | None = None,
     on_window_end: Callable[[], None] | None = None,
 ) -> LoadResult:
@@ -157,16 +163,24 @@ async def run_load(
     Workers stop starting calls when the window closes; calls already started are awaited and
     counted, and the window is stretched to when the last one answered. `on_window_start` and
     `on_window_end` run right at the window's edges (e.g. to sample CPU counters).
+    `channels` > 1: closed-loop worker i uses connection i % channels, each its own TCP
+    connection (grpc otherwise puts every channel of a process to one target on one).
     """
     if concurrency < 1:
         raise ValueError("concurrency must be >= 1")
+    if channels < 1:
+        raise ValueError("channels must be >= 1")
     if request is None:
         request = build_request(model, version)
-    async with grpc.aio.insecure_channel(target) as channel:
-        await asyncio.wait_for(channel.channel_ready(), timeout=10.0)
-        infer = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+    options = OWN_CONNECTION if channels > 1 else None
+    opened = [grpc.aio.insecure_channel(target, options=options) for _ in range(channels)]
+    try:
+        await asyncio.gather(*(asyncio.wait_for(c.channel_ready(), 10.0) for c in opened))
+        stubs = itertools.cycle(service_pb2_grpc.GRPCInferenceServiceStub(c) for c in opened)
 
         def sender() -> Callable[[], Awaitable[str]]:
+            infer = next(stubs).ModelInfer
+
             async def send() -> str:
                 try:
                     await infer(request, timeout=timeout)
@@ -184,6 +198,8 @@ async def run_load(
             on_window_start=on_window_start,
             on_window_end=on_window_end,
         )
+    finally:
+        await asyncio.gather(*(c.close() for c in opened))
     return LoadResult(
         target=target, model=model, version=version, concurrency=concurrency, **window
     )

@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import datetime as dt
 import functools
-import itertools
 import json
 import shlex
 import signal
@@ -32,12 +31,10 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import grpc
 from prometheus_client.parser import text_string_to_metric_families
-from tritonclient.grpc import service_pb2_grpc
 
 from bench.gateway_vs_direct import (
     BACKEND_MODEL,
@@ -54,11 +51,10 @@ from bench.gateway_vs_direct import (
     process_group,
     source_state,
 )
-from bench.loadgen import OK, LoadResult, build_request, closed_loop
+from bench.loadgen import LoadResult, run_load
 from tests.backends.triton import TritonServer
 
 ROUTE = "linear"
-OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 WORKERS_UP = "workers up:"  # the supervisor's line once all workers serve (gateway/workers.py)
 
 
@@ -90,54 +86,6 @@ class WorkersGateway(GatewayProcess):
         return dict(counts)
 
 
-async def run_load_channels(
-    target: str,
-    model: str,
-    *,
-    version: str,
-    channels: int,
-    concurrency: int,
-    duration: float,
-    warmup: float,
-    timeout: float,
-    on_window_start: Callable[[], None] | None = None,
-    on_window_end: Callable[[], None] | None = None,
-) -> LoadResult:
-    """bench.loadgen.run_load over `channels` connections: closed-loop worker i uses channel
-    i % channels."""
-    request = build_request(model, version)
-    opened = [grpc.aio.insecure_channel(target, options=OWN_CONNECTION) for _ in range(channels)]
-    try:
-        await asyncio.gather(*(asyncio.wait_for(c.channel_ready(), 10.0) for c in opened))
-        stubs = itertools.cycle(service_pb2_grpc.GRPCInferenceServiceStub(c) for c in opened)
-
-        def sender() -> Callable[[], Awaitable[str]]:
-            infer = next(stubs).ModelInfer
-
-            async def send() -> str:
-                try:
-                    await infer(request, timeout=timeout)
-                except grpc.aio.AioRpcError as err:
-                    return err.code().name
-                return OK
-
-            return send
-
-        window = await closed_loop(
-            sender,
-            concurrency=concurrency,
-            duration=duration,
-            warmup=warmup,
-            on_window_start=on_window_start,
-            on_window_end=on_window_end,
-        )
-    finally:
-        await asyncio.gather(*(c.close() for c in opened))
-    return LoadResult(
-        target=target, model=model, version=version, concurrency=concurrency, **window
-    )
-
-
 async def measure(
     args: argparse.Namespace,
     triton: TritonServer,
@@ -162,7 +110,7 @@ async def measure(
                 triton=triton,
                 cpu_sets=cpu_sets,
                 load=functools.partial(
-                    run_load_channels,
+                    run_load,
                     target.address,
                     target.model,
                     version=target.version,
