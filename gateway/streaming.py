@@ -31,6 +31,7 @@ from tritonclient.grpc import service_pb2 as oip
 
 from gateway import tracing
 from gateway.errors import GatewayError, shown
+from gateway.metrics import UNROUTED
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ class StreamRelay:
     def _count(self, model: str, target, code: str, seconds: float, *, known: bool) -> None:
         metrics = self._runtime.metrics
         if not known and self._runtime.table.get(model) is None:
-            model = "_unrouted"
+            model = UNROUTED  # as the observe layer labels it: callers cannot create series
         variant = target.variant if target is not None else ""
         backend = target.backend if target is not None else ""
         metrics.observe(model, variant, backend, code, seconds)
