@@ -38,8 +38,6 @@ import argparse
 import asyncio
 import datetime as dt
 import functools
-import json
-import shlex
 import signal
 import struct
 import sys
@@ -59,7 +57,6 @@ from bench.gateway_vs_direct import (
     BACKEND_VERSION,
     EXPECTED,
     REPO_ROOT,
-    RESULTS_DIR,
     ROUTE,
     GatewayProcess,
     Target,
@@ -69,6 +66,7 @@ from bench.gateway_vs_direct import (
     parse_levels,
     process_group,
     source_state,
+    write_results,
 )
 from bench.loadgen import LoadResult, build_request
 from gateway.drift import DriftMonitor
@@ -425,38 +423,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     print(f"exit codes after SIGTERM: {exit_codes}")
 
-    output = args.output or RESULTS_DIR / f"drift-{started:%Y%m%dT%H%M%SZ}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(
-        json.dumps(
-            {
-                "benchmark": "drift",
-                "started_utc": started.isoformat(timespec="seconds"),
-                "command": shlex.join([sys.executable, "-m", "bench.drift", *argv_list]),
-                "machine": machine,
-                "source": source,
-                "settings": {
-                    "duration_s_per_target_and_level": args.duration,
-                    "rounds": args.rounds,
-                    "leg_order": [*names, *reversed(names)],
-                    "leg_s": args.duration / (2 * args.rounds),
-                    "warmup_s_per_leg": args.warmup,
-                    "timeout_s": args.timeout,
-                    "concurrency": args.concurrency,
-                    "request": "ModelInfer, FP32 [1,4] in raw_input_contents",
-                    "gateway_configs": {name: gw.config for name, gw in gateways.items()},
-                },
-                "summary": rows,
-                "ratios": ratios,
-                "runs": runs,
-                "drift_metrics_at_end": drift_metrics,
-                "monitor_cost_in_process": micro,
-                "gateway_metrics_counts": request_counts,
-                "exit_codes": exit_codes,
+    output = write_results(
+        "drift",
+        started,
+        argv_list,
+        args.output,
+        {
+            "machine": machine,
+            "source": source,
+            "settings": {
+                "duration_s_per_target_and_level": args.duration,
+                "rounds": args.rounds,
+                "leg_order": [*names, *reversed(names)],
+                "leg_s": args.duration / (2 * args.rounds),
+                "warmup_s_per_leg": args.warmup,
+                "timeout_s": args.timeout,
+                "concurrency": args.concurrency,
+                "request": "ModelInfer, FP32 [1,4] in raw_input_contents",
+                "gateway_configs": {name: gw.config for name, gw in gateways.items()},
             },
-            indent=2,
-        )
-        + "\n"
+            "summary": rows,
+            "ratios": ratios,
+            "runs": runs,
+            "drift_metrics_at_end": drift_metrics,
+            "monitor_cost_in_process": micro,
+            "gateway_metrics_counts": request_counts,
+            "exit_codes": exit_codes,
+        },
     )
     print(f"results: {output}")
     errors = sum(r.error_count for r in merged.values())

@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import json
-import shlex
 import signal
 import subprocess
 import sys
@@ -40,7 +38,6 @@ from bench.gateway_vs_direct import (
     BACKEND_MODEL,
     BACKEND_VERSION,
     REPO_ROOT,
-    RESULTS_DIR,
     GatewayProcess,
     ServerProcess,
     Target,
@@ -49,6 +46,7 @@ from bench.gateway_vs_direct import (
     parse_levels,
     report,
     source_state,
+    write_results,
 )
 from tests.backends.process import tool
 from tests.backends.triton import TritonServer, free_port
@@ -192,25 +190,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table)
     split = {k: v for k, v in envoy_stats.items() if k.endswith(".upstream_rq_total")}
     print(f"envoy per-variant calls: {split}")
-    output = args.output or RESULTS_DIR / f"envoy_mode-{started:%Y%m%dT%H%M%SZ}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(
-        json.dumps(
-            {
-                "benchmark": "envoy_mode",
-                "started_utc": started.isoformat(timespec="seconds"),
-                "command": shlex.join([sys.executable, "-m", "bench.envoy_mode", *argv_list]),
-                "machine": machine,
-                "source": source_state(),
-                "gateway_config": gateway.config,
-                "summary": rows,
-                "ratios": ratios,
-                "runs": runs,
-                "envoy_variant_calls": split,
-            },
-            indent=2,
-        )
-        + "\n"
+    output = write_results(
+        "envoy_mode",
+        started,
+        argv_list,
+        args.output,
+        {
+            "machine": machine,
+            "source": source_state(),
+            "gateway_config": gateway.config,
+            "summary": rows,
+            "ratios": ratios,
+            "runs": runs,
+            "envoy_variant_calls": split,
+        },
     )
     print(f"results: {output}")
     return 1 if sum(r.error_count for r in merged.values()) else 0

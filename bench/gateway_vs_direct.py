@@ -573,6 +573,22 @@ def parse_levels(text: str) -> list[int]:
     return levels
 
 
+def write_results(
+    benchmark: str, started, argv: Sequence[str], output: Path | None, payload: dict
+) -> Path:
+    """bench/results/<benchmark>-<UTC start>.json (or `output`): which benchmark, when, the
+    exact command, then `payload` (machine, source, settings, results)."""
+    output = output or RESULTS_DIR / f"{benchmark}-{started:%Y%m%dT%H%M%SZ}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    header = {
+        "benchmark": benchmark,
+        "started_utc": started.isoformat(timespec="seconds"),
+        "command": shlex.join([sys.executable, "-m", f"bench.{benchmark}", *argv]),
+    }
+    output.write_text(json.dumps({**header, **payload}, indent=2) + "\n")
+    return output
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.gateway_vs_direct",
@@ -679,39 +695,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"exit codes after SIGTERM: {exit_codes}")
 
-    output = args.output or RESULTS_DIR / f"gateway_vs_direct-{started:%Y%m%dT%H%M%SZ}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(
-        json.dumps(
-            {
-                "benchmark": "gateway_vs_direct",
-                "started_utc": started.isoformat(timespec="seconds"),
-                "command": shlex.join(
-                    [sys.executable, "-m", "bench.gateway_vs_direct", *argv_list]
-                ),
-                "machine": machine,
-                "source": source,
-                "settings": {
-                    "duration_s_per_target_and_level": args.duration,
-                    "rounds": args.rounds,
-                    "leg_order": [*names, *reversed(names)],
-                    "leg_s": args.duration / (2 * args.rounds),
-                    "warmup_s_per_leg": args.warmup,
-                    "timeout_s": args.timeout,
-                    "concurrency": args.concurrency,
-                    "request": "ModelInfer, FP32 [1,4] in raw_input_contents",
-                    "targets": {t.name: {"model": t.model, "version": t.version} for t in targets},
-                    "gateway_config": gateway.config if gateway else None,
-                },
-                "summary": rows,
-                "ratios": ratios,
-                "runs": runs,
-                "gateway_metrics_counts": gateway_counts,
-                "exit_codes": exit_codes,
+    output = write_results(
+        "gateway_vs_direct",
+        started,
+        argv_list,
+        args.output,
+        {
+            "machine": machine,
+            "source": source,
+            "settings": {
+                "duration_s_per_target_and_level": args.duration,
+                "rounds": args.rounds,
+                "leg_order": [*names, *reversed(names)],
+                "leg_s": args.duration / (2 * args.rounds),
+                "warmup_s_per_leg": args.warmup,
+                "timeout_s": args.timeout,
+                "concurrency": args.concurrency,
+                "request": "ModelInfer, FP32 [1,4] in raw_input_contents",
+                "targets": {t.name: {"model": t.model, "version": t.version} for t in targets},
+                "gateway_config": gateway.config if gateway else None,
             },
-            indent=2,
-        )
-        + "\n"
+            "summary": rows,
+            "ratios": ratios,
+            "runs": runs,
+            "gateway_metrics_counts": gateway_counts,
+            "exit_codes": exit_codes,
+        },
     )
     print(f"results: {output}")
     errors = sum(r.error_count for r in merged.values())

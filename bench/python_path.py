@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import datetime as dt
 import functools
-import json
 import math
 import re
 import shlex
@@ -58,7 +57,6 @@ from bench.gateway_vs_direct import (
     CLK_TCK,
     EXPECTED,
     REPO_ROOT,
-    RESULTS_DIR,
     GatewayProcess,
     LoadFn,
     ReferenceProxyProcess,
@@ -68,6 +66,7 @@ from bench.gateway_vs_direct import (
     measure_leg,
     process_group,
     source_state,
+    write_results,
 )
 from bench.http_loadgen import oip_json_body, probe_http, run_http_load
 from bench.loadgen import LoadResult, build_request, decode_fp32, run_load
@@ -796,32 +795,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"    {share:5.1f}%  {name}")
     print(f"exit codes after SIGTERM: {exit_codes}")
 
-    output = args.output or RESULTS_DIR / f"python_path-{started:%Y%m%dT%H%M%SZ}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(
-        json.dumps(
-            {
-                "benchmark": "python_path",
-                "started_utc": started.isoformat(timespec="seconds"),
-                "command": shlex.join([sys.executable, "-m", "bench.python_path", *argv_list]),
-                "machine": machine,
-                "source": source,
-                "settings": {
-                    **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                    "triton_model_config": (repo / BACKEND_MODEL / "config.pbtxt").read_text(),
-                    "gateway_configs": {
-                        s.name: s.config for s in servers if isinstance(s, PathGateway)
-                    },
+    output = write_results(
+        "python_path",
+        started,
+        argv_list,
+        args.output,
+        {
+            "machine": machine,
+            "source": source,
+            "settings": {
+                **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                "triton_model_config": (repo / BACKEND_MODEL / "config.pbtxt").read_text(),
+                "gateway_configs": {
+                    s.name: s.config for s in servers if isinstance(s, PathGateway)
                 },
-                "summary": rows,
-                "targets": met,
-                "profile": profile,
-                "runs": runs,
-                "exit_codes": exit_codes,
             },
-            indent=2,
-        )
-        + "\n"
+            "summary": rows,
+            "targets": met,
+            "profile": profile,
+            "runs": runs,
+            "exit_codes": exit_codes,
+        },
     )
     print(f"results: {output}")
     errors = sum(r.error_count for r in merged.values())

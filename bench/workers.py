@@ -23,8 +23,6 @@ import argparse
 import asyncio
 import datetime as dt
 import functools
-import json
-import shlex
 import signal
 import sys
 import tempfile
@@ -41,7 +39,6 @@ from bench.gateway_vs_direct import (
     BACKEND_VERSION,
     GATEWAY_READY_LINE,
     REPO_ROOT,
-    RESULTS_DIR,
     GatewayProcess,
     Target,
     check_answers,
@@ -50,6 +47,7 @@ from bench.gateway_vs_direct import (
     parse_levels,
     process_group,
     source_state,
+    write_results,
 )
 from bench.loadgen import LoadResult, run_load
 from tests.backends.triton import TritonServer
@@ -256,33 +254,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(table)
     print(f"exit codes after SIGTERM: {exit_codes}")
-    output = args.output or RESULTS_DIR / f"workers-{started:%Y%m%dT%H%M%SZ}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(
-        json.dumps(
-            {
-                "benchmark": "workers",
-                "started_utc": started.isoformat(timespec="seconds"),
-                "command": shlex.join([sys.executable, "-m", "bench.workers", *argv_list]),
-                "machine": machine,
-                "source": source,
-                "settings": {
-                    "duration_s_per_target_and_level": args.duration,
-                    "leg_s": args.duration / (2 * args.rounds),
-                    "rounds": args.rounds,
-                    "warmup_s_per_leg": args.warmup,
-                    "channels": args.channels,
-                    "concurrency": args.concurrency,
-                    "timeout_s": args.timeout,
-                    "gateway_config": gateways["gateway-w1"].config,
-                },
-                "summary": rows,
-                "runs": runs,
-                "exit_codes": exit_codes,
+    output = write_results(
+        "workers",
+        started,
+        argv_list,
+        args.output,
+        {
+            "machine": machine,
+            "source": source,
+            "settings": {
+                "duration_s_per_target_and_level": args.duration,
+                "leg_s": args.duration / (2 * args.rounds),
+                "rounds": args.rounds,
+                "warmup_s_per_leg": args.warmup,
+                "channels": args.channels,
+                "concurrency": args.concurrency,
+                "timeout_s": args.timeout,
+                "gateway_config": gateways["gateway-w1"].config,
             },
-            indent=2,
-        )
-        + "\n"
+            "summary": rows,
+            "runs": runs,
+            "exit_codes": exit_codes,
+        },
     )
     print(f"results: {output}")
     errors = sum(r.error_count for r in merged.values())
