@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import re
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -34,6 +35,17 @@ _provider = None
 _incoming: contextvars.ContextVar[tuple] = contextvars.ContextVar("tg_incoming", default=())
 # What kind of attempt a backend call is: primary, retry, hedge, shadow, fallback.
 _step: contextvars.ContextVar[str] = contextvars.ContextVar("tg_step", default="primary")
+
+
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+MAX_TRACESTATE = 512  # W3C Trace Context's limit
+
+
+def _usable(key: str, value: str) -> bool:
+    """A caller's trace header passed on to a backend only in W3C's form and size."""
+    if key == "traceparent":
+        return _TRACEPARENT.match(value) is not None
+    return len(value) <= MAX_TRACESTATE
 
 
 def enabled() -> bool:
@@ -82,7 +94,7 @@ def server_span(metadata, model: str, version: str):
     """The call's span (a child of the caller's trace context, if any). Yields the span, or
     None while tracing is off (the caller's context is then passed through as is)."""
     if _tracer is None:
-        incoming = tuple((k, v) for k, v in metadata or () if k in TRACE_KEYS)
+        incoming = tuple((k, v) for k, v in metadata or () if k in TRACE_KEYS and _usable(k, v))
         token = _incoming.set(incoming)
         try:
             yield None

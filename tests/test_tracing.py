@@ -167,3 +167,13 @@ async def test_with_tracing_off_the_callers_context_still_reaches_the_backend(tr
     assert proxy.metadata[-2]["traceparent"] == TRACEPARENT
     assert proxy.metadata[-2]["tracestate"] == "vendor=1"
     assert "traceparent" not in proxy.metadata[-1]
+
+
+async def test_with_tracing_off_a_malformed_or_oversized_trace_header_is_not_passed_on(
+    triton, proxy
+):
+    async with gateway_with(triton, proxy, dead=f"127.0.0.1:{free_port()}") as gw:
+        metadata = (("traceparent", "00-zz-not-a-trace-01"), ("tracestate", "v=" + "x" * 600))
+        await _call(gw, "plain", metadata)
+    assert "traceparent" not in proxy.metadata[-1]
+    assert "tracestate" not in proxy.metadata[-1]
