@@ -2,7 +2,10 @@
 pushed over ADS to a real Envoy 1.40, then one weight changed a few times. Prints compile time,
 push sizes, and how long each took from the admin-side change to the Envoy's ACK (Envoy ACKs a
 response after applying it). No backend is called: this measures the control plane and Envoy's
-config handling only.
+config handling, plus the cost of selecting a route per call at that size: calls (one in
+flight) for the first and the last model of the table, whose backend address refuses
+connections, so Envoy answers each UNAVAILABLE itself after the Lua body read and the route
+selection (twice: before and after the Lua filter sets the model header).
 
     python -m bench.envoy_scale [--routes 10000]
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -19,7 +23,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+import grpc
 from prometheus_client import CollectorRegistry
+from tritonclient.grpc import service_pb2 as oip
 
 from gateway.config import from_dict
 from gateway.envoy import ads
@@ -64,6 +70,44 @@ def counter(admin: int, name: str) -> int:
         if key == name:
             return int(value)
     return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def route_selection(address: str, pid: int, model: str, calls: int) -> dict:
+    """p50 of `calls` sequential calls for `model` (answered UNAVAILABLE by Envoy: its backend
+    refuses connections) and Envoy's CPU per call."""
+    request = oip.ModelInferRequest(model_name=model).SerializeToString()
+    times = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        infer = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        codes = set()
+        for i in range(calls + 20):  # the first 20 warm up
+            if i == 20:
+                cpu0 = cpu_seconds(pid)
+            t = time.perf_counter()
+            try:
+                await infer(request, timeout=5)
+                codes.add("OK")
+            except grpc.aio.AioRpcError as err:
+                codes.add(err.code().name)
+            if i >= 20:
+                times.append(time.perf_counter() - t)
+        cpu = cpu_seconds(pid) - cpu0
+    times.sort()
+    return {
+        "model": model,
+        "codes": sorted(codes),
+        "p50_ms": round(times[len(times) // 2] * 1000, 3),
+        "envoy_cpu_us_per_call": round(cpu / calls * 1e6),
+    }
 
 
 def rss_mb(pid: int) -> float:
@@ -123,6 +167,11 @@ async def run(routes: int, changes: int, settle: float) -> dict:
         cds_s = await acks.wait("cds", "ack", t0, 300)
         initial_s = await acks.wait("rds", "ack", t0, 300)
         await asyncio.sleep(settle)
+        address = f"127.0.0.1:{listen}"
+        selection = [
+            await route_selection(address, envoy.pid, model, 500)
+            for model in ("m0", f"m{routes - 1}", "m0", f"m{routes - 1}")
+        ]
         rds_before = await asyncio.to_thread(counter, admin, RDS_APPLIED)
         # Each change: one weight of model m0, compiled, pushed, ACKed by the Envoy.
         recompile, control, applied = [], [], []
@@ -157,6 +206,7 @@ async def run(routes: int, changes: int, settle: float) -> dict:
             "compile_s": round(compile_s, 3),
             "initial_cds_acked_s": round(cds_s, 3),
             "initial_rds_acked_s": round(initial_s, 3),
+            "route_selection": selection,
             "changes": changes,
             "change_recompile_s": [round(x, 3) for x in recompile],
             "change_compile_to_push_s": [round(x, 3) for x in control],

@@ -38,6 +38,7 @@ from gateway.envoy.compile import (
     WEIGHTS_LAYER,
     compile_config,
     decide,
+    routes_of,
 )
 from tensorgate.admin.v1 import admin_pb2, admin_pb2_grpc
 from tests.backends.process import BackendProcess, free_port, tool
@@ -195,7 +196,7 @@ def test_compile_decides_the_path_per_route_and_says_why():
     resources = compile_config(config)
     clusters = resources.by_type[CLUSTER]
     assert "tg|linear|stable" in clusters and "tg|torch|a" not in clusters
-    routes = resources.by_type[ROUTE]["tensorgate"].virtual_hosts[0].routes
+    routes = routes_of(resources.by_type[ROUTE]["tensorgate"])
     names = [r.name for r in routes]
     # pinned versions first, then unpinned, then everything else to the gateway
     assert names == ["linear@1", "linear@2", "linear", "gateway"]
@@ -269,7 +270,7 @@ def test_compile_fallback_variants_and_down_variants():
     assert decide(ok)[0].path == "envoy"
     resources = compile_config(ok)
     assert "tga|m|a" in resources.by_type[CLUSTER]
-    route = resources.by_type[ROUTE]["tensorgate"].virtual_hosts[0].routes[0]
+    route = routes_of(resources.by_type[ROUTE]["tensorgate"])[0]
     assert _taking_traffic(resources, route) == ["tga|m|a"]
     assert (
         route.route.retry_policy.retry_priority.name == "envoy.retry_priorities.previous_priorities"
@@ -288,9 +289,7 @@ def test_compile_fallback_variants_and_down_variants():
 
     def picked(down):
         resources = compile_config(two, down)
-        return _taking_traffic(
-            resources, resources.by_type[ROUTE]["tensorgate"].virtual_hosts[0].routes[0]
-        )
+        return _taking_traffic(resources, routes_of(resources.by_type[ROUTE]["tensorgate"])[0])
 
     assert picked(frozenset()) == ["tg|m|a", "tg|m|b"]
     assert picked(frozenset({("triton-a", "demo_linear", "1")})) == ["tg|m|b"]
@@ -529,6 +528,29 @@ def test_model_name_need_not_be_the_first_field(stack):
         response = infer(body, timeout=10)
     assert output(response) == Y_V2 and response.model_name == "linear"
     assert envoy.counter("cluster.tg|linear|canary|triton-a.upstream_rq_total") == before + 1
+    # The names after 40 KB of a field Envoy skips by its length (unknown to Triton, which
+    # ignores it too): the body is read through a window that has to move there.
+    padding = _varint(999 << 3 | 2) + _varint(40_000) + b"\x00" * 40_000  # field 999, bytes
+    body = linear_request("", "").SerializeToString() + padding
+    body += b"\x12\x01" + b"2" + b"\x0a\x06" + b"linear"
+    with grpc.insecure_channel(address) as channel:
+        infer = channel.unary_unary(
+            INFER,
+            request_serializer=lambda b: b,
+            response_deserializer=oip.ModelInferResponse.FromString,
+        )
+        response = infer(body, timeout=10)
+    assert output(response) == Y_V2 and response.model_name == "linear"
+    assert envoy.counter("cluster.tg|linear|canary|triton-a.upstream_rq_total") == before + 2
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def test_header_callers_skip_the_body_read_and_large_bodies_are_bounded(stack, stub):
@@ -632,13 +654,20 @@ def test_routes_envoy_cannot_serve_go_to_the_gateway(stack, stub):
     before = envoy.counter("cluster.tensorgate_gateway.upstream_rq_total")
     response, trailers = call(stub, linear_request("via_gateway"))
     assert output(response) == Y_V1 and trailers["x-tensorgate-variant"] == "only"
-    # metadata RPCs too
+    # metadata RPCs too, even with routing headers (the route key is only ever Envoy's own)
     with grpc.insecure_channel(stack[2]) as channel:
         meta = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(
-            oip.ModelMetadataRequest(name="linear"), timeout=5
+            oip.ModelMetadataRequest(name="linear"),
+            timeout=5,
+            metadata=(("x-tensorgate-model", "linear"), ("x-tensorgate-route", "linear@1")),
         )
     assert meta.name == "linear"
     assert envoy.counter("cluster.tensorgate_gateway.upstream_rq_total") == before + 2
+    # a caller's own route key is dropped: the body's version decides
+    response, trailers = call(
+        stub, linear_request("linear", "1"), metadata=(("x-tensorgate-route", "linear@2"),)
+    )
+    assert output(response) == Y_V1 and trailers["x-tensorgate-variant"] == "stable"
     out = subprocess.run(
         [str(TENSORGATE), "check-config", str(stack[0].config_path)],
         capture_output=True, text=True, check=True,
