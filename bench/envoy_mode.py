@@ -10,9 +10,14 @@ control plane, and the Python data plane), and one Envoy 1.40 (tools venv) boots
   retries (UNAVAILABLE) and outlier detection on;
 - `envoy-plain` (with --plain): Envoy, model `demo_linear` pinned to version 1: the same weights,
   retries and outlier detection, but no rename (the route's names are Triton's);
-- `gateway`: the Python gateway, model `linear`, the same route table.
+- `gateway`: the Python gateway, model `linear`, the same route table;
+- `envoy-bare` (with --bare): a second Envoy, same binary and flags, with the least an Envoy hop
+  can be: one static route forwarding every call to Triton, no filter but the router, no
+  retries. Not a tensorgate path; it separates the cost of the hop itself (Envoy's HTTP/2
+  proxying on this machine) from the cost of tensorgate's listener (Lua body read, route
+  table, weights, retries, stats, trailers).
 
-    python -m bench.envoy_mode [--duration 10] [--concurrency 1,16] [--rounds 1] [--plain]
+    python -m bench.envoy_mode [--duration 10] [--concurrency 1,16] [--rounds 1] [--plain] [--bare]
 
 Everything shares the machine's cores (load generator, Envoy, gateway, Triton); results are
 noisy on a shared machine. Writes bench/results/envoy_mode-*.json.
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import json
 import signal
 import subprocess
 import sys
@@ -131,6 +137,73 @@ class EnvoyProcess(ServerProcess):
         return out
 
 
+def _socket(host: str, port: int) -> dict:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _typed(type_name: str, **fields) -> dict:
+    return {"@type": f"type.googleapis.com/envoy.{type_name}", **fields}
+
+
+class BareEnvoyProcess(EnvoyProcess):
+    """Envoy with a static config: every call to Triton, the router the only HTTP filter."""
+
+    name = "envoy-bare"
+
+    def __init__(self, triton_address: str, workdir: Path) -> None:
+        ServerProcess.__init__(self, workdir)
+        self.admin_port = free_port()
+        self.bootstrap = workdir / "envoy-bare.json"
+        host, port = triton_address.rsplit(":", 1)
+        route = {"match": {"prefix": "/"}, "route": {"cluster": "triton", "timeout": "0s"}}
+        manager = _typed(
+            "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            stat_prefix="bare",
+            codec_type="HTTP2",
+            generate_request_id=False,
+            route_config={"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [route]}]},
+            http_filters=[
+                {
+                    "name": "envoy.filters.http.router",
+                    "typed_config": _typed("extensions.filters.http.router.v3.Router"),
+                }
+            ],
+        )
+        listener = {
+            "name": "tensorgate",  # what is_ready looks for
+            "address": _socket("127.0.0.1", self.port),
+            "filter_chains": [
+                {"filters": [{"name": "envoy.http_connection_manager", "typed_config": manager}]}
+            ],
+        }
+        http2 = "extensions.upstreams.http.v3.HttpProtocolOptions"
+        cluster = {
+            "name": "triton",
+            "type": "STATIC",
+            "connect_timeout": "5s",
+            "typed_extension_protocol_options": {
+                f"envoy.{http2}": _typed(http2, explicit_http_config={"http2_protocol_options": {}})
+            },
+            "load_assignment": {
+                "cluster_name": "triton",
+                "endpoints": [
+                    {"lb_endpoints": [{"endpoint": {"address": _socket(host, int(port))}}]}
+                ],
+            },
+        }
+        config = {
+            "admin": {"address": _socket("127.0.0.1", self.admin_port)},
+            "static_resources": {"listeners": [listener], "clusters": [cluster]},
+        }
+        self.bootstrap.write_text(json.dumps(config, indent=1))
+
+    def command(self) -> list[str]:
+        return [
+            tool("envoy"), "-c", str(self.bootstrap), "--disable-hot-restart",
+            "--base-id", "79", "--concurrency", "1", "--log-level", "warn",
+        ]  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.envoy_mode",
@@ -143,6 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=5.0)
     parser.add_argument("--plain", action="store_true", help="also measure envoy-plain")
+    parser.add_argument(
+        "--bare", action="store_true", help="also measure envoy-bare (the Envoy hop alone)"
+    )
     parser.add_argument("--models", default=str(REPO_ROOT / "deploy" / "demo" / "models"))
     parser.add_argument("--output", type=Path, default=None)
     argv_list = list(sys.argv[1:] if argv is None else argv)
@@ -174,6 +250,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         if args.plain:
             targets.append(Target("envoy-plain", envoy.address, BACKEND_MODEL, "1", envoy.pid))
+        if args.bare:
+            bare = BareEnvoyProcess(triton.address, workdir)
+            servers.append(bare)
+            bare.start()
+            targets.append(
+                Target("envoy-bare", bare.address, BACKEND_MODEL, BACKEND_VERSION, bare.pid)
+            )
         targets.append(Target("gateway", gateway.address, ROUTE, "", gateway.pid))
         runs, merged = asyncio.run(measure(args, triton, targets))
         envoy_stats = envoy.stats()

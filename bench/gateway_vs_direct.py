@@ -520,8 +520,9 @@ def report(
     levels: Sequence[int],
     names: Sequence[str],
 ) -> tuple[str, list[dict], list[dict]]:
+    width = max(8, *(len(n) for n in names))
     header = (
-        f"{'target':<8} {'conc':>4} {'rps':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
+        f"{'target':<{width}} {'conc':>4} {'rps':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
         f"{'errors':>6}   CPU us/call (loadgen / hop / triton)   "
         "each leg: rps (other procs, cores)"
     )
@@ -540,7 +541,7 @@ def report(
                 if x["name"] == name and x["concurrency"] == c
             ]
             lines.append(
-                f"{name:<8} {c:>4} {r.rps:>8.0f} {r.percentile_ms(50):>8.3f} "
+                f"{name:<{width}} {c:>4} {r.rps:>8.0f} {r.percentile_ms(50):>8.3f} "
                 f"{r.percentile_ms(95):>8.3f} {r.percentile_ms(99):>8.3f} {errs:>6}   "
                 f"{cpu_text:<34} {', '.join(legs)}"
             )
@@ -556,8 +557,9 @@ def report(
             }
             ratios.append(ratio)
             lines.append(
-                f"{'ratio':<8} {c:>4}   {other}/{base} throughput {ratio['throughput_ratio']}, "
-                f"p50 +{ratio['p50_added_ms']} ms, p99 +{ratio['p99_added_ms']} ms"
+                f"{'ratio':<{width}} {c:>4}   {other}/{base} "
+                f"throughput {ratio['throughput_ratio']}, p50 +{ratio['p50_added_ms']} ms, "
+                f"p99 +{ratio['p99_added_ms']} ms"
             )
         lines.append("")
     return "\n".join(lines), rows, ratios
