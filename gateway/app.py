@@ -287,7 +287,10 @@ class Gateway:
             self.control_plane = ControlPlane(
                 self.runtime.metrics.registry, lambda: self.runtime.readiness.down
             )
-            await self.control_plane.start(listeners.xds, self.runtime.config)
+            credentials = None
+            if config.envoy.xds_tls.cert_file:
+                credentials = server_credentials(config.envoy.xds_tls, "envoy.xds_tls")
+            await self.control_plane.start(listeners.xds, self.runtime.config, credentials)
             if self.route_manager is not None:
                 self.route_manager.on_change.append(self.control_plane.update)
         host = address.rpartition(":")[0]

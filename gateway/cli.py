@@ -38,6 +38,21 @@ def main(argv: list[str] | None = None) -> int:
     boot.add_argument("--node-id", default="envoy", help="this Envoy's name in the fleet")
     boot.add_argument("--admin", default="127.0.0.1:9901", help="Envoy's own admin address")
     boot.add_argument("--xds-address", help="where Envoy reaches the control plane")
+    boot.add_argument(
+        "--xds-ca",
+        metavar="FILE",
+        help="TLS to the control plane (envoy.xds_tls): the CA that signed its certificate",
+    )
+    boot.add_argument(
+        "--xds-cert", metavar="FILE", help="this Envoy's client certificate (mTLS), PEM"
+    )
+    boot.add_argument("--xds-key", metavar="FILE", help="the key of --xds-cert, PEM")
+    boot.add_argument(
+        "--xds-server-name",
+        metavar="NAME",
+        help="the name the control plane's certificate must carry (SAN; SNI for a DNS name); "
+        "default: the host of the xDS address",
+    )
     drift = sub.add_parser("drift", help="drift monitoring: write a reference (baseline)")
     drift_sub = drift.add_subparsers(dest="drift_command", required=True)
     base = drift_sub.add_parser(
@@ -121,7 +136,16 @@ def _envoy_bootstrap(args) -> int:
     try:
         config = load_file(args.config)
         text = render(
-            bootstrap(config, node_id=args.node_id, admin=args.admin, xds_address=args.xds_address)
+            bootstrap(
+                config,
+                node_id=args.node_id,
+                admin=args.admin,
+                xds_address=args.xds_address,
+                xds_ca=args.xds_ca,
+                xds_cert=args.xds_cert,
+                xds_key=args.xds_key,
+                xds_server_name=args.xds_server_name,
+            )
         )
     except (ConfigError, ValueError) as err:
         print(err, file=sys.stderr)

@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import pathlib
 import re
+import ssl
 from dataclasses import dataclass
 
 import yaml
@@ -486,7 +487,8 @@ def _check_settings(config: config_pb2.GatewayConfig, problems: list[Problem]) -
 
 
 def _check_envoy(config: config_pb2.GatewayConfig, problems: list[Problem]) -> None:
-    """Envoy mode (listeners.xds, envoy.*): addresses, and xDS kept on loopback unless asked."""
+    """Envoy mode (listeners.xds, envoy.*): addresses, and xDS kept on loopback unless mTLS or
+    asked."""
     envoy = config.envoy
     if config.listeners.xds == "off":
         if envoy.ByteSize():
@@ -496,23 +498,71 @@ def _check_envoy(config: config_pb2.GatewayConfig, problems: list[Problem]) -> N
         reason = address_problem(getattr(envoy, field))
         if reason:
             problems.append(Problem(f"envoy.{field}", reason))
-    if not address_problem(config.listeners.xds):
-        host = config.listeners.xds.rpartition(":")[0]
-        if not is_loopback(host) and not envoy.xds_on_network:
-            problems.append(
-                Problem(
-                    "listeners.xds",
-                    f"{config.listeners.xds!r} is not a loopback address: the route table would "
-                    "be readable from the network. Bind it to 127.0.0.1 (an Envoy sidecar), or "
-                    "set envoy.xds_on_network: true on a network you trust",
-                )
+    mtls = _check_xds_tls(envoy.xds_tls, problems)
+    xds = config.listeners.xds
+    on_network = not address_problem(xds) and not is_loopback(xds.rpartition(":")[0])
+    if on_network and not mtls and not envoy.xds_on_network:
+        if envoy.xds_tls.cert_file:
+            reason = (
+                "envoy.xds_tls has no client_ca_file: TLS alone encrypts the route table, but "
+                "anyone who can connect still reads it. Set envoy.xds_tls.client_ca_file (mTLS), "
+                "or envoy.xds_on_network: true on a network you trust"
             )
+        else:
+            reason = (
+                "the route table would be readable from the network. Bind it to 127.0.0.1 (an "
+                "Envoy sidecar), set envoy.xds_tls (cert_file, key_file, client_ca_file: mTLS), "
+                "or set envoy.xds_on_network: true on a network you trust"
+            )
+        problems.append(Problem("listeners.xds", f"{xds!r} is not a loopback address: {reason}"))
     if envoy.max_body_bytes < 1024:
         problems.append(Problem("envoy.max_body_bytes", "must be at least 1024"))
     models = {r.model for r in config.routes}
     for i, model in enumerate(envoy.gateway_routes):
         if model not in models:
             problems.append(Problem(f"envoy.gateway_routes[{i}]", f"no route for model {model!r}"))
+
+
+def _check_xds_tls(tls: config_pb2.Tls, problems: list[Problem]) -> bool:
+    """envoy.xds_tls: certificate and key named together and readable now, so that a wrong path
+    fails check-config rather than the gateway's start. True for complete mTLS."""
+    if not tls.ByteSize():
+        return False
+    for field in ("cert_file", "key_file"):
+        if not getattr(tls, field):
+            problems.append(Problem(f"envoy.xds_tls.{field}", "required with envoy.xds_tls"))
+    unusable = False
+    for field in ("cert_file", "key_file", "client_ca_file"):
+        path = getattr(tls, field)
+        reason = _pem_problem(path) if path else None
+        if reason:
+            problems.append(Problem(f"envoy.xds_tls.{field}", reason))
+            unusable = True
+    if tls.cert_file and tls.key_file and not unusable:
+        # gRPC would only say "Failed to bind" for a key that is not the certificate's.
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
+                tls.cert_file, tls.key_file, password=lambda: b""
+            )
+        except ssl.SSLError as err:
+            problems.append(
+                Problem(
+                    "envoy.xds_tls.key_file",
+                    f"not the (unencrypted) private key of cert_file: {err.reason or err}",
+                )
+            )
+    return bool(tls.cert_file and tls.key_file and tls.client_ca_file)
+
+
+def _pem_problem(path: str) -> str | None:
+    """Why `path` is not a readable PEM file, or None. Never quotes the content (keys)."""
+    try:
+        data = pathlib.Path(path).read_bytes()
+    except OSError as err:
+        return f"cannot read {path}: {err.strerror}"
+    if b"-----BEGIN " not in data:
+        return f"{path} is not PEM (no -----BEGIN line)"
+    return None
 
 
 def _check_store(config: config_pb2.GatewayConfig, problems: list[Problem]) -> None:

@@ -277,8 +277,11 @@ def _version(resources: dict) -> str:
     return content_version(resources)
 
 
-async def serve(address: str, server: XdsServer) -> tuple[grpc.aio.Server, int]:
-    """Start a gRPC server for `server` on `address`; returns it and the bound port."""
+async def serve(
+    address: str, server: XdsServer, credentials: grpc.ServerCredentials | None = None
+) -> tuple[grpc.aio.Server, int]:
+    """Start a gRPC server for `server` on `address` (TLS with `credentials`: envoy.xds_tls,
+    read by the gateway, app.server_credentials); returns it and the bound port."""
     grpc_server = grpc.aio.server(
         options=[
             ("grpc.so_reuseport", 0),
@@ -290,11 +293,21 @@ async def serve(address: str, server: XdsServer) -> tuple[grpc.aio.Server, int]:
     )
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(server, grpc_server)
     try:
-        port = grpc_server.add_insecure_port(address)
+        if credentials is not None:
+            port = grpc_server.add_secure_port(address, credentials)
+        else:
+            port = grpc_server.add_insecure_port(address)
     except RuntimeError:
         port = 0
     if not port:
-        raise OSError(f"cannot listen on {address} (listeners.xds): address in use?")
+        why = "address in use?"
+        if credentials is not None:
+            why = "address in use, or envoy.xds_tls's key does not match its certificate?"
+        raise OSError(f"cannot listen on {address} (listeners.xds): {why}")
     await grpc_server.start()
-    log.info("xds: ADS serving on %s", address.rpartition(":")[0] + f":{port}")
+    log.info(
+        "xds: ADS serving on %s (%s)",
+        address.rpartition(":")[0] + f":{port}",
+        "TLS" if credentials is not None else "plaintext",
+    )
     return grpc_server, port

@@ -7,10 +7,11 @@ import json
 
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import config_source_pb2, grpc_service_pb2
+from envoy.config.core.v3 import base_pb2, config_source_pb2, grpc_service_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from google.protobuf import json_format
 
-from gateway.envoy.compile import WEIGHTS_LAYER, _cluster, _socket
+from gateway.envoy.compile import WEIGHTS_LAYER, _any, _cluster, _is_ip, _socket, _split
 from tensorgate.config.v1 import config_pb2
 
 XDS_CLUSTER = "tensorgate_xds"
@@ -22,14 +23,22 @@ def bootstrap(
     node_id: str = "envoy",
     admin: str = "127.0.0.1:9901",
     xds_address: str | None = None,
+    xds_ca: str | None = None,
+    xds_cert: str | None = None,
+    xds_key: str | None = None,
+    xds_server_name: str | None = None,
 ) -> bootstrap_pb2.Bootstrap:
-    """A bootstrap for one Envoy of the fleet (`node_id` names it in the control plane's logs)."""
+    """A bootstrap for one Envoy of the fleet (`node_id` names it in the control plane's logs).
+    `xds_ca`: TLS to the control plane (envoy.xds_tls), its certificate checked against this CA
+    and `xds_server_name` (default: the host Envoy dials); `xds_cert`/`xds_key`: this Envoy's
+    client certificate. Paths as the Envoy sees them (it reads them when it starts)."""
     address = xds_address or config.listeners.xds
     if address in ("", "off"):
         raise ValueError("listeners.xds is off: set it (e.g. 127.0.0.1:18000) to use Envoy mode")
     host, _, port = address.rpartition(":")
     if host in ("0.0.0.0", "[::]", "::"):
         address = f"127.0.0.1:{port}"
+    _check_tls_options(config.envoy.xds_tls, xds_ca, xds_cert, xds_key, xds_server_name)
     boot = bootstrap_pb2.Bootstrap()
     boot.node.id = node_id
     boot.node.cluster = "tensorgate"
@@ -40,6 +49,9 @@ def bootstrap(
         xds.ClearField("eds_cluster_config")
         xds.load_assignment.CopyFrom(endpoints)
     xds.ClearField("common_lb_config")
+    if xds_ca:
+        server_name = xds_server_name or _split(address)[0]
+        xds.transport_socket.CopyFrom(_xds_tls(xds_ca, xds_cert, xds_key, server_name))
     # Reconnect quickly when the control plane restarts.
     xds.upstream_connection_options.tcp_keepalive.keepalive_time.value = 30
     boot.static_resources.clusters.append(xds)
@@ -63,6 +75,61 @@ def bootstrap(
     weights.rtds_layer.rtds_config.resource_api_version = config_source_pb2.V3
     boot.layered_runtime.layers.add(name="admin").admin_layer.SetInParent()
     return boot
+
+
+def _check_tls_options(
+    tls: config_pb2.Tls,
+    ca: str | None,
+    cert: str | None,
+    key: str | None,
+    server_name: str | None,
+) -> None:
+    """The Envoy side must match envoy.xds_tls: a mismatch would only show as an Envoy that
+    keeps reconnecting."""
+    if bool(cert) != bool(key):
+        raise ValueError("--xds-cert and --xds-key go together (this Envoy's client certificate)")
+    if (cert or server_name) and not ca:
+        raise ValueError("--xds-cert/--xds-key/--xds-server-name need --xds-ca (TLS to xDS)")
+    if tls.cert_file and not ca:
+        raise ValueError(
+            "envoy.xds_tls is set: the control plane serves xDS over TLS only. Pass --xds-ca FILE "
+            "(the CA that signed envoy.xds_tls.cert_file)"
+            + (", --xds-cert FILE and --xds-key FILE" if tls.client_ca_file else "")
+        )
+    if ca and not tls.cert_file:
+        raise ValueError(
+            "--xds-ca is given but envoy.xds_tls is not set: the control plane serves xDS in "
+            "plaintext (set envoy.xds_tls, or drop the --xds-* options)"
+        )
+    if tls.client_ca_file and not cert:
+        raise ValueError(
+            "envoy.xds_tls.client_ca_file is set: the control plane only accepts Envoys with a "
+            "client certificate it signed. Pass --xds-cert FILE and --xds-key FILE"
+        )
+
+
+def _xds_tls(
+    ca: str, cert: str | None, key: str | None, server_name: str
+) -> base_pb2.TransportSocket:
+    context = tls_pb2.UpstreamTlsContext()
+    common = context.common_tls_context
+    # HTTP/2 announced in the handshake, as gRPC's own clients do.
+    common.alpn_protocols.append("h2")
+    if cert:
+        certificate = common.tls_certificates.add()
+        certificate.certificate_chain.filename = cert
+        certificate.private_key.filename = key
+    validation = common.validation_context
+    validation.trusted_ca.filename = ca
+    # Any certificate the CA signed is not enough: it must name the control plane.
+    san = validation.match_typed_subject_alt_names.add()
+    san.matcher.exact = server_name
+    if _is_ip(server_name):
+        san.san_type = common_pb2.SubjectAltNameMatcher.IP_ADDRESS
+    else:
+        san.san_type = common_pb2.SubjectAltNameMatcher.DNS
+        context.sni = server_name  # SNI carries host names only (RFC 6066), never an IP
+    return base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=_any(context))
 
 
 def render(boot: bootstrap_pb2.Bootstrap) -> str:

@@ -54,9 +54,15 @@ class ControlPlane:
             sum(d.path == "gateway" for d in resources.decisions),
         )
 
-    async def start(self, address: str, config: config_pb2.GatewayConfig) -> None:
+    async def start(
+        self,
+        address: str,
+        config: config_pb2.GatewayConfig,
+        credentials: grpc.ServerCredentials | None = None,
+    ) -> None:
+        """Serve ADS on `address`, over TLS with `credentials` (envoy.xds_tls)."""
         self.update(config)
-        self._server, self.port = await ads.serve(address, self.xds)
+        self._server, self.port = await ads.serve(address, self.xds, credentials)
         self._watch = asyncio.create_task(self._follow_readiness())
 
     async def _follow_readiness(self) -> None:
