@@ -8,14 +8,16 @@ ids, so every response (a decoupled model sends 0..N per request, the last flagg
 version are put back before it is written to the caller. Responses to one request keep their
 order (one backend stream carries them in order).
 
-Failures: a request the gateway refuses (unknown model or version, a parameter off the
-allowlist, a backend whose breaker is open, a backend kind without streams) is answered in the
-stream with `error_message`, as Triton answers a request it cannot run, and the stream goes on.
-Errors Triton sends that way pass through. A backend stream that breaks (the backend died or
-closed it) ends the caller's stream with UNAVAILABLE: the requests in flight on it are lost, and
-the caller must know. Deadlines: the caller's deadline bounds every backend stream.
-Per request: the call is counted in the gateway's metrics (model, variant, backend, code) when
-its final response arrives, and a breaker that is open refuses new requests to its backend.
+Failures: a request the gateway refuses (malformed as ModelInfer would refuse it: no inputs,
+duplicate or unnamed inputs, contents that do not fit the shape, oversized names; an unknown
+model or version, a parameter off the allowlist, a backend whose breaker is open, a backend kind
+without streams) is answered in the stream with `error_message`, as Triton answers a request it
+cannot run, and the stream goes on. Errors Triton sends that way pass through. A backend stream
+that breaks (the backend died or closed it) ends the caller's stream with UNAVAILABLE: the
+requests in flight on it are lost, and the caller must know. Deadlines: the caller's deadline
+bounds every backend stream. Per request: the call is counted in the gateway's metrics (model,
+variant, backend, code) when its final response arrives, and a breaker that is open refuses new
+requests to its backend.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from tritonclient.grpc import service_pb2 as oip
 
 from gateway import tracing
 from gateway.errors import GatewayError, shown
+from gateway.layers.validation import check_structure
 from gateway.metrics import UNROUTED
 
 log = logging.getLogger(__name__)
@@ -115,6 +118,9 @@ class StreamRelay:
 
     async def _write(self, request: oip.ModelInferRequest) -> None:
         runtime = self._runtime
+        # The same checks as ModelInfer's validation layer (each message's size was checked on
+        # the wire by the intake).
+        check_structure(request, max_inputs=runtime.config.limits.max_inputs)
         plan = runtime.table.plan(request.model_name)
         target = plan.resolve(request.model_version, self._route_key)
         adapter = runtime.adapters[target.backend]

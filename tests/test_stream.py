@@ -145,6 +145,35 @@ def test_refused_parameters_and_raw_stub(gateway):
     assert replies[0].infer_response.id == "shm"
 
 
+def test_malformed_requests_are_refused_in_the_stream_as_modelinfer_refuses_them(gateway):
+    """The unary path's structural checks apply per stream message; the stream goes on."""
+
+    def request(id: str, *names: str, values: int = 1) -> oip.ModelInferRequest:
+        out = oip.ModelInferRequest(model_name="repeat", id=id)
+        out.parameters["triton_enable_empty_final_response"].bool_param = True
+        for name in names:
+            tensor = out.inputs.add(name=name, datatype="FP32", shape=[1])
+            tensor.contents.fp32_contents.extend([1.0] * values)
+        return out
+
+    sent = [
+        request("none"),
+        request("twice", "INPUT0", "INPUT0"),
+        request("unnamed", ""),
+        request("misfit", "INPUT0", values=3),
+        request("fine", "INPUT0"),
+    ]
+    with grpc.insecure_channel(gateway.address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        replies = list(stub.ModelStreamInfer(iter(sent), timeout=10))
+    errors = {r.infer_response.id: r.error_message for r in replies if r.error_message}
+    assert "has no inputs" in errors["none"]
+    assert "appears more than once" in errors["twice"]
+    assert "has no name" in errors["unnamed"]
+    assert "needs 1 elements" in errors["misfit"]
+    assert {r.infer_response.id for r in replies if not r.error_message} == {"fine"}
+
+
 def test_a_backend_dying_mid_stream_ends_the_stream_unavailable(triton):
     with FaultProxy(triton.address) as proxy, GatewayProcess(_config(proxy.address)) as gw:
         client = tc.InferenceServerClient(gw.address)
