@@ -56,6 +56,7 @@ from tests.oip import Y_V1, linear_request
 
 DEPLOY = REPO_ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
+K8S_ENVOY = DEPLOY / "kubernetes-envoy"  # the Envoy-sidecar overlay of K8S
 ENVOY_YAML = DEPLOY / "envoy" / "envoy.yaml"
 PROM = DEPLOY / "prometheus"
 DASHBOARD = DEPLOY / "grafana" / "tensorgate.json"
@@ -368,9 +369,11 @@ def host_port(address: str) -> tuple[str, int]:
 
 def test_deployment_matches_the_gateway_config():
     config = yaml.safe_load(configmap_gateway_yaml())
-    listeners = {k: host_port(v) for k, v in config["listeners"].items()}
-    # In a pod the listeners bind every interface, explicitly (the gateway's default is loopback).
+    listeners = {k: host_port(v) for k, v in config["listeners"].items() if k != "xds"}
+    # In a pod the listeners bind every interface, explicitly (the gateway's default is loopback),
+    # except xDS: only the pod's own Envoy sidecar (deploy/kubernetes-envoy) may read the table.
     assert {host for host, _ in listeners.values()} == {"0.0.0.0"}
+    assert host_port(config["listeners"]["xds"])[0] == "127.0.0.1"
     deployment = manifest("Deployment")
     assert deployment["spec"]["replicas"] == 2
     pod = deployment["spec"]["template"]["spec"]
@@ -513,8 +516,10 @@ def test_configmap_gateway_config_serves_with_its_admin_api(triton, tmp_path):
     config = yaml.safe_load(configmap_gateway_yaml())
     for backend in config["backends"]:
         backend["address"] = triton.address
-    admin_port = free_port()
-    config["listeners"] = {"admin": f"127.0.0.1:{admin_port}"}  # GatewayProcess adds the others
+    admin_port, xds_port, envoy_port = free_port(), free_port(), free_port()
+    # GatewayProcess adds the others
+    config["listeners"] = {"admin": f"127.0.0.1:{admin_port}", "xds": f"127.0.0.1:{xds_port}"}
+    config["envoy"]["listen"] = f"127.0.0.1:{envoy_port}"
     token = "k8s-test-token-0123456789"
     (tmp_path / "tokens.yaml").write_text(yaml.safe_dump([{"name": "ops", "role": "admin", "token": token}]))  # fmt: skip
     config["admin"] |= {"tokens_file": str(tmp_path / "tokens.yaml")}
@@ -534,6 +539,13 @@ def test_configmap_gateway_config_serves_with_its_admin_api(triton, tmp_path):
                 stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
                 reply = stub.ModelInfer(linear_request(version="1"), timeout=10)
             assert np.frombuffer(reply.raw_output_contents[0], dtype=np.float32).tolist() == Y_V1
+            # deploy/kubernetes-envoy's sidecar: its init container's command writes the
+            # bootstrap, its container's args run Envoy; a stock call through it is answered.
+            envoy = envoy_sidecar(gw.config_path, tmp_path)
+            try:
+                assert infer_linear(f"127.0.0.1:{envoy_port}") == [Y_V1]
+            finally:
+                assert envoy.stop() == 0, envoy.output()[-4000:]
             with grpc.insecure_channel(gw.admin_address) as channel:
                 with pytest.raises(grpc.RpcError):  # plaintext is not spoken there
                     admin_pb2_grpc.AdminServiceStub(channel).GetRouteTable(
@@ -558,6 +570,83 @@ def test_configmap_gateway_config_serves_with_its_admin_api(triton, tmp_path):
                 assert changed.revision.number == 2 and etcd.get(head) == "2"
         assert gw.proc.returncode == 0, gw.log()
     assert not (tmp_path / ".tensorgate-state").exists()  # admin.state_dir's default: unused
+
+
+@functools.cache
+def rendered_envoy_overlay() -> str:
+    result = run([tool("kubectl"), "kustomize", str(K8S_ENVOY)])
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def envoy_overlay_pod() -> dict:
+    for doc in yaml.safe_load_all(rendered_envoy_overlay()):
+        if doc and doc["kind"] == "Deployment":
+            return doc["spec"]["template"]["spec"]
+    raise AssertionError("no Deployment in deploy/kubernetes-envoy")
+
+
+def envoy_sidecar(config_path: Path, directory: Path) -> Process:
+    """The overlay's init container (its args, paths made local) then its Envoy container (its
+    args), against the gateway serving `config_path`; returns once Envoy's listener is up."""
+    pod = envoy_overlay_pod()
+    (init,) = pod["initContainers"]
+    envoy = next(c for c in pod["containers"] if c["name"] == "envoy")
+    bootstrap = directory / "envoy.json"
+    local = {
+        "/etc/tensorgate/config/gateway.yaml": str(config_path),
+        "/etc/envoy/envoy.json": str(bootstrap),
+        "$(POD_NAME)": "tensorgate-0",
+        "127.0.0.1:9901": f"127.0.0.1:{free_port()}",
+    }
+
+    def localized(args: list[str]) -> list[str]:
+        out = []
+        for arg in args:
+            for pod_value, here in local.items():
+                arg = arg.replace(pod_value, here)
+            out.append(arg)
+        return out
+
+    written = run([str(TENSORGATE), *localized(init["args"])])
+    assert written.returncode == 0, written.stdout + written.stderr
+    admin = json.loads(bootstrap.read_text())["admin"]["address"]["socketAddress"]
+    process = Process([tool("envoy"), *localized(envoy["args"]), "--base-id", "61"], directory, "sidecar")  # fmt: skip
+    url = f"http://127.0.0.1:{admin['portValue']}/listeners"
+    wait_for(lambda: process.alive() and "tensorgate" in http_get(url), 20, "sidecar listener")
+    return process
+
+
+def test_envoy_overlay_renders_validates_and_matches_the_config(tmp_path):
+    rendered = tmp_path / "rendered.yaml"
+    rendered.write_text(rendered_envoy_overlay())
+    objects = {
+        (doc["kind"], doc["metadata"]["name"]): doc
+        for doc in yaml.safe_load_all(rendered.read_text())
+        if doc
+    }
+    output = kubernetes_validate([rendered])
+    assert output.count(" passed for resource ") == len(objects)
+    assert {k for k, _ in objects} == {k for k, _ in rendered_objects()}  # the base, patched
+    pod = envoy_overlay_pod()
+    (init,) = pod["initContainers"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    assert set(containers) == {"gateway", "envoy"}
+    # The init container runs the gateway's image (kept equal to the base's by hand).
+    assert init["image"] == containers["gateway"]["image"] == manifest("Deployment")["spec"][
+        "template"]["spec"]["containers"][0]["image"]  # fmt: skip
+    config = yaml.safe_load(configmap_gateway_yaml())
+    envoy_port = {p["name"]: p["containerPort"] for p in containers["envoy"]["ports"]}["envoy"]
+    assert host_port(config["envoy"]["listen"]) == ("0.0.0.0", envoy_port)
+    # The bootstrap Envoy reads is the one the init container writes, in a shared volume.
+    output_arg = next(a for a in init["args"] if a.startswith("--output="))
+    envoy_args = containers["envoy"]["args"]
+    assert envoy_args[envoy_args.index("-c") + 1] == output_arg.split("=", 1)[1]
+    # Callers reach Envoy: the Service's grpc port and the NetworkPolicy's first rule.
+    service = objects[("Service", "tensorgate")]
+    assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]}["grpc"] == "envoy"
+    policy = objects[("NetworkPolicy", "tensorgate")]
+    assert {"port": "envoy", "protocol": "TCP"} in policy["spec"]["ingress"][0]["ports"]
 
 
 # --- Envoy ---------------------------------------------------------------------------------------
