@@ -498,6 +498,20 @@ def _check_envoy(config: config_pb2.GatewayConfig, problems: list[Problem]) -> N
         reason = address_problem(getattr(envoy, field))
         if reason:
             problems.append(Problem(f"envoy.{field}", reason))
+    if config.listeners.HasField("data_plane_tls") and _same_listener(
+        envoy.gateway_address, config.listeners.data_plane
+    ):
+        # Envoy's gateway cluster speaks plaintext HTTP/2 (compile.py): every call Envoy hands
+        # to the gateway would fail its TLS handshake.
+        problems.append(
+            Problem(
+                "envoy.gateway_address",
+                f"{envoy.gateway_address!r} is the data plane, which serves TLS "
+                "(listeners.data_plane_tls), and Envoy reaches the gateway in plaintext: point "
+                "envoy.gateway_address at a plaintext data plane, or drop data_plane_tls (put "
+                "TLS on Envoy's listener instead)",
+            )
+        )
     mtls = _check_xds_tls(envoy.xds_tls, problems)
     xds = config.listeners.xds
     on_network = not address_problem(xds) and not is_loopback(xds.rpartition(":")[0])
@@ -521,6 +535,15 @@ def _check_envoy(config: config_pb2.GatewayConfig, problems: list[Problem]) -> N
     for i, model in enumerate(envoy.gateway_routes):
         if model not in models:
             problems.append(Problem(f"envoy.gateway_routes[{i}]", f"no route for model {model!r}"))
+
+
+def _same_listener(address: str, listener: str) -> bool:
+    """Whether `address` reaches `listener` on this host (same port, its host or loopback)."""
+    if address_problem(address) or address_problem(listener):
+        return False
+    host, _, port = address.rpartition(":")
+    listen_host, _, listen_port = listener.rpartition(":")
+    return port == listen_port and (host == listen_host or is_loopback(host) or host == "localhost")
 
 
 def _check_xds_tls(tls: config_pb2.Tls, problems: list[Problem]) -> bool:

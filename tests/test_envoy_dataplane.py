@@ -308,6 +308,13 @@ def test_config_keeps_xds_on_loopback_unless_asked():
     from_dict({**base, "listeners": {"xds": "0.0.0.0:18000"}, "envoy": {"xds_on_network": True}})
     with pytest.raises(ConfigError, match=r"envoy: set listeners\.xds"):
         from_dict({**base, "envoy": {"listen": "127.0.0.1:1"}})
+    # Envoy reaches the gateway in plaintext: a TLS data plane as its gateway is refused ...
+    tls = {"cert_file": "/x/cert.pem", "key_file": "/x/key.pem"}
+    listeners = {"xds": "127.0.0.1:18000", "data_plane": "127.0.0.1:8001", "data_plane_tls": tls}
+    with pytest.raises(ConfigError, match=r"envoy\.gateway_address.*plaintext"):
+        from_dict({**base, "listeners": listeners})
+    # ... unless Envoy is pointed at another, plaintext, data plane.
+    from_dict({**base, "listeners": listeners, "envoy": {"gateway_address": "127.0.0.1:8101"}})
 
 
 # --- the ADS state machine: pure ---------------------------------------------------------------
