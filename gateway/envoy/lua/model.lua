@@ -25,8 +25,9 @@ local MAX_NAME = 128
 -- The body is read through a window: one getBytes of up to WINDOW bytes serves every key and
 -- length inside it (a call into Envoy per field would cost more than the parse); a key beyond
 -- it (after a large raw_input_contents) moves the window there. The parse is plain loops over
--- that string, no closures or method calls per field: at 16 in flight the previous,
--- visitor-based parse cost ~15 us of Envoy CPU per call, a tenth of Envoy's whole cost.
+-- that string, no closures or method calls per field. Measured at 16 in flight, this whole
+-- filter (buffering, parse, route re-selection) costs ~20-28 us of Envoy CPU per call, a sixth
+-- of Envoy's cost; the parse itself is a small part of it.
 local WINDOW = 4096
 local KEY_AND_LENGTH = 20 -- two varints of at most 10 bytes each
 local byte, sub, floor = string.byte, string.sub, math.floor
