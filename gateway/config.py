@@ -498,20 +498,7 @@ def _check_envoy(config: config_pb2.GatewayConfig, problems: list[Problem]) -> N
         reason = address_problem(getattr(envoy, field))
         if reason:
             problems.append(Problem(f"envoy.{field}", reason))
-    if config.listeners.HasField("data_plane_tls") and _same_listener(
-        envoy.gateway_address, config.listeners.data_plane
-    ):
-        # Envoy's gateway cluster speaks plaintext HTTP/2 (compile.py): every call Envoy hands
-        # to the gateway would fail its TLS handshake.
-        problems.append(
-            Problem(
-                "envoy.gateway_address",
-                f"{envoy.gateway_address!r} is the data plane, which serves TLS "
-                "(listeners.data_plane_tls), and Envoy reaches the gateway in plaintext: point "
-                "envoy.gateway_address at a plaintext data plane, or drop data_plane_tls (put "
-                "TLS on Envoy's listener instead)",
-            )
-        )
+    _check_gateway_tls(config, problems)
     mtls = _check_xds_tls(envoy.xds_tls, problems)
     xds = config.listeners.xds
     on_network = not address_problem(xds) and not is_loopback(xds.rpartition(":")[0])
@@ -535,6 +522,44 @@ def _check_envoy(config: config_pb2.GatewayConfig, problems: list[Problem]) -> N
     for i, model in enumerate(envoy.gateway_routes):
         if model not in models:
             problems.append(Problem(f"envoy.gateway_routes[{i}]", f"no route for model {model!r}"))
+
+
+def _check_gateway_tls(config: config_pb2.GatewayConfig, problems: list[Problem]) -> None:
+    """envoy.gateway_tls matches whether the data plane Envoy reaches serves TLS."""
+    envoy, listeners = config.envoy, config.listeners
+    tls = envoy.gateway_tls
+    if tls.server_name and not tls.ca_file:
+        problems.append(Problem("envoy.gateway_tls.ca_file", "required with envoy.gateway_tls"))
+    if not _same_listener(envoy.gateway_address, listeners.data_plane):
+        return  # another gateway's data plane: its TLS is not known here
+    if listeners.HasField("data_plane_tls"):
+        if not tls.ca_file:
+            problems.append(
+                Problem(
+                    "envoy.gateway_tls",
+                    f"envoy.gateway_address {envoy.gateway_address!r} is the data plane, which "
+                    "serves TLS (listeners.data_plane_tls): set envoy.gateway_tls.ca_file (the CA "
+                    "that signed the data plane's certificate, a path on the Envoy hosts), or "
+                    "Envoy's calls to the gateway fail their handshake",
+                )
+            )
+        if listeners.data_plane_tls.client_ca_file:
+            problems.append(
+                Problem(
+                    "listeners.data_plane_tls.client_ca_file",
+                    "Envoy mode: the data plane would require client certificates, and Envoy "
+                    "presents none to the gateway (not supported)",
+                )
+            )
+    elif tls.ca_file:
+        problems.append(
+            Problem(
+                "envoy.gateway_tls",
+                f"envoy.gateway_address {envoy.gateway_address!r} is the data plane, which serves "
+                "plaintext (no listeners.data_plane_tls): drop envoy.gateway_tls or set "
+                "data_plane_tls",
+            )
+        )
 
 
 def _same_listener(address: str, listener: str) -> bool:

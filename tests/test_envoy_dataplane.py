@@ -308,12 +308,21 @@ def test_config_keeps_xds_on_loopback_unless_asked():
     from_dict({**base, "listeners": {"xds": "0.0.0.0:18000"}, "envoy": {"xds_on_network": True}})
     with pytest.raises(ConfigError, match=r"envoy: set listeners\.xds"):
         from_dict({**base, "envoy": {"listen": "127.0.0.1:1"}})
-    # Envoy reaches the gateway in plaintext: a TLS data plane as its gateway is refused ...
+    # Envoy's TLS to the gateway must match the data plane's: TLS without gateway_tls ...
     tls = {"cert_file": "/x/cert.pem", "key_file": "/x/key.pem"}
     listeners = {"xds": "127.0.0.1:18000", "data_plane": "127.0.0.1:8001", "data_plane_tls": tls}
-    with pytest.raises(ConfigError, match=r"envoy\.gateway_address.*plaintext"):
+    with pytest.raises(ConfigError, match=r"envoy\.gateway_tls: .* serves TLS"):
         from_dict({**base, "listeners": listeners})
-    # ... unless Envoy is pointed at another, plaintext, data plane.
+    gateway_tls = {"gateway_tls": {"ca_file": "/envoy/ca.pem"}}
+    from_dict({**base, "listeners": listeners, "envoy": gateway_tls})
+    # ... client certificates Envoy cannot present, gateway_tls towards a plaintext data plane
+    with_clients = {**listeners, "data_plane_tls": {**tls, "client_ca_file": "/x/ca.pem"}}
+    with pytest.raises(ConfigError, match=r"client_ca_file: Envoy mode"):
+        from_dict({**base, "listeners": with_clients, "envoy": gateway_tls})
+    plaintext = {"xds": "127.0.0.1:18000", "data_plane": "127.0.0.1:8001"}
+    with pytest.raises(ConfigError, match=r"envoy\.gateway_tls: .* serves plaintext"):
+        from_dict({**base, "listeners": plaintext, "envoy": gateway_tls})
+    # Another gateway's data plane: its TLS is not known here.
     from_dict({**base, "listeners": listeners, "envoy": {"gateway_address": "127.0.0.1:8101"}})
 
 

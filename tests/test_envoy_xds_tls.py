@@ -1,8 +1,9 @@
-"""mTLS for the xDS control plane (envoy.xds_tls): config validation, `tensorgate envoy-bootstrap
---xds-ca/--xds-cert/--xds-key`, and a real `tensorgate serve` whose ADS listener requires client
-certificates, with real Envoys (tools venv) on 127.0.0.1: those with a certificate the client CA
-signed get the listener and carry a call to an in-process stand-in Triton; those with another
-CA's certificate, none, or that expect another server name get nothing.
+"""TLS around Envoy mode. mTLS for the xDS control plane (envoy.xds_tls): config validation,
+`tensorgate envoy-bootstrap --xds-ca/--xds-cert/--xds-key`, and a real `tensorgate serve` whose
+ADS listener requires client certificates, with real Envoys (tools venv) on 127.0.0.1: those
+with a certificate the client CA signed get the listener and carry a call to an in-process
+stand-in Triton; those with another CA's certificate, none, or that expect another server name
+get nothing. And TLS from Envoy to a TLS data plane (envoy.gateway_tls).
 """
 
 from __future__ import annotations
@@ -327,3 +328,51 @@ def test_envoys_without_a_certificate_the_ca_signed_get_nothing(plane, pki, tmp_
     assert metric(after, "tensorgate_xds_connected_envoys") == metric(
         before, "tensorgate_xds_connected_envoys"
     )
+
+
+# --- Envoy -> the gateway's data plane over TLS ----------------------------------------------
+
+
+def test_envoy_reaches_a_tls_data_plane_with_gateway_tls(pki):
+    """listeners.data_plane_tls + envoy.gateway_tls: the calls Envoy hands to the gateway go
+    over TLS, the gateway's certificate checked against the CA and its name."""
+    backend = Backend()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(backend, server)
+    backend_port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    key, cert = pki.server
+    listen, data_plane = free_port(), f"127.0.0.1:{free_port()}"
+    config = {
+        "listeners": {
+            "xds": f"127.0.0.1:{free_port()}",
+            "data_plane": data_plane,
+            "data_plane_tls": {"cert_file": str(cert), "key_file": str(key)},
+        },
+        "envoy": {
+            "listen": f"127.0.0.1:{listen}",
+            "gateway_tls": {"ca_file": str(pki.ca)},
+            "gateway_routes": ["echo"],  # served by the gateway: Envoy hands every call over
+        },
+        "backends": [{**BASE["backends"][0], "address": f"127.0.0.1:{backend_port}"}],
+        "routes": BASE["routes"],
+    }
+    gateway = GatewayProcess(config)
+    try:
+        gateway.start(wait="none")
+        credentials = grpc.ssl_channel_credentials(root_certificates=pki.ca.read_bytes())
+        with grpc.secure_channel(data_plane, credentials) as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)  # the TLS data plane is up
+        admin = free_port()
+        boot = bootstrap_file(SimpleNamespace(gateway=gateway), "edge-tls-gateway", admin)
+        with Envoy(boot, admin, 73) as envoy:
+            with grpc.insecure_channel(f"127.0.0.1:{listen}") as channel:
+                stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+                response = stub.ModelInfer(linear_request("echo"), timeout=10)
+            assert response.model_name == "echo"
+            assert envoy.counter("cluster.tensorgate_gateway.upstream_rq_total") == 1
+            assert envoy.counter("cluster.tensorgate_gateway.ssl.handshake") >= 1
+        assert backend.calls == 1
+    finally:
+        gateway.stop()
+        server.stop(0)

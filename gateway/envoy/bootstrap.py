@@ -7,11 +7,10 @@ import json
 
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import base_pb2, config_source_pb2, grpc_service_pb2
-from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
+from envoy.config.core.v3 import config_source_pb2, grpc_service_pb2
 from google.protobuf import json_format
 
-from gateway.envoy.compile import WEIGHTS_LAYER, _any, _cluster, _is_ip, _socket, _split
+from gateway.envoy.compile import WEIGHTS_LAYER, _cluster, _socket, _split, upstream_tls
 from tensorgate.config.v1 import config_pb2
 
 XDS_CLUSTER = "tensorgate_xds"
@@ -51,7 +50,7 @@ def bootstrap(
     xds.ClearField("common_lb_config")
     if xds_ca:
         server_name = xds_server_name or _split(address)[0]
-        xds.transport_socket.CopyFrom(_xds_tls(xds_ca, xds_cert, xds_key, server_name))
+        xds.transport_socket.CopyFrom(upstream_tls(server_name, xds_ca, xds_cert, xds_key))
     # Reconnect quickly when the control plane restarts.
     xds.upstream_connection_options.tcp_keepalive.keepalive_time.value = 30
     boot.static_resources.clusters.append(xds)
@@ -106,30 +105,6 @@ def _check_tls_options(
             "envoy.xds_tls.client_ca_file is set: the control plane only accepts Envoys with a "
             "client certificate it signed. Pass --xds-cert FILE and --xds-key FILE"
         )
-
-
-def _xds_tls(
-    ca: str, cert: str | None, key: str | None, server_name: str
-) -> base_pb2.TransportSocket:
-    context = tls_pb2.UpstreamTlsContext()
-    common = context.common_tls_context
-    # HTTP/2 announced in the handshake, as gRPC's own clients do.
-    common.alpn_protocols.append("h2")
-    if cert:
-        certificate = common.tls_certificates.add()
-        certificate.certificate_chain.filename = cert
-        certificate.private_key.filename = key
-    validation = common.validation_context
-    validation.trusted_ca.filename = ca
-    # Any certificate the CA signed is not enough: it must name the control plane.
-    san = validation.match_typed_subject_alt_names.add()
-    san.matcher.exact = server_name
-    if _is_ip(server_name):
-        san.san_type = common_pb2.SubjectAltNameMatcher.IP_ADDRESS
-    else:
-        san.san_type = common_pb2.SubjectAltNameMatcher.DNS
-        context.sni = server_name  # SNI carries host names only (RFC 6066), never an IP
-    return base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=_any(context))
 
 
 def render(boot: bootstrap_pb2.Bootstrap) -> str:

@@ -42,6 +42,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.retry.priority.previous_priorities.v3 import (
     previous_priorities_config_pb2,
 )
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.service.runtime.v3 import rtds_pb2
 from envoy.type.matcher.v3 import http_inputs_pb2
@@ -614,6 +615,11 @@ def _assemble(config, compiled: list[_Compiled]) -> Resources:
     clusters: dict[str, cluster_pb2.Cluster] = {}
     endpoints: dict[str, endpoint_pb2.ClusterLoadAssignment] = {}
     gateway_cluster, gateway_endpoints = _cluster(GATEWAY_CLUSTER, config.envoy.gateway_address)
+    tls = config.envoy.gateway_tls
+    if tls.ca_file:
+        gateway_cluster.transport_socket.CopyFrom(
+            upstream_tls(tls.server_name or _split(config.envoy.gateway_address)[0], tls.ca_file)
+        )
     clusters[GATEWAY_CLUSTER] = gateway_cluster
     if gateway_endpoints is not None:
         endpoints[GATEWAY_CLUSTER] = gateway_endpoints
@@ -645,6 +651,32 @@ def _assemble(config, compiled: list[_Compiled]) -> Resources:
             ROUTE: {ROUTE_NAME: route_config},
         }
     )
+
+
+def upstream_tls(
+    server_name: str, ca_file: str, cert_file: str = "", key_file: str = ""
+) -> base_pb2.TransportSocket:
+    """Envoy's TLS to an upstream: its certificate chain checked against `ca_file` and its
+    subject alternative names against `server_name`; a client certificate when given."""
+    context = tls_pb2.UpstreamTlsContext()
+    common = context.common_tls_context
+    # HTTP/2 announced in the handshake, as gRPC's own clients do.
+    common.alpn_protocols.append("h2")
+    if cert_file:
+        certificate = common.tls_certificates.add()
+        certificate.certificate_chain.filename = cert_file
+        certificate.private_key.filename = key_file
+    validation = common.validation_context
+    validation.trusted_ca.filename = ca_file
+    # Any certificate the CA signed is not enough: it must name the upstream.
+    san = validation.match_typed_subject_alt_names.add()
+    san.matcher.exact = server_name
+    if _is_ip(server_name):
+        san.san_type = common_pb2.SubjectAltNameMatcher.IP_ADDRESS
+    else:
+        san.san_type = common_pb2.SubjectAltNameMatcher.DNS
+        context.sni = server_name  # SNI carries host names only (RFC 6066), never an IP
+    return base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=_any(context))
 
 
 def _header_input(name: str) -> extension_pb2.TypedExtensionConfig:
@@ -920,4 +952,5 @@ __all__ = [
     "compile_config",
     "decide",
     "routes_of",
+    "upstream_tls",
 ]
