@@ -30,16 +30,36 @@ class ControlPlane:
         self._config: config_pb2.GatewayConfig | None = None
         self._watch: asyncio.Task | None = None
         self.compiler = Compiler()  # keeps each route's resources: one change, one route rebuilt
+        self._pending: config_pb2.GatewayConfig | None = None
+        self._compiling: asyncio.Task | None = None
         self._server: grpc.aio.Server | None = None
         self.port = 0
 
     def update(self, config: config_pb2.GatewayConfig) -> None:
-        """Compile `config` and push it to every connected Envoy."""
-        started = time.perf_counter()
+        """Compile `config` and push it to every connected Envoy, in the background: compiling
+        runs in a worker thread (10,000 routes take seconds; on the event loop the Python data
+        plane would stop answering meanwhile). Updates that arrive during a compile coalesce:
+        the latest config is compiled next."""
         self._config = config
-        self._last_down = self._down()
+        self._pending = config
+        if self._compiling is None or self._compiling.done():
+            self._compiling = asyncio.get_running_loop().create_task(self._compile_pending())
+
+    async def settled(self) -> None:
+        """Returns once every update so far is compiled and pushed."""
+        while self._compiling is not None and not self._compiling.done():
+            await asyncio.shield(self._compiling)
+
+    async def _compile_pending(self) -> None:
+        while self._pending is not None:
+            config, self._pending = self._pending, None
+            await self._compile(config)
+
+    async def _compile(self, config: config_pb2.GatewayConfig) -> None:
+        started = time.perf_counter()
+        self._last_down = down = self._down()
         try:
-            resources = self.compiler.compile(config, self._last_down)
+            resources = await asyncio.to_thread(self.compiler.compile, config, down)
         except Exception:  # a bug here must not fail the admin change that was already applied
             log.exception("xds: cannot compile the route table; Envoys keep the previous one")
             return
@@ -60,8 +80,10 @@ class ControlPlane:
         config: config_pb2.GatewayConfig,
         credentials: grpc.ServerCredentials | None = None,
     ) -> None:
-        """Serve ADS on `address`, over TLS with `credentials` (envoy.xds_tls)."""
-        self.update(config)
+        """Serve ADS on `address`, over TLS with `credentials` (envoy.xds_tls), once the first
+        snapshot is compiled (an Envoy that connects gets a whole config at once)."""
+        self._config = config
+        await self._compile(config)
         self._server, self.port = await ads.serve(address, self.xds, credentials)
         self._watch = asyncio.create_task(self._follow_readiness())
 
@@ -74,5 +96,7 @@ class ControlPlane:
     async def stop(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
+        if self._compiling is not None:
+            self._compiling.cancel()
         if self._server is not None:
             await self._server.stop(0)
