@@ -56,14 +56,15 @@ from bench.gateway_vs_direct import (
     BACKEND_MODEL,
     BACKEND_VERSION,
     EXPECTED,
-    REPO_ROOT,
     ROUTE,
     GatewayProcess,
     Target,
+    add_load_options,
     check_answers,
+    leg_settings,
     machine_info,
     measure_leg,
-    parse_levels,
+    parse_load_args,
     process_group,
     source_state,
     write_results,
@@ -313,19 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--duration", type=float, default=24.0, help="measured seconds per target and level"
-    )
-    parser.add_argument("--concurrency", type=parse_levels, default=[16], help="e.g. 1,16")
-    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before each leg")
-    parser.add_argument("--rounds", type=int, default=2, help="mirrored blocks per level")
-    parser.add_argument("--timeout", type=float, default=5.0, help="per-call deadline, seconds")
-    parser.add_argument("--models", default=str(REPO_ROOT / "deploy" / "demo" / "models"))
-    parser.add_argument("--output", type=Path, default=None, help="JSON file to write")
-    argv_list = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv_list)
-    if args.rounds < 1 or args.duration <= 0:
-        parser.error("--rounds must be >= 1 and --duration > 0")
+    add_load_options(parser, duration=24.0, concurrency=[16], rounds=2)
+    argv_list, args = parse_load_args(parser, argv)
 
     started = dt.datetime.now(dt.UTC)
     machine = machine_info()
@@ -432,14 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "machine": machine,
             "source": source,
             "settings": {
-                "duration_s_per_target_and_level": args.duration,
-                "rounds": args.rounds,
-                "leg_order": [*names, *reversed(names)],
-                "leg_s": args.duration / (2 * args.rounds),
-                "warmup_s_per_leg": args.warmup,
-                "timeout_s": args.timeout,
-                "concurrency": args.concurrency,
-                "request": "ModelInfer, FP32 [1,4] in raw_input_contents",
+                **leg_settings(args, names),
                 "gateway_configs": {name: gw.config for name, gw in gateways.items()},
             },
             "summary": rows,

@@ -43,13 +43,14 @@ import grpc
 from bench.gateway_vs_direct import (
     BACKEND_MODEL,
     BACKEND_VERSION,
-    REPO_ROOT,
     GatewayProcess,
     ServerProcess,
     Target,
+    add_load_options,
+    leg_settings,
     machine_info,
     measure,
-    parse_levels,
+    parse_load_args,
     report,
     source_state,
     write_results,
@@ -210,19 +211,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--duration", type=float, default=10.0)
-    parser.add_argument("--concurrency", type=parse_levels, default=[1, 16])
-    parser.add_argument("--warmup", type=float, default=2.0)
-    parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--timeout", type=float, default=5.0)
+    add_load_options(parser, duration=10.0, concurrency=[1, 16], rounds=1)
     parser.add_argument("--plain", action="store_true", help="also measure envoy-plain")
     parser.add_argument(
         "--bare", action="store_true", help="also measure envoy-bare (the Envoy hop alone)"
     )
-    parser.add_argument("--models", default=str(REPO_ROOT / "deploy" / "demo" / "models"))
-    parser.add_argument("--output", type=Path, default=None)
-    argv_list = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv_list)
+    argv_list, args = parse_load_args(parser, argv)
 
     started = dt.datetime.now(dt.UTC)
     machine = machine_info()
@@ -281,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         {
             "machine": machine,
             "source": source_state(),
+            "settings": leg_settings(args, names),
             "gateway_config": gateway.config,
             "summary": rows,
             "ratios": ratios,

@@ -575,6 +575,50 @@ def parse_levels(text: str) -> list[int]:
     return levels
 
 
+def add_load_options(
+    parser: argparse.ArgumentParser, *, duration: float, concurrency: list[int], rounds: int
+) -> None:
+    """The options of every closed-loop benchmark here, with that benchmark's defaults."""
+    parser.add_argument(
+        "--duration", type=float, default=duration, help="measured seconds per target and level"
+    )
+    parser.add_argument(
+        "--concurrency", type=parse_levels, default=concurrency, help="in-flight levels, e.g. 1,16"
+    )
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before each leg")
+    parser.add_argument(
+        "--rounds", type=int, default=rounds, help="mirrored blocks per level (legs get shorter)"
+    )
+    parser.add_argument("--timeout", type=float, default=5.0, help="per-call deadline, seconds")
+    parser.add_argument("--models", default=str(REPO_ROOT / "deploy" / "demo" / "models"))
+    parser.add_argument("--output", type=Path, default=None, help="JSON file to write")
+
+
+def parse_load_args(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> tuple[list[str], argparse.Namespace]:
+    """(the arguments as given, parsed) for a parser built with add_load_options."""
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv_list)
+    if args.rounds < 1 or args.duration <= 0:
+        parser.error("--rounds must be >= 1 and --duration > 0")
+    return argv_list, args
+
+
+def leg_settings(args: argparse.Namespace, names: Sequence[str]) -> dict:
+    """How the legs of a run were laid out (for its result file)."""
+    return {
+        "duration_s_per_target_and_level": args.duration,
+        "rounds": args.rounds,
+        "leg_order": [*names, *reversed(names)],
+        "leg_s": args.duration / (2 * args.rounds),
+        "warmup_s_per_leg": args.warmup,
+        "timeout_s": args.timeout,
+        "concurrency": args.concurrency,
+        "request": "ModelInfer, FP32 [1,4] in raw_input_contents",
+    }
+
+
 def write_results(
     benchmark: str, started, argv: Sequence[str], output: Path | None, payload: dict
 ) -> Path:
@@ -597,26 +641,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--duration", type=float, default=10.0, help="measured seconds per target and level"
-    )
-    parser.add_argument("--concurrency", type=parse_levels, default=[1, 16], help="e.g. 1,16")
-    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before each leg")
-    parser.add_argument(
-        "--rounds", type=int, default=1, help="mirrored blocks per level (legs get shorter)"
-    )
-    parser.add_argument("--timeout", type=float, default=5.0, help="per-call deadline, seconds")
+    add_load_options(parser, duration=10.0, concurrency=[1, 16], rounds=1)
     parser.add_argument(
         "--reference-proxy",
         action="store_true",
         help="also measure a bare grpc.aio byte-forwarding proxy (bench/reference_proxy.py)",
     )
-    parser.add_argument("--models", default=str(REPO_ROOT / "deploy" / "demo" / "models"))
-    parser.add_argument("--output", type=Path, default=None, help="JSON file to write")
-    argv_list = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv_list)
-    if args.rounds < 1 or args.duration <= 0:
-        parser.error("--rounds must be >= 1 and --duration > 0")
+    argv_list, args = parse_load_args(parser, argv)
 
     started = dt.datetime.now(dt.UTC)
     machine = machine_info()
@@ -706,14 +737,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "machine": machine,
             "source": source,
             "settings": {
-                "duration_s_per_target_and_level": args.duration,
-                "rounds": args.rounds,
-                "leg_order": [*names, *reversed(names)],
-                "leg_s": args.duration / (2 * args.rounds),
-                "warmup_s_per_leg": args.warmup,
-                "timeout_s": args.timeout,
-                "concurrency": args.concurrency,
-                "request": "ModelInfer, FP32 [1,4] in raw_input_contents",
+                **leg_settings(args, names),
                 "targets": {t.name: {"model": t.model, "version": t.version} for t in targets},
                 "gateway_config": gateway.config if gateway else None,
             },

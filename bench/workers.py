@@ -38,13 +38,14 @@ from bench.gateway_vs_direct import (
     BACKEND_MODEL,
     BACKEND_VERSION,
     GATEWAY_READY_LINE,
-    REPO_ROOT,
     GatewayProcess,
     Target,
+    add_load_options,
     check_answers,
+    leg_settings,
     machine_info,
     measure_leg,
-    parse_levels,
+    parse_load_args,
     process_group,
     source_state,
     write_results,
@@ -197,20 +198,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--duration", type=float, default=16.0, help="measured seconds per target and level"
-    )
-    parser.add_argument("--concurrency", type=parse_levels, default=[16], help="e.g. 16,32")
+    add_load_options(parser, duration=16.0, concurrency=[16], rounds=1)
     parser.add_argument("--channels", type=int, default=16, help="client connections per leg")
-    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before each leg")
-    parser.add_argument("--rounds", type=int, default=1, help="mirrored blocks per level")
-    parser.add_argument("--timeout", type=float, default=5.0, help="per-call deadline, seconds")
-    parser.add_argument("--models", default=str(REPO_ROOT / "deploy" / "demo" / "models"))
-    parser.add_argument("--output", type=Path, default=None, help="JSON file to write")
-    argv_list = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv_list)
-    if args.rounds < 1 or args.duration <= 0 or args.channels < 1:
-        parser.error("--rounds and --channels must be >= 1 and --duration > 0")
+    argv_list, args = parse_load_args(parser, argv)
+    if args.channels < 1:
+        parser.error("--channels must be >= 1")
 
     started = dt.datetime.now(dt.UTC)
     machine = machine_info()
@@ -263,13 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "machine": machine,
             "source": source,
             "settings": {
-                "duration_s_per_target_and_level": args.duration,
-                "leg_s": args.duration / (2 * args.rounds),
-                "rounds": args.rounds,
-                "warmup_s_per_leg": args.warmup,
+                **leg_settings(args, [t.name for t in targets]),
                 "channels": args.channels,
-                "concurrency": args.concurrency,
-                "timeout_s": args.timeout,
                 "gateway_config": gateways["gateway-w1"].config,
             },
             "summary": rows,
