@@ -345,15 +345,20 @@ async def test_watch_exits_3_when_the_rollout_is_rolled_back(gateway, admin):
     assert err == ""
 
 
-def test_watch_exits_4_when_the_rollout_is_aborted(gateway, admin):
-    start_rollout(admin, "aborted", min_step_duration={"seconds": 3600})
-    watch = subprocess.Popen(
-        cli_command(gateway.admin_address, "rollout", "status", "aborted", "--watch"),
+def watching(gateway, model: str) -> subprocess.Popen:
+    """`tensorgate admin rollout status MODEL --watch` running, its output readable as text."""
+    return subprocess.Popen(
+        cli_command(gateway.admin_address, "rollout", "status", model, "--watch"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=cli_env(READ_TOKEN),
     )
+
+
+def test_watch_exits_4_when_the_rollout_is_aborted(gateway, admin):
+    start_rollout(admin, "aborted", min_step_duration={"seconds": 3600})
+    watch = watching(gateway, "aborted")
     try:
         assert "aborted: canary vs stable: running" in watch.stdout.readline()
         admin.AbortRollout(
@@ -372,13 +377,7 @@ def test_watch_exits_4_when_the_rollout_is_aborted(gateway, admin):
 def test_ctrl_c_while_watching_exits_130_without_a_traceback(gateway, admin):
     start_rollout(admin, "interrupted", min_step_duration={"seconds": 3600})
     try:
-        watch = subprocess.Popen(
-            cli_command(gateway.admin_address, "rollout", "status", "interrupted", "--watch"),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=cli_env(READ_TOKEN),
-        )
+        watch = watching(gateway, "interrupted")
         try:
             assert "running" in watch.stdout.readline()
             time.sleep(0.5)  # into the watch loop (sleeping or polling)
