@@ -5,7 +5,9 @@ Triton 2.51's ModelStatistics do not count requests it rejects before execution,
 cannot tell "the gateway refused it" from "Triton refused it". The gateway's backend address is
 therefore this proxy: a gRPC server that forwards every inference.GRPCInferenceService call byte
 for byte to the real Triton and keeps each ModelInfer request it forwarded (`infers`), with the
-status Triton answered it with (`outcomes`).
+status Triton answered it with (`outcomes`). Every ModelInfer also lands in `raw` as the bytes
+Triton got and answered (tests of bodies Python's protobuf refuses to parse, which Triton's C++
+parser may still read).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import threading
 from concurrent import futures
 
 import grpc
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as oip
 
 SERVICE = "/inference.GRPCInferenceService/"
@@ -29,6 +32,8 @@ class RecordingProxy:
         self.infers: list[oip.ModelInferRequest] = []
         self.metadata: list[dict[str, str]] = []  # each ModelInfer's invocation metadata
         self.outcomes: list[tuple[oip.ModelInferRequest, grpc.StatusCode, str]] = []
+        # (request bytes, Triton's status code, response bytes or b"")
+        self.raw: list[tuple[bytes, grpc.StatusCode, bytes]] = []
         self._lock = threading.Lock()
         self._channel = grpc.insecure_channel(upstream, options=UNLIMITED)
         self._server = grpc.server(
@@ -41,19 +46,26 @@ class RecordingProxy:
     def forward(self, method: str, request: bytes, context) -> bytes:
         if not method.endswith("/ModelInfer"):
             return self._call(method, request, context)
-        infer = oip.ModelInferRequest.FromString(request)
-        with self._lock:
-            self.infers.append(infer)
-            self.metadata.append(dict(context.invocation_metadata() or ()))
-        code, details = grpc.StatusCode.OK, ""
         try:
-            return self._channel.unary_unary(method)(request, timeout=context.time_remaining())
+            infer = oip.ModelInferRequest.FromString(request)
+        except DecodeError:
+            infer = None  # forwarded all the same: only `raw` shows it
+        if infer is not None:
+            with self._lock:
+                self.infers.append(infer)
+                self.metadata.append(dict(context.invocation_metadata() or ()))
+        code, details, response = grpc.StatusCode.OK, "", b""
+        try:
+            response = self._channel.unary_unary(method)(request, timeout=context.time_remaining())
+            return response
         except grpc.RpcError as err:
             code, details = err.code(), err.details() or ""
             context.abort(code, details)
         finally:
             with self._lock:
-                self.outcomes.append((infer, code, details))
+                self.raw.append((request, code, response))
+                if infer is not None:
+                    self.outcomes.append((infer, code, details))
 
     def _call(self, method: str, request: bytes, context) -> bytes:
         try:

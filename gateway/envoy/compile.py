@@ -308,8 +308,11 @@ def lua_source(name: str) -> str:
 
 
 def renamed(route: config_pb2.Route, variant: config_pb2.Variant) -> bool:
-    """Does the backend know this variant under another model name or version?"""
-    return variant.backend_model != route.model or variant.backend_version != variant.version
+    """Must calls to this variant's cluster be rewritten to the backend's model and version?
+    Yes unless the backend knows it by the public name and with no version: a variant with a
+    version also takes the route's unpinned calls (they carry no version, and the backend would
+    run its own default version), so its version is always written for the backend."""
+    return variant.backend_model != route.model or bool(variant.backend_version or variant.version)
 
 
 def variant_lua(route: config_pb2.Route, variant: config_pb2.Variant) -> str | None:
@@ -921,8 +924,8 @@ def _listener(config: config_pb2.GatewayConfig) -> listener_pb2.Listener:
     listener = listener_pb2.Listener(
         name=LISTENER_NAME,
         address=_socket(config.envoy.listen),
-        # Bounds what Envoy buffers per connection: a request over it whose model must be read
-        # from the body is refused; callers sending x-tensorgate-model are streamed, any size.
+        # Bounds what Envoy buffers per connection: a ModelInfer request over it is refused
+        # (its model is read from the body, never from a caller's header).
         per_connection_buffer_limit_bytes={"value": config.envoy.max_body_bytes},
         filter_chains=[
             listener_components_pb2.FilterChain(
