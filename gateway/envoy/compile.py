@@ -73,9 +73,8 @@ ROUTE_NAME = "tensorgate"
 GATEWAY_CLUSTER = "tensorgate_gateway"
 VARIANT_HEADER = VARIANT_TRAILER  # the same trailers as the Python data plane
 BACKEND_HEADER = BACKEND_TRAILER
-# Set by the listener's Lua filter (model.lua) on ModelInfer calls from the body, or from the
-# x-tensorgate-model / x-tensorgate-version headers a caller may send instead, always replacing
-# a caller's: `model@version` or `model`, the key of the route table's match table.
+# Set by the listener's Lua filter (model.lua) on ModelInfer calls from the body, always
+# replacing a caller's: `model@version` or `model`, the key of the route table's match table.
 ROUTE_HEADER = "x-tensorgate-route"
 
 _LUA = pathlib.Path(__file__).parent / "lua"
