@@ -435,8 +435,14 @@ def test_an_unpinned_call_runs_the_variants_version(stack, callers):
         assert code == grpc.StatusCode.OK, details
         assert output(response) == Y_V1
         assert (response.model_name, response.model_version) == ("demo_linear", "1")
-    assert envoy.counter("cluster.tg|demo_linear|pinned|triton-a.upstream_rq_total") == before + 1
+    # pinned by the caller: the upstream filter lets it pass as it is (same names)
+    pinned = body + field(2, b"1")
+    code, response, details = send(to_envoy, pinned)
+    assert code == grpc.StatusCode.OK, details
+    assert (output(response), response.model_version) == (Y_V1, "1")
+    assert envoy.counter("cluster.tg|demo_linear|pinned|triton-a.upstream_rq_total") == before + 2
     check_what_triton_got(recorder, since, body)
+    assert recorder.raw[-1][0] == pinned  # byte for byte
 
 
 def test_names_after_a_large_tensor_and_bounded_ids(stack, callers):

@@ -329,6 +329,10 @@ def variant_lua(route: config_pb2.Route, variant: config_pb2.Variant) -> str | N
         "backend_version": variant.backend_version,
     }
     fields = ", ".join(f"{k} = {_lua_string(v)}" for k, v in constants.items())
+    if variant.backend_model == route.model and variant.backend_version == variant.version:
+        # Public names are the backend's: only unpinned calls (no version) need the rewrite, and
+        # answers never do. The filter knows a pinned call by the route key the listener set.
+        fields += f", pinned_key = {_lua_string(f'{route.model}@{variant.version}')}"
     prelude = f"local V = {{{fields}}}\n"
     return prelude + lua_source("variant.lua")
 

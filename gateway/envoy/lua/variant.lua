@@ -1,5 +1,6 @@
 -- tensorgate, upstream filter of a renamed variant's cluster (compile.py prepends
--- `local V = {...}`: the public model and version, the backend's model and version).
+-- `local V = {...}`: the public model and version, the backend's model and version, and
+-- `pinned_key` where those names are the same).
 --
 -- Every try, retry and mirrored copy to this cluster passes here: the request's model_name /
 -- model_version become the backend's, the answer's become the public ones. Done by appending
@@ -46,12 +47,20 @@ end
 local TO_BACKEND = string_field(1, V.backend_model) .. string_field(2, V.backend_version)
 local TO_PUBLIC = string_field(1, V.model) .. string_field(2, V.version)
 
+-- A variant whose public names are the backend's (V.pinned_key set) is rewritten only for the
+-- route's unpinned calls, which carry no version; a call the listener keyed `model@version`
+-- (x-tensorgate-route is the listener's own, never a caller's) already names it, and passes
+-- without buffering. Its answers already carry the public names.
 function envoy_on_request(handle)
+  if V.pinned_key ~= nil and handle:headers():get("x-tensorgate-route") == V.pinned_key then
+    return
+  end
   local body = handle:body()
   if body ~= nil then append(body, TO_BACKEND) end
 end
 
 function envoy_on_response(handle)
+  if V.pinned_key ~= nil then return end
   if handle:headers():get("grpc-status") ~= nil then return end -- an error: no message
   local body = handle:body()
   if body ~= nil then append(body, TO_PUBLIC) end
