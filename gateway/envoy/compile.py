@@ -51,6 +51,9 @@ from google.protobuf import any_pb2, duration_pb2, message
 from xds.core.v3 import extension_pb2
 from xds.type.matcher.v3 import matcher_pb2
 
+from gateway.components import COMPONENTS
+from gateway.layers import route_layers
+from gateway.layers.retry import ENVOY_RETRY_ON
 from gateway.policy import breaker_settings, bulkhead_settings, route_settings
 from gateway.routing import BACKEND_TRAILER, VARIANT_TRAILER
 from tensorgate.config.v1 import config_pb2
@@ -81,17 +84,6 @@ _LUA = pathlib.Path(__file__).parent / "lua"
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _HEADER_MUTATION = "envoy.filters.http.header_mutation"
 _UNLIMITED = 1_000_000
-
-# gRPC codes a route may retry -> Envoy's x-envoy-retry-on words for them. Connection failures
-# and resets are what the Python path sees as UNAVAILABLE; a per-try timeout is Envoy's 504,
-# retried under gateway-error, as the Python path retries a try's DEADLINE_EXCEEDED.
-_RETRY_ON = {
-    "UNAVAILABLE": ("unavailable", "reset", "connect-failure", "refused-stream"),
-    "DEADLINE_EXCEEDED": ("deadline-exceeded", "gateway-error"),
-    "INTERNAL": ("internal",),
-    "RESOURCE_EXHAUSTED": ("resource-exhausted",),
-    "CANCELLED": ("cancelled",),
-}
 
 
 @dataclass(frozen=True)
@@ -173,64 +165,19 @@ def decide(config: config_pb2.GatewayConfig) -> tuple[Decision, ...]:
 
 
 def decide_route(route, config, backends, forced) -> Decision:
-    reasons: list[str] = []
-    notes: list[str] = []
-    if route.model in forced:
-        reasons.append("listed in envoy.gateway_routes")
-    kinds = {backends[v.backend].kind for v in route.variants if v.backend in backends}
-    for kind in sorted(kinds - {config_pb2.BACKEND_KIND_TRITON}):
-        name = config_pb2.BackendKind.Name(kind).removeprefix("BACKEND_KIND_")
-        if kind == config_pb2.BACKEND_KIND_OIP:
-            reasons.append(
-                "an OIP backend: the gateway enforces its parameter list and output handling"
-            )
-        else:
-            reasons.append(f"a {name} backend: the gateway translates the protocol")
-    if route.HasField("schema"):
-        reasons.append("schema: requests are validated against the route's schema")
-    if any(v.input_names or v.output_names for v in route.variants):
-        reasons.append("input_names/output_names: tensors are renamed")
+    """Derived from the declarations of every component (gateway/components.py) and of every
+    layer active on the route (each RouteLayer's `envoy`): nothing here names a policy."""
+    declared = [component.envoy(route, backends) for component in COMPONENTS]
     settings = route_settings(route, config.defaults.route_policy)
-    codes = {c.name for c in settings.retry.retry_on}
-    if codes - _RETRY_ON.keys():
-        reasons.append(
-            f"retry.retry_on {sorted(codes - _RETRY_ON.keys())}: Envoy cannot match these "
-            "gRPC codes"
-        )
-    if settings.retry.other_variant and settings.retry.max_attempts > 1:
-        reasons.append("retry.other_variant: Envoy retries stay on the variant it picked")
-    if settings.hedge.enabled:
-        reasons.append("hedge: Envoy hedges only on a per-try timeout, to the same variant")
-    for step in settings.fallback:
-        kind = step.WhichOneof("step")
-        if kind == "static_response":
-            reasons.append("fallback static_response: the gateway builds the answer")
-        elif kind == "model":
-            reasons.append(f"fallback to model {step.model!r}: another route's table")
-        elif kind == "variant":
-            # Envoy's aggregate cluster runs the upstream filters of the cluster the route
-            # named (the primary's): a fallback can only ask the backend the same thing.
-            variants = {v.name: v for v in route.variants}
-            other = variants.get(step.variant)
-            if other is not None and any(
-                (v.backend_model, v.backend_version) != (other.backend_model, other.backend_version)
-                for v in route.variants
-                if v.weight > 0 or v.version
-            ):
-                reasons.append(
-                    f"fallback to variant {step.variant!r}: another backend model or "
-                    "version than the primary (Envoy renames per route, not per fallback)"
-                )
-    if settings.shadow is not None:
-        notes.append(
-            f"shadow: {settings.shadow.fraction:g} of requests mirrored to "
-            f"{settings.shadow.variant!r}; outputs are not compared (the gateway compares)"
-        )
-    if any(settings.fallback):
-        notes.append("fallback variants: aggregate cluster, taken on retry or ejection")
+    for layer in route_layers():
+        layer_settings = settings[layer.name]
+        if layer.active(layer_settings):
+            declared.append(layer.envoy(layer_settings, route))
+    reasons = ["listed in envoy.gateway_routes"] if route.model in forced else []
+    reasons += [reason for d in declared for reason in d.hand_over]
     if reasons:
         return Decision(route.model, "gateway", tuple(reasons))
-    return Decision(route.model, "envoy", tuple(notes))
+    return Decision(route.model, "envoy", tuple(note for d in declared for note in d.notes))
 
 
 # --- small builders ----------------------------------------------------------------------------
@@ -833,7 +780,7 @@ def _route(name, members, route, settings, config) -> route_components_pb2.Route
         policy = action.retry_policy
         words: list[str] = []
         for code in sorted(c.name for c in retry.retry_on):
-            words.extend(w for w in _RETRY_ON[code] if w not in words)
+            words.extend(w for w in ENVOY_RETRY_ON[code] if w not in words)
         policy.retry_on = ",".join(words)
         policy.num_retries.value = retries
         policy.per_try_timeout.CopyFrom(_duration(per_try))

@@ -5,6 +5,13 @@ and how it is built for one route. The per-route part of the path is compiled fr
 `route_layers()` when a route is first called: a layer that is off for a route is not in that
 route's chain at all, so it costs nothing there.
 
+Each layer also declares what the Envoy data plane does with it (`envoy`): either the Envoy
+compiler translates it (no reasons), or the reasons a route using it must be answered by the
+Python data plane; `gateway/envoy/compile.py` decides each route from these declarations alone.
+And each names the config fields it owns (`fields`): tests/test_policy_coverage.py fails for a
+field of Route, Variant, RoutePolicy or Backend that no layer or component owns, so a new field
+cannot be silently ignored by a path.
+
 Adding a layer touches three files: its module, the config proto (its policy message), and the
 list in `route_layers()`. See docs/architecture.md.
 """
@@ -14,7 +21,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tensorgate.config.v1 import config_pb2
 
@@ -44,6 +51,26 @@ def _no_problems(policy, at, route, models) -> Iterator[tuple[str, str]]:
     return iter(())
 
 
+class OnEnvoy(NamedTuple):
+    """What Envoy mode does with a layer that is on for a route."""
+
+    # Why the route must be answered by the Python data plane (shown by check-config); empty
+    # when the Envoy compiler translates the layer into Envoy resources.
+    hand_over: tuple[str, ...] = ()
+    # How Envoy serves it where its semantics differ from the Python path.
+    notes: tuple[str, ...] = ()
+
+
+def hands_over(reason: str) -> Callable[[Any, config_pb2.Route], OnEnvoy]:
+    """The `envoy` declaration of a layer Envoy cannot express at all."""
+    return lambda settings, route: OnEnvoy(hand_over=(reason,))
+
+
+def translated(settings, route) -> OnEnvoy:
+    """The `envoy` declaration of a layer the compiler always translates."""
+    return OnEnvoy()
+
+
 @dataclass(frozen=True, slots=True)
 class RouteLayer:
     name: str  # its settings' attribute on RouteSettings, and its label in docs and errors
@@ -52,6 +79,10 @@ class RouteLayer:
     active: Callable[[Any], bool]  # is the layer in a route's chain with these settings?
     state: Callable[[LayerEnv], Any]  # built once per runtime
     build: Callable[[Any, Any, RoutePlan], Layer]  # (settings, state, route) -> layer
+    # Envoy mode, for a route on which the layer is active: (settings, route) -> OnEnvoy
+    envoy: Callable[[Any, config_pb2.Route], OnEnvoy]
+    # The config fields it owns, as "Message.field" (RoutePolicy.retry, Variant.batching)
+    fields: tuple[str, ...]
     # (policy, field path, route or None for defaults, known models) -> problems in its part
     check: Callable[..., Iterator[tuple[str, str]]] = _no_problems
     # Its settings read the route's config (per-variant settings), not only the policy: they

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import prometheus_client as prom
 
 from gateway.batching import Batcher
-from gateway.layers import LayerEnv, RouteLayer
+from gateway.layers import LayerEnv, RouteLayer, hands_over
 from gateway.pipeline import InferCall, InferResult, InferService, Layer
 from gateway.policy import seconds
 from tensorgate.config.v1 import config_pb2
@@ -165,6 +165,8 @@ LAYER = RouteLayer(
     active=bool,
     state=lambda env: BatchingState(env, BatchingMetrics(env.registry)),
     build=batching,
+    envoy=hands_over("batching: the gateway gathers calls into batches"),
+    fields=("Variant.batching",),
     check=check,
     reads_route=True,
 )

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import grpc
 
 from gateway.errors import GatewayError, shown
-from gateway.layers import RouteLayer
+from gateway.layers import RouteLayer, translated
 from gateway.pipeline import InferCall, InferResult, InferService, Layer
 from gateway.policy import seconds
 from tensorgate.config.v1 import config_pb2
@@ -65,5 +65,7 @@ LAYER = RouteLayer(
     active=lambda timeout: True,
     state=lambda env: None,
     build=lambda timeout, shared, plan: deadline(timeout),
+    envoy=translated,  # the route's timeout
+    fields=("RoutePolicy.timeout",),
     check=check,
 )

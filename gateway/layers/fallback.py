@@ -20,7 +20,7 @@ from tritonclient.grpc import service_pb2 as oip
 from adapters.codecs import oip as oip_codec
 from gateway import tracing
 from gateway.errors import GatewayError
-from gateway.layers import LayerEnv, RouteLayer
+from gateway.layers import LayerEnv, OnEnvoy, RouteLayer
 from gateway.pipeline import InferCall, InferResult, InferService, Layer, PrimaryFailure, blame
 from gateway.policy import BACKEND_FAILURES
 from tensorgate.config.v1 import config_pb2
@@ -168,11 +168,41 @@ def fallback(steps: tuple, table: Callable[[], RouteTable], metrics: FallbackMet
     return layer
 
 
+def on_envoy(steps: tuple[config_pb2.FallbackStep, ...], route: config_pb2.Route) -> OnEnvoy:
+    reasons = []
+    variants = {v.name: v for v in route.variants}
+    for step in steps:
+        kind = step.WhichOneof("step")
+        if kind == "static_response":
+            reasons.append("fallback static_response: the gateway builds the answer")
+        elif kind == "model":
+            reasons.append(f"fallback to model {step.model!r}: another route's table")
+        elif kind == "variant":
+            # Envoy's aggregate cluster runs the upstream filters of the cluster the route
+            # named (the primary's): a fallback can only ask the backend the same thing.
+            other = variants.get(step.variant)
+            if other is not None and any(
+                (v.backend_model, v.backend_version) != (other.backend_model, other.backend_version)
+                for v in route.variants
+                if v.weight > 0 or v.version
+            ):
+                reasons.append(
+                    f"fallback to variant {step.variant!r}: another backend model or "
+                    "version than the primary (Envoy renames per route, not per fallback)"
+                )
+    return OnEnvoy(
+        hand_over=tuple(reasons),
+        notes=("fallback variants: aggregate cluster, taken on retry or ejection",),
+    )
+
+
 LAYER = RouteLayer(
     "fallback",
     settings=lambda policy, route: tuple(policy.fallback),
     active=bool,
     state=state,
     build=lambda steps, shared, plan: fallback(steps, shared.table, shared.metrics),
+    envoy=on_envoy,
+    fields=("RoutePolicy.fallback",),
     check=check,
 )

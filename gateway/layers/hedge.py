@@ -16,7 +16,7 @@ import prometheus_client as prom
 
 from gateway import tracing
 from gateway.errors import GatewayError
-from gateway.layers import RouteLayer
+from gateway.layers import RouteLayer, hands_over
 from gateway.pipeline import InferCall, InferResult, InferService, Layer
 from gateway.policy import seconds
 from tensorgate.config.v1 import config_pb2
@@ -140,5 +140,7 @@ LAYER = RouteLayer(
     active=lambda s: s.enabled,
     state=lambda env: HedgeState(LatencyTracker(), HedgeMetrics(env.registry)),
     build=lambda s, shared, plan: hedge(s, shared.tracker, shared.metrics),
+    envoy=hands_over("hedge: Envoy hedges only on a per-try timeout, to the same variant"),
+    fields=("RoutePolicy.hedge",),
     check=check,
 )

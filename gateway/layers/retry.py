@@ -19,7 +19,7 @@ import prometheus_client as prom
 
 from gateway import tracing
 from gateway.errors import GatewayError
-from gateway.layers import LayerEnv, RouteLayer
+from gateway.layers import LayerEnv, OnEnvoy, RouteLayer
 from gateway.pipeline import InferCall, InferResult, InferService, Layer
 from gateway.policy import NEVER_RETRY, seconds
 from gateway.resilience.backoff import full_jitter
@@ -126,12 +126,36 @@ def build(policy: RetrySettings, shared: RetryState, plan: RoutePlan) -> Layer:
     return retry(policy, shared.budgets.for_route(plan.model, policy), shared.metrics)
 
 
+# gRPC codes a route may retry -> Envoy's x-envoy-retry-on words for them. Connection failures
+# and resets are what the Python path sees as UNAVAILABLE; a per-try timeout is Envoy's 504,
+# retried under gateway-error, as the Python path retries a try's DEADLINE_EXCEEDED.
+ENVOY_RETRY_ON = {
+    "UNAVAILABLE": ("unavailable", "reset", "connect-failure", "refused-stream"),
+    "DEADLINE_EXCEEDED": ("deadline-exceeded", "gateway-error"),
+    "INTERNAL": ("internal",),
+    "RESOURCE_EXHAUSTED": ("resource-exhausted",),
+    "CANCELLED": ("cancelled",),
+}
+
+
+def on_envoy(policy: RetrySettings, route) -> OnEnvoy:
+    reasons = []
+    unmatched = sorted({c.name for c in policy.retry_on} - ENVOY_RETRY_ON.keys())
+    if unmatched:
+        reasons.append(f"retry.retry_on {unmatched}: Envoy cannot match these gRPC codes")
+    if policy.other_variant:
+        reasons.append("retry.other_variant: Envoy retries stay on the variant it picked")
+    return OnEnvoy(hand_over=tuple(reasons))
+
+
 LAYER = RouteLayer(
     "retry",
     settings=settings,
     active=lambda s: s.max_attempts > 1,
     state=state,
     build=build,
+    envoy=on_envoy,
+    fields=("RoutePolicy.retry",),
     check=check,
 )
 

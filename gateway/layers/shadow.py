@@ -21,7 +21,7 @@ from tritonclient.grpc import service_pb2 as oip
 from adapters.codecs import oip as oip_codec
 from gateway import tracing
 from gateway.errors import GatewayError
-from gateway.layers import LayerEnv, RouteLayer
+from gateway.layers import LayerEnv, OnEnvoy, RouteLayer
 from gateway.pipeline import InferCall, InferResult, InferService, Layer
 from tensorgate.config.v1 import config_pb2
 
@@ -219,5 +219,12 @@ LAYER = RouteLayer(
     active=lambda s: s is not None,
     state=state,
     build=lambda s, shared, plan: shadow(s, shared.runner, shared.send),
+    envoy=lambda s, route: OnEnvoy(
+        notes=(
+            f"shadow: {s.fraction:g} of requests mirrored to {s.variant!r}; outputs are not "
+            "compared (the gateway compares)",
+        )
+    ),
+    fields=("RoutePolicy.shadow",),
     check=check,
 )

@@ -29,7 +29,7 @@ from adapters.parameters import (
     check_parameters,
 )
 from gateway.errors import invalid, shown
-from gateway.layers import RouteLayer
+from gateway.layers import OnEnvoy, RouteLayer
 from gateway.pipeline import InferCall, InferResult, InferService, Layer
 
 # Longest accepted names, in UTF-8 bytes. Model, tensor and parameter names of real models are
@@ -464,4 +464,11 @@ SCHEMA = RouteLayer(
     active=lambda settings: True,
     state=lambda env: env,
     build=lambda settings, env, plan: schema(env.adapters, env.specs),
+    envoy=lambda settings, route: OnEnvoy(
+        hand_over=("schema: requests are validated against the route's schema",)
+        if route.HasField("schema")
+        else (),
+        notes=(),
+    ),
+    fields=("Route.schema",),
 )

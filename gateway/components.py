@@ -1,0 +1,89 @@
+"""The parts of a route's config that are not a layer's policy (routing, renames, the backend
+adapters, breakers, bulkheads), declared the way layers declare theirs (gateway/layers/): the
+config fields each owns and what Envoy mode does with it. The Envoy compiler decides each route
+from the layers' and these declarations alone; tests/test_policy_coverage.py fails for a field
+of Route, Variant, RoutePolicy or Backend that nobody owns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from gateway.layers import OnEnvoy
+from tensorgate.config.v1 import config_pb2
+
+Backends = Mapping[str, config_pb2.Backend]
+
+
+@dataclass(frozen=True, slots=True)
+class Component:
+    name: str
+    fields: tuple[str, ...]  # "Message.field"
+    # Envoy mode, for every route: (route, backends by name) -> OnEnvoy
+    envoy: Callable[[config_pb2.Route, Backends], OnEnvoy]
+
+
+def _renames(route: config_pb2.Route, backends: Backends) -> OnEnvoy:
+    if any(v.input_names or v.output_names for v in route.variants):
+        return OnEnvoy(hand_over=("input_names/output_names: tensors are renamed",))
+    return OnEnvoy()
+
+
+def _adapters(route: config_pb2.Route, backends: Backends) -> OnEnvoy:
+    kinds = {backends[v.backend].kind for v in route.variants if v.backend in backends}
+    reasons = []
+    for kind in sorted(kinds - {config_pb2.BACKEND_KIND_TRITON}):
+        if kind == config_pb2.BACKEND_KIND_OIP:
+            reasons.append(
+                "an OIP backend: the gateway enforces its parameter list and output handling"
+            )
+        else:
+            name = config_pb2.BackendKind.Name(kind).removeprefix("BACKEND_KIND_")
+            reasons.append(f"a {name} backend: the gateway translates the protocol")
+    return OnEnvoy(hand_over=tuple(reasons))
+
+
+def _translated(route: config_pb2.Route, backends: Backends) -> OnEnvoy:
+    return OnEnvoy()
+
+
+COMPONENTS = (
+    # Weights, version pins, sticky keys, public names, drains: the route table itself
+    # (gateway/routing.py; Envoy: weighted clusters, the match table, the RTDS weights layer).
+    Component(
+        "routing",
+        (
+            "Route.model",
+            "Route.variants",
+            "Route.policy",
+            "Variant.name",
+            "Variant.backend",
+            "Variant.backend_model",
+            "Variant.backend_version",
+            "Variant.version",
+            "Variant.weight",
+            "Backend.name",
+            "Backend.address",
+        ),
+        _translated,
+    ),
+    Component("renames", ("Variant.input_names", "Variant.output_names"), _renames),
+    # Protocol translation and per-kind options (adapters/; Envoy: Triton-shaped gRPC only).
+    Component(
+        "adapters",
+        (
+            "Backend.kind",
+            "Backend.connection",
+            "Backend.per_try_timeout",
+            "Backend.torchserve",
+            "Variant.tfserving",
+            "Variant.torchserve",
+        ),
+        _adapters,
+    ),
+    # Envoy: outlier detection on the variant's cluster.
+    Component("breaker", ("Backend.circuit_breaker",), _translated),
+    # Envoy: the cluster's circuit_breakers.
+    Component("bulkhead", ("Backend.bulkhead",), _translated),
+)
