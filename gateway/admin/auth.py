@@ -137,25 +137,22 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
             return stream if streaming else unary
 
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                wrap(handler.unary_unary, False),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                wrap(handler.stream_stream, True),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                wrap(handler.unary_stream, True),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        return handler
+        # Every shape is wrapped: the intake registers unary methods as streaming-request ones
+        # (gateway/intake.py), and a handler passed through unwrapped would skip the check.
+        for kind, make, streaming in (
+            ("unary_unary", grpc.unary_unary_rpc_method_handler, False),
+            ("stream_unary", grpc.stream_unary_rpc_method_handler, False),
+            ("unary_stream", grpc.unary_stream_rpc_method_handler, True),
+            ("stream_stream", grpc.stream_stream_rpc_method_handler, True),
+        ):
+            behavior = getattr(handler, kind)
+            if behavior:
+                return make(
+                    wrap(behavior, streaming),
+                    handler.request_deserializer,
+                    handler.response_serializer,
+                )
+        raise TypeError(f"admin API: a method handler with no behavior for {method}")
 
 
 async def _check(principal: Principal | None, needs_admin: bool, context) -> None:

@@ -39,8 +39,13 @@ from gateway.envoy.compile import (
     Resources,
     content_version,
 )
+from gateway.logs import cut
 
 log = logging.getLogger(__name__)
+
+# Any client that reaches the port names itself: an Envoy's node id is a short name, so it is
+# kept (for logs and listeners) at most this long, not as the megabytes a client may send.
+NODE_ID_CHARS = 128
 
 _WILDCARD = (CLUSTER, LISTENER)
 _SHORT = {CLUSTER: "cds", ENDPOINT: "eds", RUNTIME: "rtds", LISTENER: "lds", ROUTE: "rds"}
@@ -148,7 +153,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             log.debug("xds: ignoring request for %s", type_url)
             return
         if request.node.id and not stream.node:
-            stream.node = request.node.id
+            stream.node = cut(request.node.id, NODE_ID_CHARS)
             log.info("xds: Envoy %s connected", stream.node)
         short = _SHORT[type_url]
         names = frozenset(request.resource_names)
