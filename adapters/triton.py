@@ -8,18 +8,36 @@ What Triton adds to the protocol, and this class to OIPAdapter:
 - ModelConfig is always implemented: it passes through, and its optional inputs and
   max_batch_size refine request validation.
 - ModelStreamInfer (decoupled models), relayed by gateway/streaming.py through `stream` and
-  `stream_request`.
+  `stream_request`; every request forwarded on a stream asks for the empty final response that
+  ends a decoupled model's answers (the relay needs it; docs/streaming.md).
 - Answers carry only the requested outputs, so they are not trimmed.
 """
 
 from __future__ import annotations
 
+import time
+
 from tritonclient.grpc import service_pb2 as oip
 
 from adapters import parameters
-from adapters.base import backend_tensors
+from adapters.base import BackendError, backend_tensors
 from adapters.oip import OIPAdapter, model_fields, string_field
 from tensorgate.config.v1 import config_pb2
+
+
+def _ask_empty_final() -> bytes:
+    request = oip.ModelInferRequest()
+    request.parameters["triton_enable_empty_final_response"].bool_param = True
+    return request.SerializeToString()
+
+
+# The parameter `triton_enable_empty_final_response` = true, encoded: appended to a request's
+# bytes it overrides the caller's own value (a parser keeps the last entry of a map key).
+ASK_EMPTY_FINAL = _ask_empty_final()
+
+
+def _sized(data: bytes) -> tuple[int, oip.ModelStreamInferResponse]:
+    return len(data), oip.ModelStreamInferResponse.FromString(data)
 
 
 class TritonAdapter(OIPAdapter):
@@ -30,17 +48,37 @@ class TritonAdapter(OIPAdapter):
         super().__init__(backend, max_request_bytes=max_request_bytes)
         self._stream = self._channel.stream_stream(
             "/inference.GRPCInferenceService/ModelStreamInfer",
-            response_deserializer=oip.ModelStreamInferResponse.FromString,
+            response_deserializer=_sized,
         )
+        # (model, version) -> (expires, whether it is decoupled)
+        self._decoupled: dict[tuple[str, str], tuple[float, bool]] = {}
 
     def stream(self, *, timeout: float | None, metadata=()):
         """A ModelStreamInfer stream to this Triton: write `stream_request` bytes, read
-        ModelStreamInferResponse messages."""
+        (bytes on the wire, ModelStreamInferResponse) pairs: the relay bounds what it queues by
+        the first without serializing the message again."""
         return self._stream(timeout=timeout, metadata=metadata)
+
+    async def decoupled(self, model: str, version: str) -> bool:
+        """Whether the model is decoupled (its ModelConfig, cached for a minute); False when
+        Triton cannot say (it will answer the requests with the reason)."""
+        key = (model, version)
+        cached = self._decoupled.get(key)
+        if cached is None or cached[0] < time.monotonic():
+            try:
+                config = (await self.model_config(model, version, timeout=5.0)).config
+            except BackendError:
+                value = False
+            else:
+                value = config.model_transaction_policy.decoupled
+            cached = self._decoupled[key] = (time.monotonic() + 60.0, value)
+        return cached[1]
 
     def stream_request(self, request: oip.ModelInferRequest, target, backend_id: str) -> bytes:
         """The bytes to write on a stream for `request`: checked as for ModelInfer, asking the
-        backend's model and version, under `backend_id` (the relay's own request id)."""
+        backend's model and version, under `backend_id` (the relay's own request id), with
+        `triton_enable_empty_final_response` set whatever the caller set (the relay drops the
+        empty final response when the caller did not ask for it)."""
         parameters.check_parameters(request, parameters.TRITON_STREAM)
         if not request.raw_input_contents:
             parameters.check_data_present(request, "Triton")
@@ -49,4 +87,5 @@ class TritonAdapter(OIPAdapter):
             backend_request.SerializeToString()
             + model_fields(target.backend_model, target.backend_version)
             + string_field(3, backend_id)
+            + ASK_EMPTY_FINAL
         )
