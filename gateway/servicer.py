@@ -122,7 +122,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         route_key, _ = _metadata_values(
             context.invocation_metadata(), self._runtime.route_key_header
         )
-        relay = StreamRelay(self._runtime, route_key, context.time_remaining())
+        relay = StreamRelay(self._runtime, route_key, context.time_remaining(), self._infer)
         try:
             async for reply in relay.run(request_iterator):
                 yield reply

@@ -1,14 +1,25 @@
-"""ModelStreamInfer: the bidirectional stream, relayed to backends request by request.
+"""ModelStreamInfer: the bidirectional stream, each request routed and answered on its own.
 
 Each request on the caller's stream is routed on its own (its model_name and model_version, the
-stream's route key, and the variants health checks or a drain put down, as ModelInfer routes) to
-a variant, and written on a stream this relay keeps open for that variant's backend model: one
-backend stream per (backend, backend model), opened on first use. Never one per backend: Triton
-2.51 aborts (`ASSERTION FAILED: !byte_buffer->Valid()`, every model on it gone) when one stream
-carries both a decoupled model and a non-decoupled one, as it may issue their writes at once; a
-model is one or the other for all its versions. At most MAX_BACKEND_STREAMS are open per caller
-stream; one more is needed only when that many are busy (an idle one is closed to make room),
-and that request is refused in the stream with RESOURCE_EXHAUSTED naming the limit.
+stream's route key, and the variants health checks or a drain put down, as ModelInfer routes).
+Then one of two things happens, by what the chosen model is:
+
+- **It answers once** (not decoupled, by its ModelConfig; or its backend has no streams: TF
+  Serving, TorchServe, an OIP server): the request goes through ModelInfer's own path, the unary
+  chain, so every layer of the route (schema, cache, batching, retries, fallback, shadow, drift,
+  the route's timeout, breakers) applies exactly as for a unary call, by the same code; its
+  answer, or its refusal as `error_message`, is written to the stream. One policy, one reading:
+  tests/test_path_conformance.py runs every scenario on both. At most MAX_SINGLE_ANSWER_PENDING
+  of them are in flight per caller stream.
+- **It is decoupled** (0..N answers per request, which only a stream can carry): the request is
+  written on a stream this relay keeps open for that backend model: one backend stream per
+  (backend, backend model), opened on first use. Never one per backend: Triton 2.51 aborts
+  (`ASSERTION FAILED: !byte_buffer->Valid()`, every model on it gone) when one stream carries
+  both a decoupled model and a non-decoupled one. At most MAX_BACKEND_STREAMS are open per caller
+  stream; one more is needed only when that many are busy (an idle one is closed to make room),
+  and that request is refused in the stream with RESOURCE_EXHAUSTED naming the limit. The
+  route's per-answer policies (cache, batching, retries, hedging, fallback, shadow, drift) have
+  no meaning for a stream of answers and do not apply to it (docs/streaming.md).
 
 Requests go out under the relay's own ids, so every response finds its way back: the caller's
 id and the public model name and version are put back before it is written to the caller.
@@ -23,19 +34,17 @@ own final response with no outputs, no error and no parameters; it is dropped to
 every response it sends on a stream with `triton_final_response`, non-decoupled ones true; a
 response without the flag (Triton's refusal before running the request) is final.
 
-Bounds, per caller stream: MAX_PENDING requests in flight, of which at most
-MAX_SINGLE_ANSWER_PENDING on a backend stream to a model that is not decoupled (its ModelConfig
-says, cached by the adapter): Triton 2.51 segfaults when hundreds of requests to a dynamically
-batched model are in flight on one stream. Answers queued for the caller (refusals included): at
-most MAX_QUEUED_ANSWERS and MAX_QUEUED_BYTES (plus one answer, which may be larger). When a bound
-is reached the relay stops reading (the caller's stream; with the queue full, the backend streams
-too) until answers come back or the caller reads: gRPC flow control then holds the senders back,
-the backends included, instead of the gateway buffering for a caller that does not read.
+Bounds, per caller stream: MAX_PENDING requests in flight. Answers queued for the caller
+(refusals included): at most MAX_QUEUED_ANSWERS and MAX_QUEUED_BYTES (plus one answer, which may
+be larger). When a bound is reached the relay stops reading (the caller's stream; with the queue
+full, the backend streams too) until answers come back or the caller reads: gRPC flow control then
+holds the senders back, the backends included, instead of the gateway buffering for a caller that
+does not read.
 
 Failures: a request the gateway refuses (malformed as ModelInfer would refuse it: no inputs,
 duplicate or unnamed inputs, contents that do not fit the shape, oversized names; an unknown
-model or version, a parameter off the allowlist, a backend whose breaker is open, a backend kind
-without streams, too many backend streams busy) is answered in the stream with `error_message`,
+model or version, a parameter off the allowlist, a backend whose breaker is open, too many
+backend streams busy) is answered in the stream with `error_message`,
 as Triton answers a request it cannot run, and the stream goes on. Errors Triton sends that way
 pass through. A backend stream that breaks (the backend died or closed it) ends the caller's
 stream with UNAVAILABLE: the requests in flight on it are lost, and the caller must know.
@@ -60,6 +69,7 @@ from gateway import tracing
 from gateway.errors import GatewayError, shown
 from gateway.layers.validation import check_structure
 from gateway.metrics import UNROUTED
+from gateway.pipeline import InferCall, InferService
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +80,12 @@ ASK_FINAL = "triton_enable_empty_final_response"
 MAX_PENDING = 1024
 # Backend streams one caller's stream may hold open (one per backend model it uses).
 MAX_BACKEND_STREAMS = 16
-# Requests in flight on one backend stream to a model that is not decoupled. Triton 2.51
-# segfaults (in TRITONSERVER_InferenceRequestDelete) when hundreds of them are in flight on one
-# stream to a dynamically batched model (measured: 64 still crashed it, 8 never did); one answer
-# each, so 8 in flight keep a stream as fast as the relay can go.
+# Requests of one caller's stream in flight through the unary chain (models that answer once).
+# Each holds its answer until the caller's queue has room, so this also bounds what a caller
+# that does not read can make the gateway hold. (On a backend stream Triton 2.51 segfaults, in
+# TRITONSERVER_InferenceRequestDelete, when hundreds of such requests are in flight on one stream
+# to a dynamically batched model: measured, 64 still crashed it, 8 never did. They no longer go on
+# backend streams at all.)
 MAX_SINGLE_ANSWER_PENDING = 8
 # Answers waiting for a caller that reads slowly (or never): a bound on what one stream can make
 # the gateway hold, whatever its requests and the backends' answers.
@@ -93,12 +105,11 @@ class _Pending:
 
 
 class _BackendStream:
-    __slots__ = ("backend", "call", "limit", "pending", "reader", "room")
+    __slots__ = ("backend", "call", "pending", "reader", "room")
 
-    def __init__(self, relay: StreamRelay, backend: str, call, limit: int) -> None:
+    def __init__(self, relay: StreamRelay, backend: str, call) -> None:
         self.backend = backend
         self.call = call
-        self.limit = limit  # of pending
         self.pending = 0  # requests on it without their final response yet
         self.room = asyncio.Event()  # set when pending drops (below limit)
         self.reader = asyncio.create_task(relay._read(self), name=f"stream-read-{backend}")
@@ -155,10 +166,16 @@ class _Outbox:
 
 
 class StreamRelay:
-    def __init__(self, runtime, route_key: str | None, timeout: float | None) -> None:
+    def __init__(
+        self, runtime, route_key: str | None, timeout: float | None, infer: InferService
+    ) -> None:
         self._runtime = runtime
         self._route_key = route_key
         self._timeout = timeout
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._infer = infer  # the unary chain (ModelInfer's path)
+        self._chained: set[asyncio.Task] = set()
+        self._chain_slots = asyncio.Semaphore(MAX_SINGLE_ANSWER_PENDING)
         self._out = _Outbox()
         self._streams: dict[tuple[str, str], _BackendStream] = {}  # open for writing
         self._opened: list[_BackendStream] = []  # every one, closed ones too, for the teardown
@@ -182,7 +199,14 @@ class StreamRelay:
             for stream in self._opened:
                 stream.reader.cancel()
                 stream.call.cancel()
-            await asyncio.gather(writer, *(s.reader for s in self._opened), return_exceptions=True)
+            for task in self._chained:
+                task.cancel()
+            await asyncio.gather(
+                writer,
+                *(s.reader for s in self._opened),
+                *self._chained,
+                return_exceptions=True,
+            )
 
     # --- caller -> backends ------------------------------------------------------------------
 
@@ -198,6 +222,7 @@ class StreamRelay:
                     await self._refuse(request, err)
             for stream in self._streams.values():
                 await self._done_writing(stream)
+            await asyncio.gather(*self._chained, return_exceptions=True)
             await self._drained()
         finally:
             self._out.close()
@@ -215,12 +240,14 @@ class StreamRelay:
         plan = runtime.table.plan(request.model_name)
         target = plan.resolve(request.model_version, self._route_key, runtime.readiness.down)
         adapter = runtime.adapters[target.backend]
-        if not hasattr(adapter, "stream"):
-            raise GatewayError(
-                grpc.StatusCode.UNIMPLEMENTED,
-                f"model {shown(plan.model)}: its backend {target.backend!r} has no streaming "
-                "inference (ModelStreamInfer needs an Open Inference Protocol gRPC backend)",
-            )
+        if not (hasattr(adapter, "stream") and await adapter.decoupled(target.backend_model, "")):
+            # One answer per request: the unary chain runs it, so every layer of the route
+            # applies exactly as for ModelInfer (one policy, one reading).
+            await self._chain_slots.acquire()
+            task = asyncio.create_task(self._through_chain(request), name="stream-chained")
+            self._chained.add(task)
+            task.add_done_callback(self._chained.discard)
+            return
         breaker = runtime.breakers.get(target.backend)
         if breaker is not None and breaker.state == "open":
             raise GatewayError(
@@ -233,7 +260,7 @@ class StreamRelay:
         stream = self._streams.get(key)
         if stream is None:
             stream = await self._open(key, adapter)
-        while stream.pending >= stream.limit and self._broken is None:
+        while stream.pending >= MAX_PENDING and self._broken is None:
             stream.room.clear()
             await stream.room.wait()
         asked = request.parameters.get(ASK_FINAL)
@@ -265,10 +292,8 @@ class StreamRelay:
                     "wait for their answers, or open another stream",
                 )
             await self._done_writing(self._streams.pop(idle))
-        decoupled = await adapter.decoupled(key[1], "")
-        limit = MAX_PENDING if decoupled else MAX_SINGLE_ANSWER_PENDING
         call = adapter.stream(timeout=self._timeout, metadata=tracing.outgoing())
-        stream = self._streams[key] = _BackendStream(self, key[0], call, limit)
+        stream = self._streams[key] = _BackendStream(self, key[0], call)
         self._opened.append(stream)
         return stream
 
@@ -279,11 +304,34 @@ class StreamRelay:
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             pass  # the stream already ended: its reader reports how
 
+    async def _through_chain(self, request: oip.ModelInferRequest) -> None:
+        """One request through ModelInfer's path (it counts the call in the metrics), its answer
+        or refusal written to the caller's stream as Triton would write it."""
+        call = InferCall(
+            request=request,
+            model=request.model_name,
+            version=request.model_version,
+            route_key=self._route_key,
+            deadline=self._deadline,
+        )
+        try:
+            result = await self._infer(call)
+        except GatewayError as err:
+            reply = _refusal(request, err.message)
+        except Exception:
+            log.exception("ModelStreamInfer: the unary chain failed for %s", shown(call.model))
+            reply = _refusal(request, "internal gateway error")
+        else:
+            reply = oip.ModelStreamInferResponse()
+            reply.infer_response.CopyFrom(result.response)  # a cached answer is shared
+            reply.infer_response.id = request.id
+        finally:
+            self._chain_slots.release()
+            self._slots.release()
+        await self._out.put(reply, reply.ByteSize())
+
     async def _refuse(self, request: oip.ModelInferRequest, err: GatewayError) -> None:
-        reply = oip.ModelStreamInferResponse(error_message=err.message)
-        reply.infer_response.id = request.id
-        reply.infer_response.model_name = request.model_name
-        reply.infer_response.model_version = request.model_version
+        reply = _refusal(request, err.message)
         self._count(request.model_name, None, err.code.name, 0.0, known=False)
         await self._out.put(reply, reply.ByteSize())
 
@@ -358,3 +406,11 @@ class StreamRelay:
         variant = target.variant if target is not None else ""
         backend = target.backend if target is not None else ""
         metrics.observe(model, variant, backend, code, seconds)
+
+
+def _refusal(request: oip.ModelInferRequest, message: str) -> oip.ModelStreamInferResponse:
+    reply = oip.ModelStreamInferResponse(error_message=message)
+    reply.infer_response.id = request.id
+    reply.infer_response.model_name = request.model_name
+    reply.infer_response.model_version = request.model_version
+    return reply

@@ -325,10 +325,19 @@ def test_input_and_output_parameters_are_refused(stub):
     assert "output 'output-0': parameter 'classification' is not accepted" in err.details()
 
 
-def test_streaming_is_unimplemented_for_the_kind(stub):
-    replies = list(stub.ModelStreamInfer(iter([raw_request("linear")]), timeout=10))
-    assert len(replies) == 1 and not replies[0].infer_response.outputs
-    assert "has no streaming inference" in replies[0].error_message
+def test_stream_requests_take_the_unary_path(stub):
+    """The OIP server has no Triton-shaped stream (it used to be refused: "has no streaming
+    inference"): its models answer once, so the gateway runs each stream request through
+    ModelInfer's path and writes the answer to the stream."""
+    request = raw_request("linear")
+    request.id = "s-1"
+    replies = list(stub.ModelStreamInfer(iter([request]), timeout=10))
+    assert len(replies) == 1 and not replies[0].error_message, replies
+    unary = stub.ModelInfer(raw_request("linear"), timeout=10)
+    answer = replies[0].infer_response
+    assert answer.id == "s-1"
+    assert answer.raw_output_contents == unary.raw_output_contents
+    assert (answer.model_name, answer.model_version) == (unary.model_name, unary.model_version)
 
 
 # --- config and data-plane choice (no server needed) ----------------------------------------------

@@ -1,0 +1,323 @@
+"""One route policy, every request path: each scenario is a route plus calls plus what a caller
+sees (answer, status, trailers, metrics), run against every path that serves it: the unary Python
+path (ModelInfer on the gateway), ModelStreamInfer on the gateway, and Envoy mode (a real Envoy
+fed by the gateway over xDS). All against one real Triton.
+
+Where a path cannot apply a policy itself it must hand the call to one that does (Envoy mode
+hands the route to the Python data plane; the stream relay runs the message through the unary
+chain), and the caller must see the same outcome. Outputs show which variant answered on every
+path: version 1 of demo_linear answers Y_V1, version 2 Y_V2.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+from tritonclient.grpc import service_pb2 as oip
+from tritonclient.grpc import service_pb2_grpc
+
+from tensorgate.admin.v1 import admin_pb2, admin_pb2_grpc
+from tests.backends.process import free_port
+from tests.gateway_process import ADMIN_TOKEN, GatewayProcess, triton_backend
+from tests.loadgen import scrape
+from tests.oip import Y_V1, Y_V2, linear_request, output, sleep_request
+from tests.test_envoy_dataplane import Envoy, write_bootstrap
+
+ADMIN = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+PATHS = ("unary", "stream", "envoy")
+
+
+def _variant(name, version, weight, backend="triton-a", model="demo_linear", public=None):
+    return {"name": name, "backend": backend, "backend_model": model, "backend_version": version,
+            "version": version if public is None else public, "weight": weight}  # fmt: skip
+
+
+STATIC = {"outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [1, 3],
+                       "fp_values": [0.5, 0.5, 0.5]}]}  # fmt: skip
+ROUTES = [
+    {"model": "weighted", "variants": [_variant("v1", "1", 80), _variant("v2", "2", 20)]},
+    {"model": "renamed", "variants": [_variant("only", "1", 1, public="7")]},
+    {"model": "fallback_variant",
+     "variants": [_variant("down", "1", 1, backend="dead"), _variant("up", "1", 0)],
+     "policy": {"fallback": [{"variant": "up"}]}},
+    {"model": "fallback_model", "variants": [_variant("down", "1", 1, backend="dead")],
+     "policy": {"fallback": [{"model": "renamed"}]}},
+    {"model": "fallback_static", "variants": [_variant("down", "1", 1, backend="dead")],
+     "policy": {"fallback": [{"static_response": STATIC}]}},
+    {"model": "schema", "variants": [_variant("only", "1", 1)],
+     "schema": {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, 3]}]}},
+    {"model": "cached", "variants": [_variant("only", "1", 1)],
+     "policy": {"response_cache": {"deterministic": True}}},
+    {"model": "batched",
+     "variants": [{**_variant("only", "1", 1), "batching": {"max_batch_size": 4,
+                                                             "max_queue_delay": "0.05s"}}]},
+    {"model": "drifted", "variants": [_variant("only", "2", 1)],
+     "policy": {"drift": {"outputs": ["OUTPUT0"], "sample_ratio": 1.0, "window": 100,
+                          "reference_size": 10}}},
+    {"model": "slow", "variants": [{"name": "s", "backend": "triton-a",
+                                    "backend_model": "demo_sleep", "weight": 1}],
+     "policy": {"timeout": "0.3s"}},
+    {"model": "drainable",
+     "variants": [_variant("x", "1", 50), _variant("y", "2", 50, backend="triton-b")]},
+]  # fmt: skip
+
+
+def _config(triton: str, xds: int, listen: int) -> dict:
+    return {
+        "listeners": {"xds": f"127.0.0.1:{xds}"},
+        "envoy": {"listen": f"127.0.0.1:{listen}"},
+        "lifecycle": {"health_check_interval": "0.2s"},
+        "backends": [
+            triton_backend(triton),
+            triton_backend(triton, "triton-b"),
+            {"name": "dead", "kind": "BACKEND_KIND_TRITON", "address": f"127.0.0.1:{free_port()}",
+             "circuit_breaker": {"disabled": True}},
+        ],
+        "routes": ROUTES,
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def stack(triton):
+    xds, listen = free_port(), free_port()
+    gateway = GatewayProcess(_config(triton.address, xds, listen), admin=True)
+    envoy = None
+    try:
+        gateway.start()
+        admin_port = free_port()
+        envoy = Envoy(write_bootstrap(gateway, admin_port, "envoy-conformance"), admin_port, 45)
+        envoy.start()
+        yield gateway, envoy, f"127.0.0.1:{listen}"
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        gateway.stop()
+
+
+@dataclass
+class Outcome:
+    code: str  # a gRPC code name; in a stream, "OK" or the code the message maps to
+    message: str = ""
+    outputs: list = field(default_factory=list)
+    model: str = ""
+    version: str = ""
+    trailers: dict = field(default_factory=dict)
+
+
+class Caller:
+    """Calls through one path: a list of requests in, an Outcome per request out (in order)."""
+
+    def __init__(self, path: str, stack) -> None:
+        gateway, _, envoy_address = stack
+        self.path = path
+        self.channel = grpc.insecure_channel(envoy_address if path == "envoy" else gateway.address)
+        self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __call__(self, requests, metadata=(), timeout=10.0, concurrent=False) -> list[Outcome]:
+        if self.path == "stream":
+            return self._stream(requests, metadata, timeout)
+        if concurrent:
+            futures = [
+                self.stub.ModelInfer.future(r, metadata=metadata, timeout=timeout) for r in requests
+            ]
+            return [self._unary(lambda f=f: f.result(), f) for f in futures]
+        return [
+            self._unary(
+                lambda r=r: self.stub.ModelInfer.with_call(r, metadata=metadata, timeout=timeout)
+            )
+            for r in requests
+        ]
+
+    @staticmethod
+    def _unary(call, future=None) -> Outcome:
+        try:
+            result = call()
+        except grpc.RpcError as err:
+            return Outcome(err.code().name, err.details() or "")
+        if future is not None:
+            response, trailers = result, dict(future.trailing_metadata() or ())
+        else:
+            response, info = result
+            trailers = dict(info.trailing_metadata() or ())
+        return Outcome(
+            "OK", "", output(response), response.model_name, response.model_version, trailers
+        )
+
+    def _stream(self, requests, metadata, timeout) -> list[Outcome]:
+        ids = []
+        for i, request in enumerate(requests):
+            copy = oip.ModelInferRequest()
+            copy.CopyFrom(request)
+            copy.id = f"c{i}"
+            ids.append(copy)
+        answers: dict[str, Outcome] = {}
+        for reply in self.stub.ModelStreamInfer(iter(ids), metadata=metadata, timeout=timeout):
+            response = reply.infer_response
+            if reply.error_message:
+                answers[response.id] = Outcome("ERROR", reply.error_message)
+            else:
+                answers[response.id] = Outcome(
+                    "OK", "", output(response), response.model_name, response.model_version
+                )
+        return [answers.get(f"c{i}", Outcome("MISSING")) for i in range(len(requests))]
+
+
+@pytest.fixture(scope="module")
+def callers(stack):
+    made = {path: Caller(path, stack) for path in PATHS}
+    yield made
+    for caller in made.values():
+        caller.close()
+
+
+def total(gateway, name: str, model: str) -> float:
+    """The sum of a metric's samples for one model, over its other labels."""
+    return sum(
+        value
+        for (sample, labels), value in scrape(gateway.metrics_url).items()
+        if sample == name and ("model", model) in labels
+    )
+
+
+def same_error(outcome: Outcome, code: str, text: str) -> None:
+    """A refusal: the gRPC code on unary paths; in a stream the same message as error_message."""
+    if outcome.code == "ERROR":
+        assert text in outcome.message, outcome
+    else:
+        assert (outcome.code, text in outcome.message) == (code, True), outcome
+
+
+# --- scenarios: each runs on every path ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_weights_80_20(callers, path):
+    outcomes = callers[path]([linear_request("weighted")] * 400)
+    assert all(o.code == "OK" for o in outcomes), outcomes[:3]
+    v1 = sum(o.outputs == Y_V1 for o in outcomes)
+    assert v1 + sum(o.outputs == Y_V2 for o in outcomes) == 400
+    assert 0.72 <= v1 / 400 <= 0.88, v1
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_pinning_and_unknown_versions_and_models(callers, path):
+    for version, y in (("1", Y_V1), ("2", Y_V2)):
+        outcomes = callers[path]([linear_request("weighted", version)] * 10)
+        assert {(o.code, tuple(o.outputs), o.version) for o in outcomes} == {
+            ("OK", tuple(y), version)
+        }
+    (unknown_version,) = callers[path]([linear_request("weighted", "9")])
+    same_error(unknown_version, "NOT_FOUND", "9")
+    (unknown_model,) = callers[path]([linear_request("no_such_model")])
+    same_error(unknown_model, "NOT_FOUND", "no_such_model")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_sticky_keys(callers, path):
+    seen = set()
+    for key in (f"user-{i}" for i in range(12)):
+        outcomes = callers[path](
+            [linear_request("weighted")] * 5, metadata=(("x-tensorgate-route-key", key),)
+        )
+        variants = {tuple(o.outputs) for o in outcomes}
+        assert len(variants) == 1, (key, variants)  # one key, one variant
+        seen |= variants
+    assert seen == {tuple(Y_V1), tuple(Y_V2)} or len(seen) == 1  # keys spread where weights say
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_rename_shows_public_names(callers, path):
+    (outcome,) = callers[path]([linear_request("renamed", "7")])
+    assert (outcome.code, outcome.outputs) == ("OK", Y_V1)
+    assert (outcome.model, outcome.version) == ("renamed", "7")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_fallback_to_a_variant_a_model_and_a_static_answer(callers, path):
+    (variant,) = callers[path]([linear_request("fallback_variant")])
+    assert (variant.code, variant.outputs) == ("OK", Y_V1), variant
+    (model,) = callers[path]([linear_request("fallback_model")])
+    assert (model.code, model.outputs) == ("OK", Y_V1), model
+    (static,) = callers[path]([linear_request("fallback_static")])
+    assert (static.code, static.outputs) == ("OK", [0.5, 0.5, 0.5]), static
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_schema_refusal(callers, path):
+    # Triton would run this request ([1,4]); the route's schema says [-1,3]
+    (outcome,) = callers[path]([linear_request("schema")])
+    same_error(outcome, "INVALID_ARGUMENT", "INPUT0")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_response_cache_hit(stack, callers, path):
+    gateway = stack[0]
+    request = linear_request("cached", x=[float(PATHS.index(path)), 1.0, 2.0, 3.0])
+    hits = "tensorgate_cache_requests_total"
+    before = total(gateway, hits, "cached")
+    first, second = callers[path]([request, request])
+    assert first.code == second.code == "OK" and first.outputs == second.outputs
+    if path != "stream":  # a stream has no trailers per message
+        assert "x-tensorgate-cache" not in first.trailers
+        assert second.trailers.get("x-tensorgate-cache") == "hit", second.trailers
+    assert total(gateway, hits, "cached") == before + 2  # a miss, then a hit
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_batching_each_caller_gets_its_own_answer(stack, callers, path):
+    gateway = stack[0]
+    requests = [linear_request("batched", x=[float(i), 0.0, 0.0, 0.0]) for i in range(4)]
+    before = total(gateway, "tensorgate_batch_size_count", "batched")
+    outcomes = callers[path](requests, concurrent=True)
+    direct = [o.outputs for o in callers["unary"]([linear_request("renamed", "7", x=r) for r in (
+        [float(i), 0.0, 0.0, 0.0] for i in range(4))])]  # fmt: skip
+    assert [o.outputs for o in outcomes] == direct
+    assert total(gateway, "tensorgate_batch_size_count", "batched") > before  # batched
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_drift_gauges_move(stack, callers, path):
+    gateway = stack[0]
+
+    def samples():
+        return total(gateway, "tensorgate_drift_reference_samples", "drifted") + total(
+            gateway, "tensorgate_drift_window_samples", "drifted"
+        )
+
+    before = samples()
+    outcomes = callers[path]([linear_request("drifted")] * 5)
+    assert all(o.outputs == Y_V2 for o in outcomes)
+    assert samples() >= before + 5
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_deadline_exceeded(callers, path):
+    start = time.monotonic()
+    (outcome,) = callers[path]([sleep_request(2.0, "slow")])
+    assert time.monotonic() - start < 1.5
+    same_error(outcome, "DEADLINE_EXCEEDED", "")
+
+
+def test_drain_moves_every_path_off_the_drained_backend(stack, callers):
+    gateway = stack[0]
+    with grpc.insecure_channel(gateway.admin_address) as channel:
+        admin = admin_pb2_grpc.AdminServiceStub(channel)
+        admin.DrainBackend(admin_pb2.DrainBackendRequest(backend="triton-b"), metadata=ADMIN)
+        try:
+            time.sleep(1.0)  # Envoy's weights push
+            for path in PATHS:
+                outcomes = callers[path]([linear_request("drainable")] * 100)
+                assert all(o.outputs == Y_V1 for o in outcomes), (
+                    path,
+                    sum(o.outputs == Y_V2 for o in outcomes),
+                )
+        finally:
+            admin.UndrainBackend(
+                admin_pb2.UndrainBackendRequest(backend="triton-b"), metadata=ADMIN
+            )
