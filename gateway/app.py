@@ -101,6 +101,8 @@ class Runtime:
             per_try_timeout=self.per_try_timeout.__getitem__,
             specs=validation.SpecCache(),
             drift=DriftMonitor(self.metrics.registry),
+            down=lambda: self.readiness.down,
+            route_service=self.compiled_route,
         )
         self.route_layers = route_layers()
         self.layer_state = {layer.name: layer.state(env) for layer in self.route_layers}
@@ -123,6 +125,14 @@ class Runtime:
                 service = layer.build(settings, self.layer_state[layer.name], plan)(service)
         return service
 
+    def compiled_route(self, plan) -> InferService:
+        """The route's chain, compiled on its first call and kept on the route (a new route
+        table compiles afresh)."""
+        service = plan.service
+        if service is None:
+            service = plan.service = self.route_service(plan)
+        return service
+
     def request_path(self) -> InferService:
         """The ModelInfer path, outermost layer first: the layers every call passes, then the
         route's own compiled chain (`route_service`)."""
@@ -133,7 +143,7 @@ class Runtime:
             ),
             validation.structure(max_inputs=limits.max_inputs),
             service=routing.route(
-                lambda: self.table, lambda: self.readiness.down, self.route_service
+                lambda: self.table, lambda: self.readiness.down, self.compiled_route
             ),
         )
 

@@ -60,6 +60,16 @@ ROUTES = [
     {"model": "slow", "variants": [{"name": "s", "backend": "triton-a",
                                     "backend_model": "demo_sleep", "weight": 1}],
      "policy": {"timeout": "0.3s"}},
+    # a fallback to model "fb" from a route that batches a variant of the same name: fb's call
+    # takes fb's own chain, not fa's (whose batcher for "stable" it could join)
+    {"model": "fa",
+     "variants": [{**_variant("stable", "1", 1, backend="dead"),
+                   "batching": {"max_batch_size": 4, "max_queue_delay": "0.01s"}}],
+     "policy": {"fallback": [{"model": "fb"}]}},
+    # half of fb's weight is on a backend health checks find down: fb's own calls avoid it, and
+    # so must a fallback to fb (it used to resolve without the health checks' verdict)
+    {"model": "fb",
+     "variants": [_variant("stable", "1", 50), _variant("other", "2", 50, backend="dead")]},
     {"model": "drainable",
      "variants": [_variant("x", "1", 50), _variant("y", "2", 50, backend="triton-b")]},
 ]  # fmt: skip
@@ -246,6 +256,12 @@ def test_fallback_to_a_variant_a_model_and_a_static_answer(callers, path):
     assert (model.code, model.outputs) == ("OK", Y_V1), model
     (static,) = callers[path]([linear_request("fallback_static")])
     assert (static.code, static.outputs) == ("OK", [0.5, 0.5, 0.5]), static
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_fallback_to_a_model_takes_that_models_chain_and_health(callers, path):
+    outcomes = callers[path]([linear_request("fa")] * 20)
+    assert [(o.code, o.outputs) for o in outcomes] == [("OK", Y_V1)] * 20, outcomes
 
 
 @pytest.mark.parametrize("path", PATHS)

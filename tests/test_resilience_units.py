@@ -478,6 +478,11 @@ async def test_a_retry_the_breaker_refuses_is_not_counted_as_sent():
     assert _counted(metrics, "tensorgate_retries_total", model="m", code="UNAVAILABLE") == 0
 
 
+def _fallback(table, metrics, other_routes=None):
+    shared = fallback.FallbackState(lambda: table, metrics, frozenset, lambda plan: other_routes)
+    return fallback.fallback(table.plan("m").settings.fallback, shared)
+
+
 async def test_fallback_answers_at_once_when_the_primary_breaker_is_open():
     static = {"outputs": [{"name": "y", "datatype": "FP32", "shape": [1], "fp_values": [0.0]}]}
     table = _plan(
@@ -489,7 +494,7 @@ async def test_fallback_answers_at_once_when_the_primary_breaker_is_open():
     metrics = GatewayMetrics()
     breakers = await _open_breakers(metrics, "ba", "bb")
     service = compose(
-        fallback.fallback(table.plan("m").settings.fallback, lambda: table, metrics),
+        _fallback(table, metrics),
         retry_layer(table, metrics),
         breaker.breaker(lambda: breakers),
         service=Script(ba=["ok"], bb=["ok"]),
@@ -522,13 +527,16 @@ async def test_fallback_chain_and_invalid_never_rescued():
     }
     table = _plan(policy)
     metrics = GatewayMetrics()
-    layer = fallback.fallback(table.plan("m").settings.fallback, lambda: table, metrics)
+
+    def chain(script):  # a fallback to model "small" runs that route's chain: here the script
+        return compose(_fallback(table, metrics, other_routes=script), service=script)
+
     call = _call(table)
-    result = await compose(layer, service=Script(ba=[UNAVAILABLE], bb=["ok"]))(call)
+    result = await chain(Script(ba=[UNAVAILABLE], bb=["ok"]))(call)
     assert result.response.id == "bb:ok"
     assert result.degraded == "variant:b" and result.target.variant == "b"
     call = _call(table)
-    result = await compose(layer, service=Script(ba=[UNAVAILABLE], bb=[UNAVAILABLE]))(call)
+    result = await chain(Script(ba=[UNAVAILABLE], bb=[UNAVAILABLE]))(call)
     assert result.degraded == "static"
     response = result.response
     assert response.outputs[0].name == "y" and response.raw_output_contents[0] == bytes.fromhex(
@@ -536,7 +544,7 @@ async def test_fallback_chain_and_invalid_never_rescued():
     )
     script = Script(ba=[INVALID], bb=["ok"])
     with pytest.raises(GatewayError) as err:
-        await compose(layer, service=script)(_call(table))
+        await chain(script)(_call(table))
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and script.calls == ["ba"]
     assert (
         metrics.registry.get_sample_value(

@@ -45,6 +45,10 @@ class LayerEnv:
     per_try_timeout: Callable[[str], float] = lambda backend: 30.0
     specs: Any = None  # gateway.layers.validation.SpecCache: model descriptions, shared
     drift: Any = None  # gateway.drift.DriftMonitor: shared with the shadow layer
+    # The variants health checks and drains put down, as the routing layer reads them.
+    down: Callable[[], frozenset] = frozenset
+    # Another route's own compiled chain (compiled on first use and kept on the route).
+    route_service: Callable[[RoutePlan], InferService] = lambda plan: None
 
 
 def _no_problems(policy, at, route, models) -> Iterator[tuple[str, str]]:

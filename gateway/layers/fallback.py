@@ -8,6 +8,7 @@ as invalid is never "rescued": caller errors pass straight through.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from gateway.policy import BACKEND_FAILURES
 from tensorgate.config.v1 import config_pb2
 
 if TYPE_CHECKING:
-    from gateway.routing import RouteTable
+    from gateway.routing import RoutePlan, RouteTable
 
 # StaticTensor datatypes (BF16 has no value field to declare it with).
 _STATIC_DATATYPES = frozenset(oip_codec.NUMPY_DTYPE) - {"BF16"}
@@ -112,13 +113,24 @@ class FallbackMetrics:
 class FallbackState:
     table: Callable[[], RouteTable]
     metrics: FallbackMetrics
+    down: Callable[[], frozenset]
+    route_service: Callable[[RoutePlan], InferService]
 
 
 def state(env: LayerEnv) -> FallbackState:
-    return FallbackState(env.table, FallbackMetrics(env.registry))
+    return FallbackState(env.table, FallbackMetrics(env.registry), env.down, env.route_service)
 
 
-def fallback(steps: tuple, table: Callable[[], RouteTable], metrics: FallbackMetrics) -> Layer:
+# The models whose fallback chains the current call is in: a fallback to another model runs that
+# model's whole chain, its own fallbacks included, and must not come back to one of these.
+_FALLING_BACK: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
+    "tensorgate_falling_back", default=()
+)
+
+
+def fallback(steps: tuple, shared: FallbackState) -> Layer:
+    table, metrics = shared.table, shared.metrics
+
     def layer(inner: InferService) -> InferService:
         async def rescued(call: InferCall) -> InferResult:
             try:
@@ -139,23 +151,31 @@ def fallback(steps: tuple, table: Callable[[], RouteTable], metrics: FallbackMet
                         degraded=label,
                         primary_failure=failed,
                     )
+                visited = _FALLING_BACK.get()
                 if kind == "variant":
-                    target = call.plan.variant(step.variant)
+                    service, plan = inner, call.plan
+                    target = plan.variant(step.variant)
                 else:
+                    # Another model: its own route's chain (its retries, batching, cache, ...
+                    # read its plan), routed as the routing layer routes, drains included.
                     plan = table().get(step.model)
-                    if plan is None:
+                    if plan is None or plan.model in visited:
                         continue
-                    target = plan.resolve("", call.route_key)
+                    service = shared.route_service(plan)
+                    target = plan.resolve("", call.route_key, shared.down())
                 if target is None or target == call.target:
                     continue
+                token = _FALLING_BACK.set((*visited, call.plan.model))
                 try:
                     with tracing.step("fallback"):
-                        result = await inner(call.to(target))
+                        result = await service(call.to(target, plan))
                 except GatewayError as err:
                     if err.code not in BACKEND_FAILURES:
                         raise
                     log.debug("fallback %s for %s failed: %s", label, call.model, err)
                     continue
+                finally:
+                    _FALLING_BACK.reset(token)
                 metrics.fallbacks.labels(call.model, label).inc()
                 return result.replace(
                     degraded=label, attempts=result.attempts + 1, primary_failure=failed
@@ -201,7 +221,7 @@ LAYER = RouteLayer(
     settings=lambda policy, route: tuple(policy.fallback),
     active=bool,
     state=state,
-    build=lambda steps, shared, plan: fallback(steps, shared.table, shared.metrics),
+    build=lambda steps, shared, plan: fallback(steps, shared),
     envoy=on_envoy,
     fields=("RoutePolicy.fallback",),
     check=check,

@@ -17,19 +17,16 @@ from gateway.routing import RoutePlan, RouteTable
 def route(
     table: Callable[[], RouteTable],
     down: Callable[[], frozenset[tuple[str, str, str]]],
-    compile_route: Callable[[RoutePlan], InferService],
+    compiled: Callable[[RoutePlan], InferService],
 ) -> InferService:
     """`table` returns the live route table; it is read once per call, so a swap is atomic.
-    `down` returns the variants health checks currently find unable to answer. The chosen
-    route's own chain of layers is compiled by `compile_route` on its first call and kept on the
-    route (a new table compiles afresh)."""
+    `down` returns the variants health checks currently find unable to answer. `compiled`
+    returns the chosen route's own chain of layers."""
 
     async def routed(call: InferCall) -> InferResult:
         plan = table().plan(call.model)
         target = plan.resolve(call.version, call.route_key, down())
-        service = plan.service
-        if service is None:
-            service = plan.service = compile_route(plan)
+        service = compiled(plan)
         try:
             result = await service(call.to(target, plan))
         except GatewayError as err:
