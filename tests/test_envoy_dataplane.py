@@ -9,6 +9,7 @@ state machine) are tested without processes at the top.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -502,6 +503,23 @@ def write_bootstrap(gateway: GatewayProcess, admin_port: int, node: str) -> Path
     return path
 
 
+@contextlib.contextmanager
+def envoy_in_front(gateway: GatewayProcess, node: str, base_id: int):
+    """Starts `gateway` (Envoy mode), then a real Envoy bootstrapped from its config; yields
+    the Envoy; stops both."""
+    envoy = None
+    try:
+        gateway.start()
+        admin_port = free_port()
+        envoy = Envoy(write_bootstrap(gateway, admin_port, node), admin_port, base_id)
+        envoy.start()
+        yield envoy
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        gateway.stop()
+
+
 MAX_BODY = 64 * 1024
 
 
@@ -509,17 +527,8 @@ MAX_BODY = 64 * 1024
 def stack(triton):
     xds, listen = free_port(), free_port()
     gateway = GatewayProcess(stack_config(triton.address, xds, listen, MAX_BODY), admin=True)
-    gateway.start()
-    envoy = None
-    try:
-        admin_port = free_port()
-        envoy = Envoy(write_bootstrap(gateway, admin_port, "envoy-a"), admin_port, 41)
-        envoy.start()
+    with envoy_in_front(gateway, "envoy-a", 41) as envoy:
         yield gateway, envoy, f"127.0.0.1:{listen}"
-    finally:
-        if envoy is not None:
-            envoy.stop()
-        gateway.stop()
 
 
 @pytest.fixture(scope="module")

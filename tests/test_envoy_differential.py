@@ -30,7 +30,7 @@ from tests.backends.process import free_port
 from tests.gateway_process import GatewayProcess, triton_backend
 from tests.oip import Y_V1, Y_V2, X, output
 from tests.recording_proxy import RecordingProxy
-from tests.test_envoy_dataplane import Envoy, write_bootstrap
+from tests.test_envoy_dataplane import envoy_in_front
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -279,18 +279,11 @@ def regions(triton):
 def stack(triton, regions):
     recorder = RecordingProxy(triton.address)
     xds, listen = free_port(), free_port()
-    gateway = GatewayProcess(_config(recorder.address, xds, listen))
-    envoy = None
     try:
-        gateway.start()
-        admin_port = free_port()
-        envoy = Envoy(write_bootstrap(gateway, admin_port, "envoy-diff"), admin_port, 43)
-        envoy.start()
-        yield recorder, gateway, envoy, f"127.0.0.1:{listen}"
+        gateway = GatewayProcess(_config(recorder.address, xds, listen))
+        with envoy_in_front(gateway, "envoy-diff", 43) as envoy:
+            yield recorder, gateway, envoy, f"127.0.0.1:{listen}"
     finally:
-        if envoy is not None:
-            envoy.stop()
-        gateway.stop()
         recorder.close()
 
 

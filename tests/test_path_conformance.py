@@ -24,7 +24,7 @@ from tests.backends.process import free_port
 from tests.gateway_process import ADMIN_TOKEN, GatewayProcess, triton_backend
 from tests.loadgen import scrape
 from tests.oip import Y_V1, Y_V2, linear_request, output, sleep_request
-from tests.test_envoy_dataplane import Envoy, write_bootstrap
+from tests.test_envoy_dataplane import envoy_in_front
 
 ADMIN = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
 PATHS = ("unary", "stream", "envoy")
@@ -94,17 +94,8 @@ def _config(triton: str, xds: int, listen: int) -> dict:
 def stack(triton):
     xds, listen = free_port(), free_port()
     gateway = GatewayProcess(_config(triton.address, xds, listen), admin=True)
-    envoy = None
-    try:
-        gateway.start()
-        admin_port = free_port()
-        envoy = Envoy(write_bootstrap(gateway, admin_port, "envoy-conformance"), admin_port, 45)
-        envoy.start()
+    with envoy_in_front(gateway, "envoy-conformance", 45) as envoy:
         yield gateway, envoy, f"127.0.0.1:{listen}"
-    finally:
-        if envoy is not None:
-            envoy.stop()
-        gateway.stop()
 
 
 @dataclass

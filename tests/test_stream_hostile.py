@@ -394,6 +394,15 @@ def _warm(gw: GatewayProcess) -> int:
     return rss(gw)
 
 
+def _numbered(template: oip.ModelInferRequest, count: int):
+    """`count` copies of `template`, with ids 0, 1, ... (made as they are sent)."""
+    for i in range(count):
+        request = oip.ModelInferRequest()
+        request.CopyFrom(template)
+        request.id = str(i)
+        yield request
+
+
 def test_a_caller_that_does_not_read_large_answers_cannot_grow_the_gateway(triton):
     """1,000 requests whose answers are 256 KiB each (demo_identity), answers never read: the
     gateway's RSS stays within RSS_GROWTH_BOUND (the issue measured 71 -> 328 MB); reading
@@ -403,15 +412,7 @@ def test_a_caller_that_does_not_read_large_answers_cannot_grow_the_gateway(trito
     with GatewayProcess(config) as gw:
         baseline = _warm(gw)
         template = _identity_request(0, elements)
-
-        def messages():
-            for i in range(count):
-                request = oip.ModelInferRequest()
-                request.CopyFrom(template)
-                request.id = str(i)
-                yield request
-
-        sender = _Sender(gw.address, messages(), timeout=120)
+        sender = _Sender(gw.address, _numbered(template, count), timeout=120)
         sent = sender.stalled(count, quiet=3.0, limit=60.0)
         time.sleep(1.0)  # answers of what was sent arrive meanwhile
         peak = rss(gw)
@@ -432,15 +433,7 @@ def test_a_caller_that_does_not_read_refusals_cannot_grow_the_gateway(triton):
     with GatewayProcess(config) as gw:
         baseline = _warm(gw)
         template = repeat_request(1, "", model="no-such-model")
-
-        def messages():
-            for i in range(count):
-                request = oip.ModelInferRequest()
-                request.CopyFrom(template)
-                request.id = str(i)
-                yield request
-
-        sender = _Sender(gw.address, messages(), timeout=300)
+        sender = _Sender(gw.address, _numbered(template, count), timeout=300)
         sent = sender.stalled(count, quiet=3.0, limit=120.0)
         time.sleep(1.0)
         peak = rss(gw)
