@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from gateway.layers import OnEnvoy
+from gateway.layers import OnEnvoy, route_layers
 from tensorgate.config.v1 import config_pb2
 
 Backends = Mapping[str, config_pb2.Backend]
@@ -20,17 +20,21 @@ Backends = Mapping[str, config_pb2.Backend]
 class Component:
     name: str
     fields: tuple[str, ...]  # "Message.field"
-    # Envoy mode, for every route: (route, backends by name) -> OnEnvoy
+    # Envoy mode, for every route: (route, backends by name) -> OnEnvoy (its docstring says
+    # what it does, for docs/architecture.md)
     envoy: Callable[[config_pb2.Route, Backends], OnEnvoy]
+    decoupled: str  # what ModelStreamInfer does with it for a decoupled model
 
 
 def _renames(route: config_pb2.Route, backends: Backends) -> OnEnvoy:
+    """hands the route to the gateway when tensors are renamed"""
     if any(v.input_names or v.output_names for v in route.variants):
         return OnEnvoy(hand_over=("input_names/output_names: tensors are renamed",))
     return OnEnvoy()
 
 
 def _adapters(route: config_pb2.Route, backends: Backends) -> OnEnvoy:
+    """Triton: forwarded as is; another kind hands the route to the gateway"""
     kinds = {backends[v.backend].kind for v in route.variants if v.backend in backends}
     reasons = []
     for kind in sorted(kinds - {config_pb2.BACKEND_KIND_TRITON}):
@@ -44,8 +48,12 @@ def _adapters(route: config_pb2.Route, backends: Backends) -> OnEnvoy:
     return OnEnvoy(hand_over=tuple(reasons))
 
 
-def _translated(route: config_pb2.Route, backends: Backends) -> OnEnvoy:
-    return OnEnvoy()
+def _translated(how: str) -> Callable[[config_pb2.Route, Backends], OnEnvoy]:
+    def declared(route: config_pb2.Route, backends: Backends) -> OnEnvoy:
+        return OnEnvoy()
+
+    declared.__doc__ = f"translated: {how}"
+    return declared
 
 
 COMPONENTS = (
@@ -66,9 +74,15 @@ COMPONENTS = (
             "Backend.name",
             "Backend.address",
         ),
-        _translated,
+        _translated("weighted clusters, the match table, the RTDS weights layer"),
+        "applied: weights, pins, sticky keys, drains, health",
     ),
-    Component("renames", ("Variant.input_names", "Variant.output_names"), _renames),
+    Component(
+        "renames",
+        ("Variant.input_names", "Variant.output_names"),
+        _renames,
+        "inputs renamed; answers keep the backend's output names",
+    ),
     # Protocol translation and per-kind options (adapters/; Envoy: Triton-shaped gRPC only).
     Component(
         "adapters",
@@ -81,9 +95,42 @@ COMPONENTS = (
             "Variant.torchserve",
         ),
         _adapters,
+        "Triton only: other kinds' models answer once and take the chain",
     ),
-    # Envoy: outlier detection on the variant's cluster.
-    Component("breaker", ("Backend.circuit_breaker",), _translated),
-    # Envoy: the cluster's circuit_breakers.
-    Component("bulkhead", ("Backend.bulkhead",), _translated),
+    Component(
+        "breaker",
+        ("Backend.circuit_breaker",),
+        _translated("outlier detection on the variant's cluster"),
+        "an open breaker refuses new requests",
+    ),
+    Component(
+        "bulkhead",
+        ("Backend.bulkhead",),
+        _translated("the cluster's circuit_breakers"),
+        "not applied: the stream's own bounds hold (docs/streaming.md)",
+    ),
 )
+
+
+def _said(declaration: Callable) -> str:
+    return " ".join((declaration.__doc__ or "").split())
+
+
+def path_matrix() -> str:
+    """docs/architecture.md's table of what each request path does with each part of a route's
+    config, from the declarations (tests/test_policy_coverage.py checks the doc carries it)."""
+    rows = [
+        "| part | config fields | ModelInfer | ModelStreamInfer, decoupled model | Envoy mode |",
+        "|---|---|---|---|---|",
+    ]
+    for layer in route_layers():
+        rows.append(
+            f"| {layer.name} (layer) | {', '.join(layer.fields)} | applied | "
+            f"{layer.decoupled} | {_said(layer.envoy)} |"
+        )
+    for component in COMPONENTS:
+        rows.append(
+            f"| {component.name} | {', '.join(component.fields)} | applied | "
+            f"{component.decoupled} | {_said(component.envoy)} |"
+        )
+    return "\n".join(rows) + "\n"

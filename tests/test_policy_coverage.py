@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway.components import COMPONENTS
+from gateway.components import COMPONENTS, path_matrix
 from gateway.config import from_dict
 from gateway.envoy.compile import decide
 from gateway.layers import route_layers
@@ -110,3 +110,10 @@ def test_check_config_says_which_path_serves_cache_batching_and_drift(tmp_path):
         at = lines.index(f"gateway {model}")
         assert lines[at + 1].startswith(f"- {word}:"), out
     assert "envoy   plain" in out
+
+
+def test_architecture_doc_carries_the_declared_path_matrix():
+    doc = (Path(__file__).parents[1] / "docs" / "architecture.md").read_text()
+    assert path_matrix() in doc, (
+        "docs/architecture.md: regenerate with gateway.components.path_matrix()"
+    )

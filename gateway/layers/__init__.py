@@ -67,12 +67,20 @@ class OnEnvoy(NamedTuple):
 
 def hands_over(reason: str) -> Callable[[Any, config_pb2.Route], OnEnvoy]:
     """The `envoy` declaration of a layer Envoy cannot express at all."""
-    return lambda settings, route: OnEnvoy(hand_over=(reason,))
+
+    def declared(settings, route) -> OnEnvoy:
+        return OnEnvoy(hand_over=(reason,))
+
+    declared.__doc__ = f"hands the route to the gateway ({reason})"
+    return declared
 
 
 def translated(settings, route) -> OnEnvoy:
-    """The `envoy` declaration of a layer the compiler always translates."""
+    """translated into Envoy resources"""
     return OnEnvoy()
+
+
+NOT_ON_DECOUPLED = "not applied: defined over one answer, a decoupled model sends 0..N"
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +95,9 @@ class RouteLayer:
     envoy: Callable[[Any, config_pb2.Route], OnEnvoy]
     # The config fields it owns, as "Message.field" (RoutePolicy.retry, Variant.batching)
     fields: tuple[str, ...]
+    # What ModelStreamInfer does with it for a decoupled model (0..N answers, relayed on a
+    # backend stream; every other model's stream requests take this chain itself).
+    decoupled: str
     # (policy, field path, route or None for defaults, known models) -> problems in its part
     check: Callable[..., Iterator[tuple[str, str]]] = _no_problems
     # Its settings read the route's config (per-variant settings), not only the policy: they

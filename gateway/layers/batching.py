@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import prometheus_client as prom
 
 from gateway.batching import Batcher
-from gateway.layers import LayerEnv, RouteLayer, hands_over
+from gateway.layers import NOT_ON_DECOUPLED, LayerEnv, RouteLayer, hands_over
 from gateway.pipeline import InferCall, InferResult, InferService, Layer
 from gateway.policy import seconds
 from tensorgate.config.v1 import config_pb2
@@ -167,6 +167,7 @@ LAYER = RouteLayer(
     build=batching,
     envoy=hands_over("batching: the gateway gathers calls into batches"),
     fields=("Variant.batching",),
+    decoupled=NOT_ON_DECOUPLED,
     check=check,
     reads_route=True,
 )

@@ -20,7 +20,7 @@ import prometheus_client as prom
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from gateway.cache import ResponseCache, cacheable, request_key
-from gateway.layers import RouteLayer, hands_over
+from gateway.layers import NOT_ON_DECOUPLED, RouteLayer, hands_over
 from gateway.pipeline import InferCall, InferResult, InferService, Layer
 from gateway.policy import seconds
 from tensorgate.config.v1 import config_pb2
@@ -172,5 +172,6 @@ LAYER = RouteLayer(
     build=response_cache,
     envoy=hands_over("response_cache: the gateway answers repeated requests from its cache"),
     fields=("RoutePolicy.response_cache",),
+    decoupled=NOT_ON_DECOUPLED,
     check=check,
 )

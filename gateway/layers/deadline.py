@@ -67,5 +67,6 @@ LAYER = RouteLayer(
     build=lambda timeout, shared, plan: deadline(timeout),
     envoy=translated,  # the route's timeout
     fields=("RoutePolicy.timeout",),
+    decoupled="the caller's deadline bounds the backend stream; the route's timeout is not applied",
     check=check,
 )

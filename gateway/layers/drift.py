@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from gateway.drift import DriftMonitor, check
-from gateway.layers import RouteLayer, hands_over
+from gateway.layers import NOT_ON_DECOUPLED, RouteLayer, hands_over
 from gateway.pipeline import InferCall, InferResult, InferService, Layer
 from tensorgate.config.v1 import config_pb2
 
@@ -43,5 +43,6 @@ LAYER = RouteLayer(
     build=drift,
     envoy=hands_over("drift: the gateway samples inputs and outputs for the drift gauges"),
     fields=("RoutePolicy.drift",),
+    decoupled=NOT_ON_DECOUPLED,
     check=check,
 )

@@ -21,7 +21,7 @@ from tritonclient.grpc import service_pb2 as oip
 from adapters.codecs import oip as oip_codec
 from gateway import tracing
 from gateway.errors import GatewayError
-from gateway.layers import LayerEnv, OnEnvoy, RouteLayer
+from gateway.layers import NOT_ON_DECOUPLED, LayerEnv, OnEnvoy, RouteLayer
 from gateway.pipeline import InferCall, InferResult, InferService, Layer, PrimaryFailure, blame
 from gateway.policy import BACKEND_FAILURES
 from tensorgate.config.v1 import config_pb2
@@ -189,6 +189,8 @@ def fallback(steps: tuple, shared: FallbackState) -> Layer:
 
 
 def on_envoy(steps: tuple[config_pb2.FallbackStep, ...], route: config_pb2.Route) -> OnEnvoy:
+    """translated for variants asking the backend what the primary asks (aggregate cluster);
+    hands the route to the gateway for another model, a static answer, or other names"""
     reasons = []
     variants = {v.name: v for v in route.variants}
     for step in steps:
@@ -224,5 +226,6 @@ LAYER = RouteLayer(
     build=lambda steps, shared, plan: fallback(steps, shared),
     envoy=on_envoy,
     fields=("RoutePolicy.fallback",),
+    decoupled=NOT_ON_DECOUPLED,
     check=check,
 )

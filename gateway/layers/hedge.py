@@ -16,7 +16,7 @@ import prometheus_client as prom
 
 from gateway import tracing
 from gateway.errors import GatewayError
-from gateway.layers import RouteLayer, hands_over
+from gateway.layers import NOT_ON_DECOUPLED, RouteLayer, hands_over
 from gateway.pipeline import InferCall, InferResult, InferService, Layer
 from gateway.policy import seconds
 from tensorgate.config.v1 import config_pb2
@@ -142,5 +142,6 @@ LAYER = RouteLayer(
     build=lambda s, shared, plan: hedge(s, shared.tracker, shared.metrics),
     envoy=hands_over("hedge: Envoy hedges only on a per-try timeout, to the same variant"),
     fields=("RoutePolicy.hedge",),
+    decoupled=NOT_ON_DECOUPLED,
     check=check,
 )

@@ -19,7 +19,7 @@ import prometheus_client as prom
 
 from gateway import tracing
 from gateway.errors import GatewayError
-from gateway.layers import LayerEnv, OnEnvoy, RouteLayer
+from gateway.layers import NOT_ON_DECOUPLED, LayerEnv, OnEnvoy, RouteLayer
 from gateway.pipeline import InferCall, InferResult, InferService, Layer
 from gateway.policy import NEVER_RETRY, seconds
 from gateway.resilience.backoff import full_jitter
@@ -139,6 +139,8 @@ ENVOY_RETRY_ON = {
 
 
 def on_envoy(policy: RetrySettings, route) -> OnEnvoy:
+    """translated (retry_on, per-try timeout); hands the route to the gateway for codes Envoy
+    cannot match and for retry.other_variant"""
     reasons = []
     unmatched = sorted({c.name for c in policy.retry_on} - ENVOY_RETRY_ON.keys())
     if unmatched:
@@ -156,6 +158,7 @@ LAYER = RouteLayer(
     build=build,
     envoy=on_envoy,
     fields=("RoutePolicy.retry",),
+    decoupled=NOT_ON_DECOUPLED,
     check=check,
 )
 

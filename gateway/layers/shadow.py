@@ -21,7 +21,7 @@ from tritonclient.grpc import service_pb2 as oip
 from adapters.codecs import oip as oip_codec
 from gateway import tracing
 from gateway.errors import GatewayError
-from gateway.layers import LayerEnv, OnEnvoy, RouteLayer
+from gateway.layers import NOT_ON_DECOUPLED, LayerEnv, OnEnvoy, RouteLayer
 from gateway.pipeline import InferCall, InferResult, InferService, Layer
 from tensorgate.config.v1 import config_pb2
 
@@ -213,18 +213,24 @@ def state(env: LayerEnv) -> ShadowState:
     )
 
 
+def on_envoy(s: ShadowSettings, route) -> OnEnvoy:
+    """translated (a request mirror); outputs are not compared"""
+    return OnEnvoy(
+        notes=(
+            f"shadow: {s.fraction:g} of requests mirrored to {s.variant!r}; outputs are not "
+            "compared (the gateway compares)",
+        )
+    )
+
+
 LAYER = RouteLayer(
     "shadow",
     settings=settings,
     active=lambda s: s is not None,
     state=state,
     build=lambda s, shared, plan: shadow(s, shared.runner, shared.send),
-    envoy=lambda s, route: OnEnvoy(
-        notes=(
-            f"shadow: {s.fraction:g} of requests mirrored to {s.variant!r}; outputs are not "
-            "compared (the gateway compares)",
-        )
-    ),
+    envoy=on_envoy,
     fields=("RoutePolicy.shadow",),
+    decoupled=NOT_ON_DECOUPLED,
     check=check,
 )

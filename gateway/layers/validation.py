@@ -31,6 +31,7 @@ from adapters.parameters import (
 from gateway.errors import invalid, shown
 from gateway.layers import OnEnvoy, RouteLayer
 from gateway.pipeline import InferCall, InferResult, InferService, Layer
+from tensorgate.config.v1 import config_pb2
 
 # Longest accepted names, in UTF-8 bytes. Model, tensor and parameter names of real models are
 # far shorter; the bounds keep hostile names out of route lookups, backend calls and messages.
@@ -457,6 +458,14 @@ def schema(adapters: Callable[[], Mapping[str, Adapter]], cache: SpecCache) -> L
     return layer
 
 
+def on_envoy(settings, route: config_pb2.Route) -> OnEnvoy:
+    """hands the route to the gateway when it declares a schema; otherwise Triton checks its own
+    model description"""
+    if route.HasField("schema"):
+        return OnEnvoy(hand_over=("schema: requests are validated against the route's schema",))
+    return OnEnvoy()
+
+
 # Always on: every route's calls are checked against the chosen variant's model description.
 SCHEMA = RouteLayer(
     "schema",
@@ -464,11 +473,7 @@ SCHEMA = RouteLayer(
     active=lambda settings: True,
     state=lambda env: env,
     build=lambda settings, env, plan: schema(env.adapters, env.specs),
-    envoy=lambda settings, route: OnEnvoy(
-        hand_over=("schema: requests are validated against the route's schema",)
-        if route.HasField("schema")
-        else (),
-        notes=(),
-    ),
+    envoy=on_envoy,
     fields=("Route.schema",),
+    decoupled="parameters and structure checked; not the model description or route schema",
 )
