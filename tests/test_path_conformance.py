@@ -70,6 +70,9 @@ ROUTES = [
     # so must a fallback to fb (it used to resolve without the health checks' verdict)
     {"model": "fb",
      "variants": [_variant("stable", "1", 50), _variant("other", "2", 50, backend="dead")]},
+    # half the weight on a backend health checks find down: every path sends all calls to "up"
+    {"model": "half_down",
+     "variants": [_variant("up", "1", 50), _variant("down", "2", 50, backend="dead")]},
     {"model": "drainable",
      "variants": [_variant("x", "1", 50), _variant("y", "2", 50, backend="triton-b")]},
 ]  # fmt: skip
@@ -253,6 +256,14 @@ def test_fallback_to_a_variant_a_model_and_a_static_answer(callers, path):
 def test_fallback_to_a_model_takes_that_models_chain_and_health(callers, path):
     outcomes = callers[path]([linear_request("fa")] * 20)
     assert [(o.code, o.outputs) for o in outcomes] == [("OK", Y_V1)] * 20, outcomes
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_variant_health_checks_mark_down_gets_no_calls(callers, path):
+    outcomes = callers[path]([linear_request("half_down")] * 60)
+    assert [(o.code, o.outputs) for o in outcomes] == [("OK", Y_V1)] * 60, [
+        o for o in outcomes if o.code != "OK"
+    ][:3]
 
 
 @pytest.mark.parametrize("path", PATHS)
