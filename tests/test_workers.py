@@ -25,7 +25,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 from gateway import cli
 from tensorgate.admin.v1 import admin_pb2, admin_pb2_grpc
-from tests.backends.triton import REPO_ROOT
+from tests.backends.triton import REPO_ROOT, TritonServer
 from tests.gateway_process import (
     ADMIN_TOKEN,
     READ_TOKEN,
@@ -50,6 +50,15 @@ def config(triton, **lifecycle) -> dict:
         "routes": ROUTES,
         "lifecycle": {"drain_delay": "0s", "shutdown_grace": "10s", **lifecycle},
     }
+
+
+@pytest.fixture(scope="module")
+def triton():
+    """A Triton of this module's own, not the session's: these tests time calls and drains with
+    16 connections at once, and the session's Triton may still be working off what earlier
+    modules left queued on it (in full-suite CI runs the calls here timed out; alone, never)."""
+    with TritonServer(REPO_ROOT / "deploy" / "demo" / "models") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
