@@ -52,7 +52,7 @@ from tests.backends.etcd import EtcdServer, etcd_tool
 from tests.backends.process import tool
 from tests.backends.triton import REPO_ROOT, free_port
 from tests.gateway_process import GatewayProcess, triton_backend
-from tests.oip import Y_V1, linear_request
+from tests.oip import Y_V1, Y_V2, linear_request
 
 DEPLOY = REPO_ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
@@ -543,7 +543,8 @@ def test_configmap_gateway_config_serves_with_its_admin_api(triton, tmp_path):
             # bootstrap, its container's args run Envoy; a stock call through it is answered.
             envoy = envoy_sidecar(gw.config_path, tmp_path)
             try:
-                assert infer_linear(f"127.0.0.1:{envoy_port}") == [Y_V1]
+                # unpinned: the ConfigMap's weights are 95/5, so either version may answer
+                assert infer_linear(f"127.0.0.1:{envoy_port}") in ([Y_V1], [Y_V2])
             finally:
                 assert envoy.stop() == 0, envoy.output()[-4000:]
             with grpc.insecure_channel(gw.admin_address) as channel:
