@@ -147,13 +147,15 @@ async def test_deadlines_are_honoured_end_to_end(proxy_to_killable):
             gw.address, lambda: linear_request(), concurrency=4, duration=3.0, timeout=0.2
         )
         assert set(results.codes()) == {"DEADLINE_EXCEEDED"}
-        assert 0.2 <= results.p(0.0) and results.p(0.99) <= 0.25
+        # Bounds: never before the deadline; typically just after it; never anywhere near the
+        # backend's 0.6 s (p99 slack for a loaded 2-core CI box, where 90 ms stalls happen).
+        assert 0.2 <= results.p(0.0) and results.p(0.5) <= 0.25 and results.p(0.99) <= 0.4
         # Route timeout 0.15 s, enforced by the gateway itself (the caller sets no deadline).
         results = await run_load(
             gw.address, lambda: linear_request(model="capped"), concurrency=4, duration=3.0
         )
         assert set(results.codes()) == {"DEADLINE_EXCEEDED"}, results.codes()
-        assert 0.15 <= results.p(0.0) and results.p(0.99) <= 0.20
+        assert 0.15 <= results.p(0.0) and results.p(0.5) <= 0.20 and results.p(0.99) <= 0.35
         proxy.heal()
         ok = await run_load(
             gw.address, lambda: linear_request(), concurrency=2, duration=0.5, timeout=5
