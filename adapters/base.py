@@ -18,7 +18,7 @@ from gateway.errors import GatewayError
 
 if TYPE_CHECKING:
     from adapters.parameters import ParameterRules
-    from gateway.routing import Target
+    from gateway.dataplane.target import Target
 
 
 class BackendError(GatewayError):

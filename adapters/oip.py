@@ -40,7 +40,7 @@ from tritonclient.grpc import service_pb2_grpc
 from adapters import parameters
 from adapters.base import BackendError, ModelSpec, NoOptions, TensorSpec, backend_tensors
 from adapters.grpc_common import channel_options, rpc_error
-from gateway import tracing
+from gateway.observability import tracing
 from tensorgate.config.v1 import config_pb2
 
 

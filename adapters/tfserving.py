@@ -20,8 +20,8 @@ from adapters.base import BackendError, ModelSpec, NoOptions, TensorSpec, backen
 from adapters.codecs import oip as oip_codec
 from adapters.codecs import tensorproto
 from adapters.grpc_common import channel_options, rpc_error
-from gateway import tracing
 from gateway.errors import shown
+from gateway.observability import tracing
 from tensorgate.config.v1 import config_pb2
 from tensorgate.tfserving import serving_pb2, serving_pb2_grpc
 

@@ -7,7 +7,8 @@ What Triton adds to the protocol, and this class to OIPAdapter:
   with no elements still needs its (empty) data.
 - ModelConfig is always implemented: it passes through, and its optional inputs and
   max_batch_size refine request validation.
-- ModelStreamInfer (decoupled models), relayed by gateway/streaming.py through `stream` and
+- ModelStreamInfer (decoupled models), relayed by gateway/dataplane/streaming.py through `stream`
+and
   `stream_request`; every request forwarded on a stream asks for the empty final response that
   ends a decoupled model's answers (the relay needs it; docs/streaming.md).
 - Answers carry only the requested outputs, so they are not trimmed.

@@ -70,7 +70,7 @@ from bench.gateway_vs_direct import (
     write_results,
 )
 from bench.loadgen import LoadResult, build_request
-from gateway.drift import DriftMonitor
+from gateway.dataplane.layers.drift.monitor import DriftMonitor
 from tensorgate.config.v1 import config_pb2
 from tests.backends.triton import TritonServer
 

@@ -27,10 +27,10 @@ import grpc
 from prometheus_client import CollectorRegistry
 from tritonclient.grpc import service_pb2 as oip
 
-from gateway.config import from_dict
-from gateway.envoy import ads
-from gateway.envoy.bootstrap import bootstrap, render
-from gateway.envoy.compile import CLUSTER, ROUTE, RUNTIME, WEIGHTS_LAYER, Compiler
+from gateway.controlplane.config import from_dict
+from gateway.controlplane.envoy import ads
+from gateway.controlplane.envoy.bootstrap import bootstrap, render
+from gateway.controlplane.envoy.compile import CLUSTER, ROUTE, RUNTIME, WEIGHTS_LAYER, Compiler
 from tests.backends.process import tool
 from tests.backends.triton import free_port
 

@@ -19,28 +19,23 @@ from tritonclient.grpc import service_pb2_grpc
 import gateway
 from adapters.base import Adapter
 from adapters.registry import build_adapter
-from gateway import logs, memory, reflection, tracing
-from gateway.config import seconds
-from gateway.drift import DriftMonitor
-from gateway.health import Readiness
-from gateway.intake import Intake
-from gateway.layers import (
-    LayerEnv,
-    breaker,
-    bulkhead,
-    dispatch,
-    observe,
-    route_layers,
-    routing,
-    validation,
-)
-from gateway.metrics import GatewayMetrics
-from gateway.pipeline import InferService, compose
-from gateway.policy import breaker_settings, bulkhead_settings
-from gateway.routing import RouteTable
-from gateway.servicer import InferenceServicer
-from gateway.stats import RecentStats
-from gateway.store import open_store
+from gateway.controlplane.config import seconds
+from gateway.controlplane.store import open_store
+from gateway.dataplane import memory, reflection
+from gateway.dataplane.intake import Intake
+from gateway.dataplane.layers import breaker, bulkhead, dispatch, observe, resolve, validation
+from gateway.dataplane.layers.breaker import breaker_settings
+from gateway.dataplane.layers.bulkhead import bulkhead_settings
+from gateway.dataplane.layers.chain import route_layers
+from gateway.dataplane.layers.contract import LayerEnv
+from gateway.dataplane.layers.drift.monitor import DriftMonitor
+from gateway.dataplane.pipeline import InferService, compose
+from gateway.dataplane.routing import RouteTable
+from gateway.dataplane.servicer import InferenceServicer
+from gateway.observability import logs, tracing
+from gateway.observability.health import Readiness
+from gateway.observability.metrics import GatewayMetrics
+from gateway.observability.stats import RecentStats
 from tensorgate.config.v1 import config_pb2
 
 # Set in the environment of `serve --workers` processes: they share the file store.
@@ -116,8 +111,8 @@ class Runtime:
         self.metrics.served_weights(config.routes)
 
     def route_service(self, plan) -> InferService:
-        """One route's chain of layers (gateway.layers.route_layers(), outermost first), with
-        the layers that are off for this route left out, around the backend call."""
+        """One route's chain of layers (gateway.dataplane.layers.route_layers(), outermost first),
+        with the layers that are off for this route left out, around the backend call."""
         service = self.backend_call
         for layer in reversed(self.route_layers):
             settings = plan.settings[layer.name]
@@ -142,7 +137,7 @@ class Runtime:
                 self.metrics, lambda model: self.table.get(model) is not None, self.recent
             ),
             validation.structure(max_inputs=limits.max_inputs),
-            service=routing.route(
+            service=resolve.route(
                 lambda: self.table, lambda: self.readiness.down, self.compiled_route
             ),
         )
@@ -216,7 +211,7 @@ class Gateway:
         self.route_manager = None
         self.store = None
         self._follow: asyncio.Task | None = None
-        self.control_plane = None  # Envoy mode (listeners.xds): gateway/envoy/
+        self.control_plane = None  # Envoy mode (listeners.xds): gateway/controlplane/envoy/
         self._stopped = asyncio.Event()
         self.intake = Intake(
             self.runtime.metrics,
@@ -227,8 +222,8 @@ class Gateway:
     async def _open_store(self) -> None:
         """The revision store and what follows it: the route table (booted from the store's
         latest revision), drains, and the rollouts (driven here when the admin API is)."""
-        from gateway.admin.rollout import RolloutController
-        from gateway.admin.routes import RouteManager
+        from gateway.controlplane.admin.rollout import RolloutController
+        from gateway.controlplane.admin.routes import RouteManager
 
         config = self.config
         replica = config.store.etcd.replica or f"{socket.gethostname()}-{os.getpid()}"
@@ -267,7 +262,8 @@ class Gateway:
         )
         servicer = InferenceServicer(self.runtime, self.runtime.request_path())
         # Every service is registered through the intake: undecodable bodies, the in-flight
-        # byte budget and the shutdown gate are handled before any handler (gateway/intake.py).
+        # byte budget and the shutdown gate are handled before any handler
+        # (gateway/dataplane/intake.py).
         registrar = self.intake.register(self.server)
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, registrar)
         health_pb2_grpc.add_HealthServicer_to_server(self.runtime.readiness.servicer, registrar)
@@ -292,7 +288,7 @@ class Gateway:
             await self.admin_server.start()
         await self.runtime.readiness.start()
         if listeners.xds != "off":
-            from gateway.envoy.control import ControlPlane
+            from gateway.controlplane.envoy.control import ControlPlane
 
             self.control_plane = ControlPlane(
                 self.runtime.metrics.registry, lambda: self.runtime.readiness.down
@@ -314,7 +310,7 @@ class Gateway:
 
     def _admin_server(self) -> grpc.aio.Server:
         """The admin API on its own listener, behind authentication (reflection included)."""
-        from gateway.admin import auth, service
+        from gateway.controlplane.admin import auth, service
         from tensorgate.admin.v1 import admin_pb2, admin_pb2_grpc
 
         admin = self.config.admin

@@ -9,7 +9,7 @@ import pathlib
 import sys
 
 from gateway import __version__
-from gateway.config import ConfigError, load_file
+from gateway.controlplane.config import ConfigError, load_file
 from gateway.workers import MAX_WORKERS, supervise, worker_count
 
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     base.add_argument("--limit", type=int, default=10_000, help="requests read at most")
     base.add_argument("--output", "-o", required=True, help="reference file to write")
-    from gateway.admin import cli as admin_cli
+    from gateway.controlplane.admin import cli as admin_cli
 
     admin_cli.add_parser(sub)
     args = parser.parse_args(argv)
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_paths(config) -> None:
     """Envoy mode: which data plane answers each route, and why."""
-    from gateway.envoy.compile import decide
+    from gateway.controlplane.envoy.compile import decide
 
     print(f"Envoy mode: xDS on {config.listeners.xds}, Envoys listen on {config.envoy.listen}")
     for decision in decide(config):
@@ -131,7 +131,7 @@ def _print_paths(config) -> None:
 
 
 def _envoy_bootstrap(args) -> int:
-    from gateway.envoy.bootstrap import bootstrap, render
+    from gateway.controlplane.envoy.bootstrap import bootstrap, render
 
     try:
         config = load_file(args.config)
@@ -164,7 +164,7 @@ if __name__ == "__main__":
 def _drift_baseline(args) -> int:
     import json
 
-    from gateway import drift
+    from gateway.dataplane.layers.drift import monitor as drift
 
     try:
         config = load_file(args.config)

@@ -27,8 +27,8 @@ class GatewayError(Exception):
         # True when the gateway refused to call the backend at all (an open breaker): retrying
         # the same backend can only fail the same way, so retry moves on or gives up at once.
         self.fail_fast = False
-        # The variant (gateway.routing.Target) whose try failed, once routing has chosen one:
-        # for the caller's trailers and the metrics' labels.
+        # The variant (gateway.dataplane.routing.Target) whose try failed, once routing has chosen
+        # one: for the caller's trailers and the metrics' labels.
         self.target = None
 
     def __str__(self) -> str:
@@ -49,3 +49,33 @@ def invalid(message: str) -> GatewayError:
 
 def not_found(message: str) -> GatewayError:
     return GatewayError(grpc.StatusCode.NOT_FOUND, message)
+
+
+# Outcomes that say the backend (not the request) is in trouble: they count against breakers and
+# are what fallback rescues. Caller errors (INVALID_ARGUMENT, NOT_FOUND, ...) never are.
+BACKEND_FAILURES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DATA_LOSS,
+        grpc.StatusCode.ABORTED,
+    }
+)
+# Codes a route may never retry: retrying cannot change the answer.
+NEVER_RETRY = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.OK,
+    }
+)

@@ -28,8 +28,8 @@ latency; gauges (tensorgate_ready, in-flight counts, breaker states) stay per wo
 or a max would say little; a restarted worker is a counter reset of its own series only, which
 rate() handles. Not prometheus_client's multiprocess mode: it does not support Info
 (tensorgate_info), custom collectors, or gauges without a per-gauge multiprocess_mode, which the
-gateway's metrics (on their own registry, gateway/metrics.py and the layers) do not declare.
-The parent adds tensorgate_worker_up{worker} (the worker answered this scrape) and
+gateway's metrics (on their own registry, gateway/observability/metrics.py and the layers) do not
+declare. The parent adds tensorgate_worker_up{worker} (the worker answered this scrape) and
 tensorgate_worker_restarts_total{worker}.
 
 **Signals.** SIGTERM or SIGINT to the parent is sent on to every worker as SIGTERM; each drains
@@ -66,7 +66,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import gateway
-from gateway.config import ConfigError, seconds
+from gateway.controlplane.config import ConfigError, seconds
 from tensorgate.config.v1 import config_pb2
 
 log = logging.getLogger("gateway.workers")  # also when run as __main__ (a worker)

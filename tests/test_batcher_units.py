@@ -1,4 +1,4 @@
-"""The dynamic batcher's own logic (gateway/batching.py) against a fake backend: what gets merged,
+"""The dynamic batcher's own logic (gateway/dataplane/layers/batching/batcher.py) against a fake backend: what gets merged,
 when batches leave, and what each caller gets back (its slice, its deadline, its cancellation, its
 own copy of the batch's error). Timings are asserted as bounds with generous slack.
 """
@@ -14,7 +14,7 @@ import pytest
 from tritonclient.grpc import service_pb2 as oip
 
 from adapters.codecs import oip as oip_codec
-from gateway.batching import Batcher
+from gateway.dataplane.layers.batching.batcher import Batcher
 from gateway.errors import GatewayError
 
 SLACK = 0.15  # seconds a timer may run late on a busy test machine

@@ -13,7 +13,7 @@ import tritonclient.grpc as tc
 from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc
 
-from gateway.config import ConfigError, load_yaml
+from gateway.controlplane.config import ConfigError, load_yaml
 from tensorgate.admin.v1 import admin_pb2, admin_pb2_grpc
 from tests.gateway_process import ADMIN_TOKEN, GatewayProcess, triton_backend
 from tests.loadgen import metric, scrape

@@ -1,4 +1,4 @@
-"""The response cache's core (gateway/cache.py) on its own: the key, the LRU, TTL, single-flight.
+"""The response cache's core (gateway/dataplane/layers/cache/store.py) on its own: the key, the LRU, TTL, single-flight.
 No processes; an injected clock instead of sleeps. The cache as a layer, against real backends,
 is tested in tests/test_cache.py."""
 
@@ -11,7 +11,13 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as oip
 
-from gateway.cache import ENTRY_OVERHEAD, ResponseCache, _metadata, cacheable, request_key
+from gateway.dataplane.layers.cache.store import (
+    ENTRY_OVERHEAD,
+    ResponseCache,
+    _metadata,
+    cacheable,
+    request_key,
+)
 
 
 class Clock:

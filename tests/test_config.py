@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from gateway.config import ConfigError, load_file, load_yaml, warnings
+from gateway.controlplane.config import ConfigError, load_file, load_yaml, warnings
 from tests.backends.triton import free_port
 from tests.gateway_process import TENSORGATE
 
@@ -170,7 +170,7 @@ def test_admin_plaintext_opt_out_is_accepted_and_loud(tmp_path, caplog):
     # Loading the file (what serve and check-config do) logs it at WARNING.
     path = tmp_path / "g.yaml"
     path.write_text(text)
-    with caplog.at_level(logging.WARNING, logger="gateway.config"):
+    with caplog.at_level(logging.WARNING, logger="gateway.controlplane.config"):
         load_file(path)
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
         ("WARNING", f"{path}: {warning}")

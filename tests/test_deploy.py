@@ -342,7 +342,7 @@ def gateway_registry():
     import asyncio
 
     from gateway.app import Runtime
-    from gateway.config import from_dict
+    from gateway.controlplane.config import from_dict
 
     config = from_dict(
         {
@@ -352,7 +352,7 @@ def gateway_registry():
     )
 
     async def build():
-        from gateway.admin.routes import StoreMetrics
+        from gateway.controlplane.admin.routes import StoreMetrics
 
         runtime = Runtime(config)
         StoreMetrics(runtime.metrics.registry)  # what `serve` adds: the revision store's gauges

@@ -20,7 +20,7 @@ import pytest
 from google.protobuf import json_format
 from tritonclient.grpc import service_pb2_grpc
 
-from gateway import drift
+from gateway.dataplane.layers.drift import monitor as drift
 from tests.gateway_process import TENSORGATE, GatewayProcess, triton_backend
 from tests.loadgen import metric, scrape
 from tests.oip import linear_request
@@ -138,7 +138,7 @@ def test_a_baseline_file_is_the_reference(triton, tmp_path):
 
 
 def test_bad_drift_policies_are_refused_whole(triton, tmp_path):
-    from gateway.config import ConfigError, from_dict
+    from gateway.controlplane.config import ConfigError, from_dict
 
     with pytest.raises(ConfigError) as err:
         from_dict(_config(triton, sample_ratio=2.0, bins=1, reference_file=str(tmp_path / "no")))

@@ -27,10 +27,10 @@ from prometheus_client import CollectorRegistry
 from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc
 
-from gateway.config import ConfigError, from_dict
-from gateway.envoy import ads
-from gateway.envoy.bootstrap import bootstrap, render
-from gateway.envoy.compile import (
+from gateway.controlplane.config import ConfigError, from_dict
+from gateway.controlplane.envoy import ads
+from gateway.controlplane.envoy.bootstrap import bootstrap, render
+from gateway.controlplane.envoy.compile import (
     CLUSTER,
     ENDPOINT,
     LISTENER,
@@ -41,7 +41,7 @@ from gateway.envoy.compile import (
     decide,
     routes_of,
 )
-from gateway.envoy.control import ControlPlane
+from gateway.controlplane.envoy.control import ControlPlane
 from tensorgate.admin.v1 import admin_pb2, admin_pb2_grpc
 from tests.backends.process import BackendProcess, free_port, tool
 from tests.gateway_process import ADMIN_TOKEN, GatewayProcess, triton_backend
@@ -830,7 +830,7 @@ def test_control_plane_killed_under_load_envoy_keeps_serving(stack):
 
 
 class InProcessControlPlane:
-    """gateway.envoy.ads.XdsServer on its own event loop thread, so a test can push any snapshot
+    """gateway.controlplane.envoy.ads.XdsServer on its own event loop thread, so a test can push any snapshot
     (including ones Envoy must reject)."""
 
     def __init__(self) -> None:

@@ -1,6 +1,6 @@
 """Envoy mode reads a request body exactly as Triton will, or hands the call to the gateway.
 
-A parser differential is a security hole: Envoy's listener (gateway/envoy/lua/model.lua) picks
+A parser differential is a security hole: Envoy's listener (gateway/controlplane/envoy/lua/model.lua) picks
 the route from the body, Triton's C++ protobuf picks the model it runs from the same bytes. If they
 read a field differently, a caller names one model to Envoy and runs another (one no route
 exposes), or hides a shared-memory parameter that reads or overwrites another client's region.

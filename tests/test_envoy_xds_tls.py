@@ -23,8 +23,8 @@ from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc
 
-from gateway.config import ConfigError, from_dict
-from gateway.envoy.bootstrap import bootstrap
+from gateway.controlplane.config import ConfigError, from_dict
+from gateway.controlplane.envoy.bootstrap import bootstrap
 from tests.backends.process import free_port, tool
 from tests.certs import issue, make_ca
 from tests.gateway_process import TENSORGATE, GatewayProcess

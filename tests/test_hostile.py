@@ -37,7 +37,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 from adapters import parameters
 from adapters.parameters import check_output_datatypes
-from gateway.config import from_dict, validate
+from gateway.controlplane.config import from_dict, validate
 from gateway.errors import GatewayError
 from tensorgate.admin.v1 import admin_pb2, admin_pb2_grpc
 from tensorgate.config.v1 import config_pb2

@@ -3,7 +3,7 @@ item 6): a real `tensorgate serve` in Envoy mode (listeners.xds) with the admin 
 access log of every call, in front of a real Triton, takes an 8 MiB model name, huge request
 ids, versions and metadata values, a 3 MB xDS node id from a raw ADS client, and megabyte
 fields on the admin API. Every call still gets its right status; every line of the gateway's
-stderr and of its log file is at most 8 KiB (gateway.logs.MAX_LINE_BYTES), and a cut value says it was
+stderr and of its log file is at most 8 KiB (gateway.observability.logs.MAX_LINE_BYTES), and a cut value says it was
 cut and how long it was. Before, the access log wrote the 8 MiB model name whole (an 8 MB line
 per call) and the node id was logged twice in full."""
 
@@ -20,14 +20,14 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import duration_pb2
 from tritonclient.grpc import service_pb2 as oip
 
-from gateway import logs
-from gateway.envoy.compile import CLUSTER
+from gateway.controlplane.envoy.compile import CLUSTER
+from gateway.observability import logs
 from tensorgate.admin.v1 import admin_pb2
 from tests.backends.triton import free_port
 from tests.gateway_process import ADMIN_TOKEN, GatewayProcess, triton_backend
 from tests.oip import Y_V1, linear_request, output
 
-# The documented bound (docs/observability.md#logs), which gateway.logs enforces.
+# The documented bound (docs/observability.md#logs), which gateway.observability.logs enforces.
 MAX_LINE_BYTES = 8192
 MODEL_CHARS = 8 << 20  # the issue's 8 MiB model name
 NODE_CHARS = 3_000_000  # the issue's 3 MB xDS node id

@@ -20,8 +20,8 @@ from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from adapters.oip import requested_only
-from gateway.config import ConfigError, from_dict
-from gateway.envoy.compile import decide
+from gateway.controlplane.config import ConfigError, from_dict
+from gateway.controlplane.envoy.compile import decide
 from tests.backends.kserve import KServeServer
 from tests.backends.process import free_port
 from tests.gateway_process import GatewayProcess

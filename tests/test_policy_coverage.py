@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway.components import COMPONENTS, path_matrix
-from gateway.config import from_dict
-from gateway.envoy.compile import decide
-from gateway.layers import route_layers
+from gateway.controlplane.config import from_dict
+from gateway.controlplane.envoy.compile import decide
+from gateway.dataplane.components import COMPONENTS, path_matrix
+from gateway.dataplane.layers.chain import route_layers
 from tensorgate.config.v1 import config_pb2
 
 TENSORGATE = Path(sys.executable).parent / "tensorgate"
@@ -115,5 +115,5 @@ def test_check_config_says_which_path_serves_cache_batching_and_drift(tmp_path):
 def test_architecture_doc_carries_the_declared_path_matrix():
     doc = (Path(__file__).parents[1] / "docs" / "architecture.md").read_text()
     assert path_matrix() in doc, (
-        "docs/architecture.md: regenerate with gateway.components.path_matrix()"
+        "docs/architecture.md: regenerate with gateway.dataplane.components.path_matrix()"
     )

@@ -12,14 +12,15 @@ import prometheus_client as prom
 import pytest
 from tritonclient.grpc import service_pb2 as oip
 
-from gateway.config import from_dict
+from gateway.controlplane.config import from_dict
+from gateway.dataplane.layers import breaker, bulkhead, fallback, hedge, retry, shadow
+from gateway.dataplane.layers.breaker import BreakerSettings
+from gateway.dataplane.layers.bulkhead import BulkheadSettings
+from gateway.dataplane.layers.retry.backoff import full_jitter
+from gateway.dataplane.layers.retry.budget import RetryBudget
+from gateway.dataplane.pipeline import InferCall, InferResult, compose
+from gateway.dataplane.routing import RouteTable
 from gateway.errors import GatewayError
-from gateway.layers import breaker, bulkhead, fallback, hedge, retry, shadow
-from gateway.pipeline import InferCall, InferResult, compose
-from gateway.policy import BreakerSettings, BulkheadSettings
-from gateway.resilience.backoff import full_jitter
-from gateway.resilience.budget import RetryBudget
-from gateway.routing import RouteTable
 
 UNAVAILABLE = GatewayError(grpc.StatusCode.UNAVAILABLE, "down")
 INVALID = GatewayError(grpc.StatusCode.INVALID_ARGUMENT, "bad input")

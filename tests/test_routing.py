@@ -8,9 +8,9 @@ import time
 import grpc
 import pytest
 
-from gateway.config import from_dict
+from gateway.controlplane.config import from_dict
+from gateway.dataplane.routing import RouteTable
 from gateway.errors import GatewayError
-from gateway.routing import RouteTable
 
 
 def table(*routes: dict) -> RouteTable:

@@ -164,7 +164,7 @@ def test_backend_streams_per_caller_stream_are_bounded(triton):
     many are busy is refused in the stream naming the limit, and the stream goes on; once they
     are idle, an idle one is closed to make room. (17 backend names on one Triton: each is its
     own backend stream.)"""
-    from gateway.streaming import MAX_BACKEND_STREAMS
+    from gateway.dataplane.streaming import MAX_BACKEND_STREAMS
 
     count = MAX_BACKEND_STREAMS + 1
     config = {

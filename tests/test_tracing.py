@@ -21,9 +21,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from tritonclient.grpc import service_pb2_grpc
 
-from gateway import tracing
 from gateway.app import Gateway
-from gateway.config import from_dict
+from gateway.controlplane.config import from_dict
+from gateway.observability import tracing
 from tests.backends.triton import free_port
 from tests.gateway_process import triton_backend
 from tests.oip import Y_V1, linear_request, output

@@ -15,8 +15,7 @@ from tritonclient.grpc import service_pb2 as oip
 from adapters import parameters
 from adapters.base import ModelSpec, TensorSpec
 from adapters.parameters import check_parameters
-from gateway.errors import GatewayError
-from gateway.layers.validation import (
+from gateway.dataplane.layers.validation import (
     CONTENTS_FIELD,
     DATATYPES,
     ELEMENT_SIZE,
@@ -30,8 +29,9 @@ from gateway.layers.validation import (
     check_structure,
     schema,
 )
-from gateway.pipeline import InferCall
-from gateway.routing import Target
+from gateway.dataplane.pipeline import InferCall
+from gateway.dataplane.target import Target
+from gateway.errors import GatewayError
 from tensorgate.config.v1 import config_pb2
 
 NUMPY = {

@@ -1,6 +1,7 @@
 """Merge Open Inference Protocol requests on the batch dimension, and split the answer back.
 
-The gateway's dynamic batcher (gateway/batching.py) concatenates compatible requests along the
+The gateway's dynamic batcher (gateway/dataplane/layers/batching/batcher.py) concatenates
+compatible requests along the
 first dimension of every input into one backend call, then slices every output of the answer back
 into one response per request. The slices are byte-identical to what the backend would have
 answered each request alone, provided the model treats batch rows independently (what a batching
@@ -13,7 +14,7 @@ buffers concatenates their elements; typed contents are repeated fields in row-m
 FP16 / BF16 travel raw only.
 
 Requests reaching these functions have passed the structure check
-(gateway/layers/validation.check_structure): shapes agree with the bytes or elements sent.
+(gateway/dataplane/layers/validation.check_structure): shapes agree with the bytes or elements sent.
 """
 
 from __future__ import annotations

@@ -1,0 +1,463 @@
+"""Progressive canary rollouts with automatic analysis, durable in the revision store.
+
+Each step moves the canary's share of the (canary + baseline) traffic up, as a normal revision,
+holds it for a minimum time and number of canary calls, then compares the canary with the
+baseline over that step: error ratio (backend-side failures) and p99 latency. A canary that does
+worse by more than the configured factors is rolled back to the weights it started from, by
+itself, with the reason recorded; one that passes every step is promoted to 100%.
+
+A rollout's state (step, when it started, the analyses so far, the weights to restore) lives in
+the store as a RolloutRecord, rewritten after every step. Any replica answers Start, Get and
+Abort; one replica, the holder of the store's driver lease, drives every running rollout. If it
+dies, another takes the lease within its TTL and resumes each rollout from its persisted step
+(the step's analysis window included). The driver's writes are conditional on still holding
+the lease, so a deposed driver cannot write over its successor. The analysis sums the counts
+every replica publishes to the store (gateway/observability/stats.py `window`), not one replica's
+traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from gateway.controlplane.admin.routes import RouteManager, find_route, unavailable
+from gateway.controlplane.store.base import Conflict, RevisionStore, StoreUnavailable, now
+from gateway.errors import GatewayError, invalid, shown
+from gateway.observability.stats import RecentStats, window
+from tensorgate.admin.v1 import admin_pb2
+from tensorgate.store.v1 import store_pb2
+
+log = logging.getLogger(__name__)
+DEFAULT_STEPS = (5, 25, 50, 100)
+IDLE_PUBLISH_S = 30.0
+Rollout = admin_pb2.Rollout
+
+
+def _seconds(duration, default: float) -> float:
+    value = duration.seconds + duration.nanos / 1e9
+    return value if value > 0 else default
+
+
+def _age(stamp: timestamp_pb2.Timestamp) -> float:
+    return max(0.0, time.time() - stamp.ToNanoseconds() / 1e9)
+
+
+class Deposed(Exception):
+    """This replica no longer holds the driver lease."""
+
+
+class Stopped(Exception):
+    """The rollout left RUNNING elsewhere (aborted through another replica)."""
+
+
+class RolloutController:
+    def __init__(
+        self,
+        routes: RouteManager,
+        store: RevisionStore,
+        stats: RecentStats,
+        replica: str,
+        incarnation: str,
+        *,
+        poll: float = 0.2,
+        lease_ttl: float = 10.0,
+        metrics=None,
+    ) -> None:
+        self._routes = routes
+        self._store = store
+        self._stats = stats
+        self.replica = replica
+        self._incarnation = incarnation
+        self._poll = poll
+        self._lease_ttl = lease_ttl
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._loops: list[asyncio.Task] = []
+        self._wake = asyncio.Event()
+        self.driving = False
+        self._metrics = metrics
+
+    def _show(self, rollout: admin_pb2.Rollout) -> None:
+        if self._metrics is not None:
+            self._metrics.rollout(rollout, Rollout.State.items())
+
+    # --- the admin RPCs (any replica) --------------------------------------------------------
+
+    async def _records(self) -> dict[str, store_pb2.RolloutRecord]:
+        try:
+            return await self._store.rollouts()
+        except StoreUnavailable as err:
+            raise unavailable(self._store, err) from None
+
+    async def get(self, model: str) -> admin_pb2.Rollout:
+        record = (await self._records()).get(model)
+        if record is None:
+            raise GatewayError(grpc.StatusCode.NOT_FOUND, f"no rollout for model {shown(model)}")
+        return record.rollout
+
+    async def start(self, request: admin_pb2.StartRolloutRequest, who: str) -> admin_pb2.Rollout:
+        running = (await self._records()).get(request.model)
+        if running is not None and running.rollout.state == Rollout.STATE_RUNNING:
+            raise GatewayError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"a rollout of {shown(running.rollout.canary)} for model {shown(request.model)} "
+                "is already running",
+            )
+        route = find_route(self._routes.routes(), request.model)
+        names = {v.name for v in route.variants}
+        for field in ("canary", "baseline"):
+            if getattr(request, field) not in names:
+                raise invalid(
+                    f"{field}: model {shown(request.model)} has no variant "
+                    f"{shown(getattr(request, field))}"
+                )
+        if request.canary == request.baseline:
+            raise invalid("canary and baseline must be different variants")
+        steps = list(request.steps) or list(DEFAULT_STEPS)
+        if any(not 0 < s <= 100 for s in steps) or steps != sorted(set(steps)) or steps[-1] != 100:
+            raise invalid(f"steps must increase within 1..100 and end at 100, got {steps}")
+        for field in ("max_error_ratio_factor", "max_p99_factor", "error_ratio_slack"):
+            value = getattr(request, field)
+            if not math.isfinite(value) or value < 0:  # NaN would pass every comparison
+                raise invalid(f"{field} must be a finite number >= 0, got {value}")
+        rollout = Rollout(
+            model=request.model,
+            canary=request.canary,
+            baseline=request.baseline,
+            state=Rollout.STATE_RUNNING,
+            steps=steps,
+            percent=0,
+            started_at=now(),
+        )
+        record = store_pb2.RolloutRecord(
+            rollout=rollout,
+            request=request,
+            original_weights={v.name: v.weight for v in route.variants},
+            started_by=who,
+        )
+        try:
+            await self._store.put_rollout(record)
+        except StoreUnavailable as err:
+            raise unavailable(self._store, err) from None
+        self._show(rollout)
+        self._wake.set()
+        return rollout
+
+    async def abort(self, model: str, reason: str, who: str) -> admin_pb2.Rollout:
+        record = (await self._records()).get(model)
+        if record is None:
+            raise GatewayError(grpc.StatusCode.NOT_FOUND, f"no rollout for model {shown(model)}")
+        if record.rollout.state != Rollout.STATE_RUNNING:
+            raise GatewayError(
+                grpc.StatusCode.FAILED_PRECONDITION, f"the rollout of {shown(model)} is not running"
+            )
+        task = self._tasks.pop(model, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        # The driver (maybe another replica) sees the record leave RUNNING and stops.
+        self._end(record, Rollout.STATE_ABORTED, f"aborted by {who}: {reason or 'no reason given'}")
+        try:
+            await self._store.put_rollout(record)
+        except StoreUnavailable as err:
+            raise unavailable(self._store, err) from None
+        self._show(record.rollout)
+        await self._restore(record, who)
+        return record.rollout
+
+    # --- driving (the lease holder) ------------------------------------------------------------
+
+    def run(self, *, drive: bool, publish: bool) -> None:
+        """Start the background work: with `publish`, publish this replica's counts (every
+        replica's traffic counts in an analysis); with `drive`, drive rollouts while holding
+        the lease."""
+        self._loops = []
+        if publish:
+            self._loops.append(asyncio.create_task(self._publish_counts(), name="rollout-counts"))
+        if drive:
+            self._loops.append(asyncio.create_task(self._lead(), name="rollout-driver"))
+
+    async def close(self) -> None:
+        for task in [*self._loops, *self._tasks.values()]:
+            task.cancel()
+        await asyncio.gather(*self._loops, *self._tasks.values(), return_exceptions=True)
+        self._tasks.clear()
+
+    async def _publish_counts(self) -> None:
+        """Every second while a rollout runs (its analysis needs them), every 30 s otherwise
+        (each publish is a write: an idle fleet should not keep etcd busy)."""
+        last = 0.0
+        while True:
+            try:
+                records = await self._store.rollouts()
+                running = any(r.rollout.state == Rollout.STATE_RUNNING for r in records.values())
+                if running or time.monotonic() - last >= IDLE_PUBLISH_S:
+                    await self._store.publish_counts(
+                        self._stats.counts(self.replica, self._incarnation)
+                    )
+                    last = time.monotonic()
+            except StoreUnavailable:
+                pass  # the driver sees this replica's counts again when the store is back
+            except Exception:
+                log.exception("rollouts: cannot publish counts")
+            await asyncio.sleep(min(1.0, self._poll * 5))
+
+    async def _lead(self) -> None:
+        renew = max(0.2, self._lease_ttl / 3)
+        while True:
+            try:
+                holds = await self._store.try_drive(self.replica)
+            except StoreUnavailable:
+                holds = False
+            except Exception:
+                log.exception("rollouts: driver election failed")
+                holds = False
+            if holds != self.driving:
+                log.info("rollouts: %s %s the driver", self.replica, "is" if holds else "is not")
+                self.driving = holds
+            if holds:
+                await self._adopt()
+            else:
+                for model in list(self._tasks):
+                    self._tasks.pop(model).cancel()
+            await self._show_stored()
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), renew)
+            except TimeoutError:
+                pass
+
+    async def _show_stored(self) -> None:
+        """Every replica's rollout gauges follow the store, not only the driver's."""
+        try:
+            records = await self._store.rollouts()
+        except StoreUnavailable:
+            return
+        for record in records.values():
+            self._show(record.rollout)
+
+    async def _adopt(self) -> None:
+        """Drive every running rollout that has no task here (new, or left by a dead driver)."""
+        try:
+            records = await self._store.rollouts()
+        except StoreUnavailable:
+            return
+        for model, record in records.items():
+            task = self._tasks.get(model)
+            if task is not None and task.done():
+                del self._tasks[model]
+                task = None
+            if record.rollout.state == Rollout.STATE_RUNNING and task is None:
+                log.info("rollouts: %s drives %s/%s from step %d", self.replica, model,
+                         record.rollout.canary, record.rollout.step)  # fmt: skip
+                self._tasks[model] = asyncio.create_task(
+                    self._drive(model), name=f"rollout-{model}"
+                )
+
+    async def _save(self, record: store_pb2.RolloutRecord) -> None:
+        """Persist progress, only while this replica is still the driver and the rollout is
+        still running (an abort from any replica wins)."""
+        await self._still_running(record)
+        record.driver = self.replica
+        try:
+            await self._store.put_rollout(record, as_driver=self.replica)
+        except Conflict:
+            raise Deposed from None
+        self._show(record.rollout)
+
+    async def _all_counts(self) -> list[store_pb2.ReplicaCounts]:
+        """Every replica's published counts, this one's read live."""
+        others = await self._store.replica_counts()
+        mine = self._stats.counts(self.replica, self._incarnation)
+        return [c for c in others if c.replica != self.replica] + [mine]
+
+    async def _still_running(self, record: store_pb2.RolloutRecord) -> None:
+        current = (await self._store.rollouts()).get(record.rollout.model)
+        if (
+            current is None
+            or current.rollout.state != Rollout.STATE_RUNNING
+            or current.rollout.started_at != record.rollout.started_at  # replaced by another
+        ):
+            raise Stopped
+
+    async def _set_percent(self, record: store_pb2.RolloutRecord, percent: int) -> None:
+        rollout = record.rollout
+        route = find_route(self._routes.routes(), rollout.model)
+        weights = {v.name: v.weight for v in route.variants}
+        if (weights.get(rollout.canary), weights.get(rollout.baseline)) != (
+            percent,
+            100 - percent,
+        ):
+
+            def mutate(routes) -> None:
+                route = find_route(routes, rollout.model)
+                for variant in route.variants:
+                    if variant.name == rollout.canary:
+                        variant.weight = percent
+                    elif variant.name == rollout.baseline:
+                        variant.weight = 100 - percent
+
+            await self._routes.change(
+                who=f"rollout:{record.started_by}",
+                method="Rollout",
+                summary=f"rollout {rollout.model}: {rollout.canary} {percent}%, "
+                f"{rollout.baseline} {100 - percent}%",
+                mutate=mutate,
+            )
+        rollout.percent = percent
+
+    async def _restore(self, record: store_pb2.RolloutRecord, who: str) -> None:
+        original = dict(record.original_weights)
+        route = find_route(self._routes.routes(), record.rollout.model)
+        if all(original.get(v.name, v.weight) == v.weight for v in route.variants):
+            record.rollout.percent = 0
+            return  # already restored (by the replica that aborted, or a previous driver)
+
+        def mutate(routes) -> None:
+            route = find_route(routes, record.rollout.model)
+            for variant in route.variants:
+                if variant.name in original:
+                    variant.weight = original[variant.name]
+
+        await self._routes.change(
+            who=f"rollout:{who}",
+            method="Rollout",
+            summary=f"rollout {record.rollout.model}: {record.rollout.canary} rolled back",
+            mutate=mutate,
+        )
+        record.rollout.percent = 0
+
+    def _end(self, record: store_pb2.RolloutRecord, state, reason: str) -> None:
+        rollout = record.rollout
+        rollout.state = state
+        rollout.reason = reason
+        rollout.ended_at.CopyFrom(now())
+        log.info("rollout of %s/%s: %s (%s)", rollout.model, rollout.canary,
+                 Rollout.State.Name(state), reason)  # fmt: skip
+
+    async def _finish(self, record, state, reason: str, *, restore: bool) -> None:
+        # Recorded first: once the record has left RUNNING no driver touches the weights again.
+        self._end(record, state, reason)
+        await self._save(record)
+        if restore:
+            await self._restore(record, record.started_by)
+
+    async def _drive(self, model: str) -> None:
+        try:
+            record = (await self._store.rollouts())[model]
+            await self._steps(record)
+        except (Deposed, StoreUnavailable) as err:
+            log.warning("rollouts: stopped driving %s (%s); the next driver resumes it",
+                        model, type(err).__name__)  # fmt: skip
+        except Stopped:
+            # Aborted elsewhere: its weights are restored there; again here in case a step's
+            # weights landed after that restore (a no-op otherwise).
+            await self._restore(record, record.started_by)
+        except asyncio.CancelledError:
+            raise
+        except GatewayError as err:  # the table changed under us in a way that broke the rollout
+            try:
+                await self._finish(
+                    record, Rollout.STATE_ABORTED, f"stopped: {err.message}", restore=False
+                )
+            except (Stopped, Deposed, StoreUnavailable):
+                pass
+        finally:
+            if self._tasks.get(model) is asyncio.current_task():
+                del self._tasks[model]
+
+    async def _steps(self, record: store_pb2.RolloutRecord) -> None:
+        rollout, request = record.rollout, record.request
+        min_duration = _seconds(request.min_step_duration, 30.0)
+        max_duration = _seconds(request.max_step_duration, 10 * min_duration)
+        min_requests = request.min_requests or 100
+        error_factor = request.max_error_ratio_factor or 2.0
+        slack = request.error_ratio_slack or 0.01
+        p99_factor = request.max_p99_factor or 2.0
+        first = rollout.step
+        for index in range(first, len(rollout.steps)):
+            percent = rollout.steps[index]
+            resumed = index == first and record.HasField("step_started_at")
+            if not resumed:
+                if index == 0:
+                    # Idle replicas publish counts every 30 s; they see the rollout and publish
+                    # every second within one: then the window's start is current everywhere.
+                    await asyncio.sleep(min(1.5, self._poll * 7.5))
+                rollout.step = index
+                rollout.percent = percent
+                record.step_started_at.CopyFrom(now())
+                del record.step_start_counts[:]
+                record.step_start_counts.extend(await self._all_counts())
+                await self._save(record)  # the step and its window start, before traffic moves
+            await self._set_percent(record, percent)
+            while True:
+                await asyncio.sleep(self._poll)
+                await self._still_running(record)
+                elapsed = _age(record.step_started_at)
+                counts = await self._all_counts()
+                start = list(record.step_start_counts)
+                canary = window(start, counts, rollout.model, rollout.canary)
+                if elapsed >= min_duration and canary[0] >= min_requests:
+                    break
+                if elapsed >= max_duration:
+                    await self._finish(
+                        record,
+                        Rollout.STATE_ROLLED_BACK,
+                        f"step {percent}%: only {canary[0]} canary calls in {elapsed:.0f}s "
+                        f"(needs {min_requests}); rolled back",
+                        restore=True,
+                    )
+                    return
+            baseline = window(start, counts, rollout.model, rollout.baseline)
+            last = record.last_baseline
+            if baseline[0] == 0 and last.baseline_requests:
+                # at 100% the baseline gets no calls: compare with the last step's
+                baseline = (
+                    last.baseline_requests,
+                    last.baseline_error_ratio,
+                    last.baseline_p99_seconds,
+                )
+            failed = []
+            if canary[1] > baseline[1] * error_factor + slack:
+                failed.append(
+                    f"error ratio {canary[1]:.3f} > {error_factor:g} x baseline "
+                    f"{baseline[1]:.3f} + {slack:g}"
+                )
+            if baseline[0] and canary[2] > baseline[2] * p99_factor:
+                failed.append(
+                    f"p99 {canary[2] * 1000:.1f} ms > {p99_factor:g} x baseline "
+                    f"{baseline[2] * 1000:.1f} ms"
+                )
+            analysis = rollout.analyses.add(
+                percent=percent,
+                canary_requests=canary[0],
+                canary_error_ratio=canary[1],
+                canary_p99_seconds=canary[2],
+                baseline_requests=baseline[0],
+                baseline_error_ratio=baseline[1],
+                baseline_p99_seconds=baseline[2],
+                passed=not failed,
+            )
+            if baseline[0]:
+                record.last_baseline.CopyFrom(analysis)
+            if failed:
+                await self._finish(
+                    record,
+                    Rollout.STATE_ROLLED_BACK,
+                    f"step {percent}%: " + "; ".join(failed),
+                    restore=True,
+                )
+                return
+            rollout.reason = f"step {percent}% passed"
+            record.ClearField("step_started_at")
+            if index + 1 < len(rollout.steps):
+                rollout.step = index + 1
+            await self._save(record)
+        await self._finish(
+            record, Rollout.STATE_PROMOTED, f"{rollout.canary} promoted to 100%", restore=False
+        )

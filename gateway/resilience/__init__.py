@@ -1,1 +1,0 @@
-"""Building blocks the resilience layers share: backoff schedules, retry budgets, windows."""
