@@ -21,6 +21,7 @@ from adapters import parameters
 from adapters.base import BackendError, ModelSpec, backend_tensors, declared_spec
 from adapters.codecs import kserve_json
 from adapters.codecs import oip as oip_codec
+from gateway.addresses import address_problem
 from gateway.errors import invalid, shown
 from gateway.observability import tracing
 from tensorgate.config.v1 import config_pb2
@@ -71,8 +72,6 @@ class TorchServeAdapter:
 
     @classmethod
     def check_backend(cls, backend: config_pb2.Backend, at: str) -> Iterator[tuple[str, str]]:
-        from gateway.controlplane.config import address_problem
-
         address = backend.torchserve.management_address
         reason = address_problem(address) if address else None
         if reason:

@@ -138,7 +138,7 @@ class EnvoyProcess(ServerProcess):
         return out
 
 
-def _socket(host: str, port: int) -> dict:
+def socket_address(host: str, port: int) -> dict:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
@@ -172,7 +172,7 @@ class BareEnvoyProcess(EnvoyProcess):
         )
         listener = {
             "name": "tensorgate",  # what is_ready looks for
-            "address": _socket("127.0.0.1", self.port),
+            "address": socket_address("127.0.0.1", self.port),
             "filter_chains": [
                 {"filters": [{"name": "envoy.http_connection_manager", "typed_config": manager}]}
             ],
@@ -188,12 +188,12 @@ class BareEnvoyProcess(EnvoyProcess):
             "load_assignment": {
                 "cluster_name": "triton",
                 "endpoints": [
-                    {"lb_endpoints": [{"endpoint": {"address": _socket(host, int(port))}}]}
+                    {"lb_endpoints": [{"endpoint": {"address": socket_address(host, int(port))}}]}
                 ],
             },
         }
         config = {
-            "admin": {"address": _socket("127.0.0.1", self.admin_port)},
+            "admin": {"address": socket_address("127.0.0.1", self.admin_port)},
             "static_resources": {"listeners": [listener], "clusters": [cluster]},
         }
         self.bootstrap.write_text(json.dumps(config, indent=1))

@@ -30,7 +30,8 @@ from tritonclient.grpc import service_pb2 as oip
 from gateway.controlplane.config import from_dict
 from gateway.controlplane.envoy import ads
 from gateway.controlplane.envoy.bootstrap import bootstrap, render
-from gateway.controlplane.envoy.compile import CLUSTER, ROUTE, RUNTIME, WEIGHTS_LAYER, Compiler
+from gateway.controlplane.envoy.compile import Compiler
+from gateway.controlplane.envoy.resources import CLUSTER, ROUTE, RUNTIME, WEIGHTS_LAYER
 from tests.backends.process import tool
 from tests.backends.triton import free_port
 

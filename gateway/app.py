@@ -19,7 +19,6 @@ from tritonclient.grpc import service_pb2_grpc
 import gateway
 from adapters.base import Adapter
 from adapters.registry import build_adapter
-from gateway.controlplane.config import seconds
 from gateway.controlplane.store import open_store
 from gateway.dataplane import memory, reflection
 from gateway.dataplane.intake import Intake
@@ -32,6 +31,7 @@ from gateway.dataplane.layers.drift.monitor import DriftMonitor
 from gateway.dataplane.pipeline import InferService, compose
 from gateway.dataplane.routing import RouteTable
 from gateway.dataplane.servicer import InferenceServicer
+from gateway.durations import seconds
 from gateway.observability import logs, tracing
 from gateway.observability.health import Readiness
 from gateway.observability.metrics import GatewayMetrics

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_paths(config) -> None:
     """Envoy mode: which data plane answers each route, and why."""
-    from gateway.controlplane.envoy.compile import decide
+    from gateway.controlplane.envoy.decide import decide
 
     print(f"Envoy mode: xDS on {config.listeners.xds}, Envoys listen on {config.envoy.listen}")
     for decision in decide(config):

@@ -66,7 +66,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import gateway
-from gateway.controlplane.config import ConfigError, seconds
+from gateway.controlplane.config import ConfigError
+from gateway.durations import seconds
 from tensorgate.config.v1 import config_pb2
 
 log = logging.getLogger("gateway.workers")  # also when run as __main__ (a worker)

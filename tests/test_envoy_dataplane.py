@@ -30,18 +30,18 @@ from tritonclient.grpc import service_pb2_grpc
 from gateway.controlplane.config import ConfigError, from_dict
 from gateway.controlplane.envoy import ads
 from gateway.controlplane.envoy.bootstrap import bootstrap, render
-from gateway.controlplane.envoy.compile import (
+from gateway.controlplane.envoy.compile import compile_config
+from gateway.controlplane.envoy.control import ControlPlane
+from gateway.controlplane.envoy.decide import decide
+from gateway.controlplane.envoy.listener import routes_of
+from gateway.controlplane.envoy.resources import (
     CLUSTER,
     ENDPOINT,
     LISTENER,
     ROUTE,
     RUNTIME,
     WEIGHTS_LAYER,
-    compile_config,
-    decide,
-    routes_of,
 )
-from gateway.controlplane.envoy.control import ControlPlane
 from tensorgate.admin.v1 import admin_pb2, admin_pb2_grpc
 from tests.backends.process import BackendProcess, free_port, tool
 from tests.gateway_process import ADMIN_TOKEN, GatewayProcess, triton_backend

@@ -20,7 +20,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import duration_pb2
 from tritonclient.grpc import service_pb2 as oip
 
-from gateway.controlplane.envoy.compile import CLUSTER
+from gateway.controlplane.envoy.resources import CLUSTER
 from gateway.observability import logs
 from tensorgate.admin.v1 import admin_pb2
 from tests.backends.triton import free_port

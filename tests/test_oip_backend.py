@@ -21,7 +21,7 @@ from tritonclient.utils import InferenceServerException
 
 from adapters.oip import requested_only
 from gateway.controlplane.config import ConfigError, from_dict
-from gateway.controlplane.envoy.compile import decide
+from gateway.controlplane.envoy.decide import decide
 from tests.backends.kserve import KServeServer
 from tests.backends.process import free_port
 from tests.gateway_process import GatewayProcess

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from gateway.controlplane.config import from_dict
-from gateway.controlplane.envoy.compile import decide
+from gateway.controlplane.envoy.decide import decide
 from gateway.dataplane.components import COMPONENTS, path_matrix
 from gateway.dataplane.layers.chain import route_layers
 from tensorgate.config.v1 import config_pb2
@@ -55,7 +55,7 @@ def _config(route: dict) -> config_pb2.GatewayConfig:
     )
 
 
-def _route(policy: dict | None = None, **variant) -> dict:
+def build_route(policy: dict | None = None, **variant) -> dict:
     route = {"model": "m", "variants": [{"name": "a", "backend": "t", "weight": 1, **variant}]}
     if policy:
         route["policy"] = policy
@@ -78,7 +78,7 @@ ONE_POLICY = [
 
 @pytest.mark.parametrize(("policy", "variant", "path", "reason"), ONE_POLICY)
 def test_envoy_mode_hands_over_what_it_cannot_apply(policy, variant, path, reason):
-    (decision,) = decide(_config(_route(policy, **variant)))
+    (decision,) = decide(_config(build_route(policy, **variant)))
     assert decision.path == path, decision
     if reason is not None:
         assert any(reason in r for r in decision.reasons), decision.reasons
@@ -90,10 +90,10 @@ def test_check_config_says_which_path_serves_cache_batching_and_drift(tmp_path):
         "envoy": {"listen": "127.0.0.1:18080"},
         "backends": [{"name": "t", "kind": "BACKEND_KIND_TRITON", "address": "127.0.0.1:8001"}],
         "routes": [
-            {**_route({"response_cache": {"deterministic": True}}), "model": "cached"},
-            {**_route(batching={"max_batch_size": 8}), "model": "batched"},
-            {**_route({"drift": {"outputs": ["OUTPUT0"]}}), "model": "drifted"},
-            {**_route(), "model": "plain"},
+            {**build_route({"response_cache": {"deterministic": True}}), "model": "cached"},
+            {**build_route(batching={"max_batch_size": 8}), "model": "batched"},
+            {**build_route({"drift": {"outputs": ["OUTPUT0"]}}), "model": "drifted"},
+            {**build_route(), "model": "plain"},
         ],
     }
     path = tmp_path / "gateway.yaml"

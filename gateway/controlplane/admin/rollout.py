@@ -28,6 +28,7 @@ from google.protobuf import timestamp_pb2
 
 from gateway.controlplane.admin.routes import RouteManager, find_route, unavailable
 from gateway.controlplane.store.base import Conflict, RevisionStore, StoreUnavailable, now
+from gateway.durations import seconds
 from gateway.errors import GatewayError, invalid, shown
 from gateway.observability.stats import RecentStats, window
 from tensorgate.admin.v1 import admin_pb2
@@ -37,11 +38,6 @@ log = logging.getLogger(__name__)
 DEFAULT_STEPS = (5, 25, 50, 100)
 IDLE_PUBLISH_S = 30.0
 Rollout = admin_pb2.Rollout
-
-
-def _seconds(duration, default: float) -> float:
-    value = duration.seconds + duration.nanos / 1e9
-    return value if value > 0 else default
 
 
 def _age(stamp: timestamp_pb2.Timestamp) -> float:
@@ -373,8 +369,8 @@ class RolloutController:
 
     async def _steps(self, record: store_pb2.RolloutRecord) -> None:
         rollout, request = record.rollout, record.request
-        min_duration = _seconds(request.min_step_duration, 30.0)
-        max_duration = _seconds(request.max_step_duration, 10 * min_duration)
+        min_duration = seconds(request.min_step_duration, 30.0)
+        max_duration = seconds(request.max_step_duration, 10 * min_duration)
         min_requests = request.min_requests or 100
         error_factor = request.max_error_ratio_factor or 2.0
         slack = request.error_ratio_slack or 0.01

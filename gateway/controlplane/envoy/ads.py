@@ -29,14 +29,14 @@ import prometheus_client as prom
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
 
-from gateway.controlplane.envoy.compile import (
+from gateway.controlplane.envoy.compile import Resources
+from gateway.controlplane.envoy.resources import (
     CLUSTER,
     ENDPOINT,
     LISTENER,
     ROUTE,
     RUNTIME,
     TYPES,
-    Resources,
     content_version,
 )
 from gateway.observability.logs import cut

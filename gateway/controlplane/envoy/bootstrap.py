@@ -10,13 +10,8 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import config_source_pb2, grpc_service_pb2
 from google.protobuf import json_format
 
-from gateway.controlplane.envoy.compile import (
-    WEIGHTS_LAYER,
-    _cluster,
-    _socket,
-    _split,
-    upstream_tls,
-)
+from gateway.controlplane.envoy.clusters import build_cluster, upstream_tls
+from gateway.controlplane.envoy.resources import WEIGHTS_LAYER, socket_address, split_address
 from tensorgate.config.v1 import config_pb2
 
 XDS_CLUSTER = "tensorgate_xds"
@@ -47,15 +42,15 @@ def bootstrap(
     boot = bootstrap_pb2.Bootstrap()
     boot.node.id = node_id
     boot.node.cluster = "tensorgate"
-    boot.admin.address.CopyFrom(_socket(admin))
-    xds, endpoints = _cluster(XDS_CLUSTER, address, connect_timeout=1.0)
+    boot.admin.address.CopyFrom(socket_address(admin))
+    xds, endpoints = build_cluster(XDS_CLUSTER, address, connect_timeout=1.0)
     if endpoints is not None:  # no EDS before there is a control plane: inline, static
         xds.type = cluster_pb2.Cluster.STATIC
         xds.ClearField("eds_cluster_config")
         xds.load_assignment.CopyFrom(endpoints)
     xds.ClearField("common_lb_config")
     if xds_ca:
-        server_name = xds_server_name or _split(address)[0]
+        server_name = xds_server_name or split_address(address)[0]
         xds.transport_socket.CopyFrom(upstream_tls(server_name, xds_ca, xds_cert, xds_key))
     # Reconnect quickly when the control plane restarts.
     xds.upstream_connection_options.tcp_keepalive.keepalive_time.value = 30

@@ -37,6 +37,7 @@ from aetcd import exceptions as etcd_errors
 from aetcd import rpc, watcher
 
 from gateway.controlplane.store.base import Conflict, StoredRevision, StoreUnavailable
+from gateway.durations import seconds
 from tensorgate.config.v1 import config_pb2
 from tensorgate.store.v1 import store_pb2
 
@@ -137,8 +138,8 @@ class EtcdStore:
     def __init__(self, etcd: config_pb2.EtcdStore, *, replica: str, keep: int = 100) -> None:
         self._prefix = etcd.prefix
         self._keep = max(2, keep)
-        self._ttl = max(2, round(etcd.lease_ttl.seconds + etcd.lease_ttl.nanos / 1e9))
-        self._timeout = etcd.timeout.seconds + etcd.timeout.nanos / 1e9
+        self._ttl = max(2, round(seconds(etcd.lease_ttl)))
+        self._timeout = seconds(etcd.timeout)
         self.replica = replica
         self.description = f"etcd {','.join(etcd.endpoints)} {etcd.prefix}"
         self._client = _Client(_target(list(etcd.endpoints)), _credentials(etcd), self._timeout)

@@ -1,0 +1,229 @@
+"""Envoy clusters, one per variant (and aggregate clusters for fallback chains): endpoints,
+HTTP/2 and TLS to the backend, outlier detection (breakers), circuit breakers (bulkheads), and the
+upstream Lua filter that renames a variant's model.
+"""
+
+from __future__ import annotations
+
+from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
+from envoy.config.core.v3 import base_pb2, protocol_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.extensions.clusters.aggregate.v3 import cluster_pb2 as aggregate_pb2
+from envoy.extensions.filters.http.lua.v3 import lua_pb2
+from envoy.extensions.filters.http.upstream_codec.v3 import upstream_codec_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+
+from gateway.controlplane.envoy.resources import (
+    ads_source,
+    envoy_stat_name,
+    is_ip,
+    lua_source,
+    lua_string,
+    packed,
+    socket_address,
+    split_address,
+)
+from gateway.dataplane.layers.breaker import breaker_settings
+from gateway.dataplane.layers.bulkhead import bulkhead_settings
+from gateway.durations import duration
+from tensorgate.config.v1 import config_pb2
+
+_HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+_UNLIMITED = 1_000_000
+
+
+def load_assignment(name: str, address: str) -> endpoint_pb2.ClusterLoadAssignment:
+    return endpoint_pb2.ClusterLoadAssignment(
+        cluster_name=name,
+        endpoints=[
+            endpoint_components_pb2.LocalityLbEndpoints(
+                lb_endpoints=[
+                    endpoint_components_pb2.LbEndpoint(
+                        endpoint=endpoint_components_pb2.Endpoint(address=socket_address(address))
+                    )
+                ]
+            )
+        ],
+    )
+
+
+def http2(stream_window: int = 1 << 20) -> protocol_pb2.Http2ProtocolOptions:
+    return protocol_pb2.Http2ProtocolOptions(
+        max_concurrent_streams={"value": 1024},
+        initial_stream_window_size={"value": stream_window},
+        initial_connection_window_size={"value": 1 << 24},
+    )
+
+
+def renamed(route: config_pb2.Route, variant: config_pb2.Variant) -> bool:
+    """Must calls to this variant's cluster be rewritten to the backend's model and version?
+    Yes unless the backend knows it by the public name and with no version: a variant with a
+    version also takes the route's unpinned calls (they carry no version, and the backend would
+    run its own default version), so its version is always written for the backend."""
+    return variant.backend_model != route.model or bool(variant.backend_version or variant.version)
+
+
+def variant_lua(route: config_pb2.Route, variant: config_pb2.Variant) -> str | None:
+    """The upstream filter of a renamed variant's cluster: its names as constants, then the code.
+    None for a variant the backend knows by its public name and version (no filter, no buffering:
+    each Lua filter is one Lua state per worker, so only the clusters that need one get one)."""
+    if not renamed(route, variant):
+        return None
+    constants = {
+        "model": route.model,
+        "version": variant.version,
+        "variant": variant.name,
+        "backend": variant.backend,
+        "backend_model": variant.backend_model,
+        "backend_version": variant.backend_version,
+    }
+    fields = ", ".join(f"{k} = {lua_string(v)}" for k, v in constants.items())
+    if variant.backend_model == route.model and variant.backend_version == variant.version:
+        # Public names are the backend's: only unpinned calls (no version) need the rewrite, and
+        # answers never do. The filter knows a pinned call by the route key the listener set.
+        fields += f", pinned_key = {lua_string(f'{route.model}@{variant.version}')}"
+    prelude = f"local V = {{{fields}}}\n"
+    return prelude + lua_source("variant.lua")
+
+
+def build_cluster(
+    name: str,
+    address: str,
+    *,
+    upstream_lua: str | None = None,
+    connect_timeout: float = 5.0,
+    buffer_limit: int = 0,
+    stat_name: str = "",
+    eds_name: str = "",
+) -> tuple[cluster_pb2.Cluster, endpoint_pb2.ClusterLoadAssignment | None]:
+    """An HTTP/2 cluster of one address: EDS for an IP (endpoints pushed over ADS, one
+    ClusterLoadAssignment per backend, `eds_name`, shared by every variant cluster on it: a few
+    EDS resources however many routes), STRICT_DNS for a host name (Envoy resolves it)."""
+    cluster = cluster_pb2.Cluster(
+        name=name,
+        alt_stat_name=envoy_stat_name(stat_name or name),
+        connect_timeout=duration(connect_timeout),
+    )
+    if buffer_limit:
+        # What the upstream filter may buffer to rename a request or an answer.
+        cluster.per_connection_buffer_limit_bytes.value = buffer_limit
+    assignment = load_assignment(eds_name or name, address)
+    endpoints = None
+    if is_ip(split_address(address)[0]):
+        cluster.type = cluster_pb2.Cluster.EDS
+        cluster.eds_cluster_config.eds_config.CopyFrom(ads_source())
+        if eds_name:
+            cluster.eds_cluster_config.service_name = eds_name
+        endpoints = assignment
+    else:
+        cluster.type = cluster_pb2.Cluster.STRICT_DNS
+        cluster.load_assignment.CopyFrom(assignment)
+    options = http_protocol_options_pb2.HttpProtocolOptions()
+    options.explicit_http_config.http2_protocol_options.CopyFrom(http2())
+    if upstream_lua is not None:
+        add_upstream_lua(options, upstream_lua)
+    cluster.typed_extension_protocol_options[_HTTP_OPTIONS].CopyFrom(packed(options))
+    # An ejected (breaker-open) variant must get no calls: never "panic" back onto it.
+    cluster.common_lb_config.healthy_panic_threshold.value = 0
+    return cluster, endpoints
+
+
+def add_upstream_lua(options: http_protocol_options_pb2.HttpProtocolOptions, lua: str) -> None:
+    options.http_filters.add(
+        name="envoy.filters.http.lua",
+        typed_config=packed(lua_pb2.Lua(default_source_code={"inline_string": lua})),
+    )
+    options.http_filters.add(
+        name="envoy.filters.http.upstream_codec",
+        typed_config=packed(upstream_codec_pb2.UpstreamCodec()),
+    )
+
+
+def outlier_breaker(cluster: cluster_pb2.Cluster, backend: config_pb2.Backend, config) -> None:
+    """The backend's breaker as outlier detection and its bulkhead as circuit_breakers."""
+    b = breaker_settings(backend, config.defaults.circuit_breaker)
+    if not b.disabled:
+        od = outlier_detection_pb2.OutlierDetection()
+        od.consecutive_5xx.value = b.consecutive_failures
+        od.enforcing_consecutive_5xx.value = 100
+        od.enforcing_consecutive_gateway_failure.value = 0
+        od.enforcing_success_rate.value = 0
+        od.base_ejection_time.CopyFrom(duration(b.open_duration))
+        od.max_ejection_time.CopyFrom(duration(max(b.open_duration, 300.0)))
+        od.max_ejection_percent.value = 100
+        od.interval.CopyFrom(duration(min(b.window, 1.0)))
+        if b.failure_ratio > 0:
+            od.failure_percentage_threshold.value = round(b.failure_ratio * 100)
+            od.enforcing_failure_percentage.value = 100
+            od.failure_percentage_minimum_hosts.value = 1
+            od.failure_percentage_request_volume.value = b.minimum_calls
+        cluster.outlier_detection.CopyFrom(od)
+    limit = bulkhead_settings(backend, config.defaults.bulkhead)
+    threshold = cluster.circuit_breakers.thresholds.add()
+    threshold.priority = base_pb2.DEFAULT
+    threshold.track_remaining = True
+    if limit.disabled:
+        threshold.max_requests.value = _UNLIMITED
+        threshold.max_pending_requests.value = _UNLIMITED
+    else:
+        threshold.max_requests.value = limit.max_concurrency
+        # HTTP/2 queues nothing per stream; "pending" is waiting for a connection, which the first
+        # calls on a new connection always do, so it is never below the concurrency.
+        threshold.max_pending_requests.value = max(limit.max_queue, limit.max_concurrency)
+
+
+def upstream_tls(
+    server_name: str, ca_file: str, cert_file: str = "", key_file: str = ""
+) -> base_pb2.TransportSocket:
+    """Envoy's TLS to an upstream: its certificate chain checked against `ca_file` and its
+    subject alternative names against `server_name`; a client certificate when given."""
+    context = tls_pb2.UpstreamTlsContext()
+    common = context.common_tls_context
+    # HTTP/2 announced in the handshake, as gRPC's own clients do.
+    common.alpn_protocols.append("h2")
+    if cert_file:
+        certificate = common.tls_certificates.add()
+        certificate.certificate_chain.filename = cert_file
+        certificate.private_key.filename = key_file
+    validation = common.validation_context
+    validation.trusted_ca.filename = ca_file
+    # Any certificate the CA signed is not enough: it must name the upstream.
+    san = validation.match_typed_subject_alt_names.add()
+    san.matcher.exact = server_name
+    if is_ip(server_name):
+        san.san_type = common_pb2.SubjectAltNameMatcher.IP_ADDRESS
+    else:
+        san.san_type = common_pb2.SubjectAltNameMatcher.DNS
+        context.sni = server_name  # SNI carries host names only (RFC 6066), never an IP
+    return base_pb2.TransportSocket(
+        name="envoy.transport_sockets.tls", typed_config=packed(context)
+    )
+
+
+def build_aggregate(
+    name: str, members: list[str], lua: str | None, buffer_limit: int
+) -> cluster_pb2.Cluster:
+    """Priority i is members[i]: retries walk down it (previous_priorities), and so does load
+    while a member's hosts are ejected. Requests run the upstream filter of members[0]'s variant
+    (the one the route picked), which is why fallbacks must ask for the same backend model.
+    Connections (HTTP/2, timeouts) are the members' own."""
+    cluster = cluster_pb2.Cluster(
+        name=name, alt_stat_name=envoy_stat_name(name), connect_timeout=duration(5.0)
+    )
+    cluster.lb_policy = cluster_pb2.Cluster.CLUSTER_PROVIDED
+    cluster.cluster_type.CopyFrom(
+        cluster_pb2.Cluster.CustomClusterType(
+            name="envoy.clusters.aggregate",
+            typed_config=packed(aggregate_pb2.ClusterConfig(clusters=members)),
+        )
+    )
+    if lua is not None:
+        cluster.per_connection_buffer_limit_bytes.value = buffer_limit
+        options = http_protocol_options_pb2.HttpProtocolOptions()
+        options.explicit_http_config.http2_protocol_options.CopyFrom(http2())
+        add_upstream_lua(options, lua)
+        cluster.typed_extension_protocol_options[_HTTP_OPTIONS].CopyFrom(packed(options))
+    return cluster

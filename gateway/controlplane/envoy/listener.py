@@ -1,0 +1,281 @@
+"""The Envoy listener and its route table: the body-reading Lua filter (model.lua), the match
+table of public models, weighted routes with their retries, timeouts, mirrors and trailers, and
+the route that hands everything else to the Python gateway.
+"""
+
+from __future__ import annotations
+
+from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
+from envoy.config.core.v3 import base_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.grpc_stats.v3 import config_pb2 as grpc_stats_pb2
+from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
+from envoy.extensions.filters.http.lua.v3 import lua_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.retry.priority.previous_priorities.v3 import (
+    previous_priorities_config_pb2,
+)
+from envoy.type.matcher.v3 import http_inputs_pb2
+from envoy.type.v3 import percent_pb2
+from google.protobuf import any_pb2
+from xds.core.v3 import extension_pb2
+from xds.type.matcher.v3 import matcher_pb2
+
+from gateway.controlplane.envoy.clusters import http2
+from gateway.controlplane.envoy.resources import (
+    BACKEND_HEADER,
+    GATEWAY_CLUSTER,
+    LISTENER_NAME,
+    ROUTE_NAME,
+    VARIANT_HEADER,
+    ads_source,
+    aggregate_cluster,
+    lua_source,
+    packed,
+    socket_address,
+    variant_cluster,
+)
+from gateway.dataplane.layers.retry import ENVOY_RETRY_ON
+from gateway.durations import duration, seconds
+from tensorgate.config.v1 import config_pb2
+
+_HEADER_MUTATION = "envoy.filters.http.header_mutation"
+
+
+def header_input(name: str) -> extension_pb2.TypedExtensionConfig:
+    return extension_pb2.TypedExtensionConfig(
+        name=name,
+        typed_config=packed(http_inputs_pb2.HttpRequestHeaderMatchInput(header_name=name)),
+    )
+
+
+def on_route(route: route_components_pb2.Route) -> matcher_pb2.Matcher.OnMatch:
+    return matcher_pb2.Matcher.OnMatch(
+        action=extension_pb2.TypedExtensionConfig(name=route.name, typed_config=packed(route))
+    )
+
+
+def routes_of(config: route_pb2.RouteConfiguration) -> list[route_components_pb2.Route]:
+    """The Envoy routes in a route configuration's match table: per model (by name) its pinned
+    versions, then its unpinned route; the gateway route last."""
+
+    def order(key: str):
+        model, _, version = key.partition("@")
+        return (model, 0 if version else 1, int(version) if version.isdigit() else 0, version)
+
+    out = []
+    for host in config.virtual_hosts:
+        table = host.matcher.matcher_tree.exact_match_map.map
+        for key in sorted(table, key=order):
+            out.append(route_components_pb2.Route())
+            table[key].action.typed_config.Unpack(out[-1])
+        out.append(route_components_pb2.Route())
+        host.matcher.on_no_match.action.typed_config.Unpack(out[-1])
+    return out
+
+
+def build_routes(route, settings, config, has_fallback: bool):
+    """Envoy routes of one model: one per pinned version (named `model@version`), then the
+    unpinned one (named `model`); the name is the route's key in the match table (`_assemble`).
+    Also returns each weighted route's members, whose weights the runtime layer carries
+    (`_weights`)."""
+    target = aggregate_cluster if has_fallback else variant_cluster
+    versions = sorted({v.version for v in route.variants if v.version}, key=int)
+    groups = [
+        (f"{route.model}@{version}", version, [v for v in route.variants if v.version == version])
+        for version in versions
+    ]
+    if any(v.weight > 0 for v in route.variants):
+        # Every variant is a member, those without weight at 0: a variant entering or leaving
+        # the split (a drain, a 100/0 flip) is then a weights push, not a new route table.
+        groups.append((route.model, None, list(route.variants)))
+    out, picks = [], []
+    for name, version, group in groups:
+        members = [(target(route.model, v.name), v) for v in group]
+        out.append(build_route(name, members, route, settings, config))
+        if len(members) > 1:
+            picks.append((name, version is not None, [(c, v.name) for c, v in members]))
+    return out, picks
+
+
+# A route chosen by the match table still needs a match (the field is required): one that
+# always holds, so the table alone decides.
+_ANY = route_components_pb2.RouteMatch(prefix="/")
+
+
+def identity_headers(variant: config_pb2.Variant) -> list[base_pb2.HeaderValueOption]:
+    """Response headers naming the variant: for answers that end at their headers (gRPC
+    trailers-only errors, whose headers are their trailers)."""
+    return [
+        base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=key, value=value),
+            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+        )
+        for key, value in ((VARIANT_HEADER, variant.name), (BACKEND_HEADER, variant.backend))
+    ]
+
+
+def identity_trailers(variant: config_pb2.Variant) -> dict[str, any_pb2.Any]:
+    """The same names as trailers, where the Python gateway sends them, added by the listener's
+    header_mutation filter from this per-route (or per weighted cluster) config: no body
+    buffering, no Lua on the way back."""
+    mutations = header_mutation_pb2.Mutations(
+        response_trailers_mutations=[
+            mutation_rules_pb2.HeaderMutation(append=option) for option in identity_headers(variant)
+        ]
+    )
+    return {
+        _HEADER_MUTATION: packed(header_mutation_pb2.HeaderMutationPerRoute(mutations=mutations))
+    }
+
+
+def build_route(name, members, route, settings, config) -> route_components_pb2.Route:
+    action = route_components_pb2.RouteAction()
+    identity, trailers = [], {}
+    if len(members) == 1:
+        action.cluster = members[0][0]
+        identity = identity_headers(members[0][1])
+        trailers = identity_trailers(members[0][1])
+    else:
+        # Weights come from the runtime layer (key: runtime_key(name, cluster)), read per
+        # request; 1 applies only until the layer arrives, which the ADS server sends first.
+        action.weighted_clusters.runtime_key_prefix = f"tgw.{name}"
+        for cluster, variant in members:
+            action.weighted_clusters.clusters.add(
+                name=cluster,
+                weight={"value": 1},
+                response_headers_to_add=identity_headers(variant),
+                typed_per_filter_config=identity_trailers(variant),
+            )
+        # Sticky: the route-key header's hash picks the weighted cluster (random without it).
+        action.weighted_clusters.use_hash_policy.value = True
+        action.hash_policy.add(header={"header_name": config.defaults.route_key_header})
+    # The caller's grpc-timeout is the deadline, capped by the route's timeout when it has one;
+    # without either there is no timeout (Envoy's default of 15 s would otherwise apply).
+    timeout = duration(settings.timeout or 0.0)
+    action.timeout.CopyFrom(timeout)
+    action.max_stream_duration.grpc_timeout_header_max.CopyFrom(timeout)
+    retry = settings.retry
+    backends = {b.name: b for b in config.backends}
+    per_try = max(seconds(b.per_try_timeout) for b in (backends[v.backend] for v in route.variants))
+    fallback = [s for s in settings.fallback if s.WhichOneof("step") == "variant"]
+    retries = retry.max_attempts - 1
+    if fallback:
+        retries = max(retries, len(fallback))
+    if retries > 0:
+        policy = action.retry_policy
+        words: list[str] = []
+        for code in sorted(c.name for c in retry.retry_on):
+            words.extend(w for w in ENVOY_RETRY_ON[code] if w not in words)
+        policy.retry_on = ",".join(words)
+        policy.num_retries.value = retries
+        policy.per_try_timeout.CopyFrom(duration(per_try))
+        policy.retry_back_off.base_interval.CopyFrom(duration(max(retry.base_delay, 0.001)))
+        policy.retry_back_off.max_interval.CopyFrom(
+            duration(max(retry.max_delay, retry.base_delay, 0.001))
+        )
+        if fallback:
+            # Each retry moves one priority down the aggregate cluster: the next fallback variant.
+            policy.retry_priority.name = "envoy.retry_priorities.previous_priorities"
+            policy.retry_priority.typed_config.CopyFrom(
+                packed(previous_priorities_config_pb2.PreviousPrioritiesConfig(update_frequency=1))
+            )
+    if settings.shadow is not None:
+        mirror = action.request_mirror_policies.add(
+            cluster=variant_cluster(route.model, settings.shadow.variant),
+            disable_shadow_host_suffix_append=True,
+        )
+        mirror.runtime_fraction.default_value.CopyFrom(
+            percent_pb2.FractionalPercent(
+                numerator=round(settings.shadow.fraction * 1_000_000),
+                denominator=percent_pb2.FractionalPercent.MILLION,
+            )
+        )
+    return route_components_pb2.Route(
+        name=name,
+        match=_ANY,
+        route=action,
+        response_headers_to_add=identity,
+        typed_per_filter_config=trailers,
+    )
+
+
+def build_gateway_route() -> route_components_pb2.Route:
+    """Everything Envoy does not answer alone goes to the Python gateway, caller deadline
+    honoured; one retry when a gateway instance refused or reset the call."""
+    action = route_components_pb2.RouteAction(cluster=GATEWAY_CLUSTER)
+    action.timeout.CopyFrom(duration(0))
+    action.max_stream_duration.grpc_timeout_header_max.CopyFrom(duration(0))
+    action.retry_policy.retry_on = "reset,connect-failure,refused-stream"
+    action.retry_policy.num_retries.value = 1
+    return route_components_pb2.Route(name="gateway", match=_ANY, route=action)
+
+
+def build_listener(config: config_pb2.GatewayConfig) -> listener_pb2.Listener:
+    manager = hcm_pb2.HttpConnectionManager(
+        stat_prefix="tensorgate",
+        codec_type=hcm_pb2.HttpConnectionManager.HTTP2,
+        rds=hcm_pb2.Rds(config_source=ads_source(), route_config_name=ROUTE_NAME),
+        # Envoy buffers up to max(connection limit, stream window) per stream: keep the window
+        # within the bound so the bound holds (HTTP/2's minimum window is 65535).
+        http2_protocol_options=http2(max(65535, min(1 << 20, config.envoy.max_body_bytes))),
+        stream_idle_timeout=duration(300),
+        generate_request_id={"value": False},
+        http_filters=[
+            hcm_pb2.HttpFilter(
+                name="envoy.filters.http.lua",
+                typed_config=packed(
+                    lua_pb2.Lua(default_source_code={"inline_string": lua_source("model.lua")})
+                ),
+            ),
+            # The variant's trailers (per-route config: identity_trailers).
+            hcm_pb2.HttpFilter(
+                name=_HEADER_MUTATION,
+                typed_config=packed(header_mutation_pb2.HeaderMutation()),
+            ),
+            # Per-cluster counts by gRPC status (cluster.<c>.grpc.<service>.<method>.<code>): what
+            # deploy/prometheus/envoy.yaml maps onto tensorgate_requests_total{code}. Its upstream
+            # timing stats stay off: latency comes from the cluster's upstream_rq_time, and they
+            # cost ~15 us of Envoy CPU per call at 16 in flight (an eighth of Envoy's cost).
+            hcm_pb2.HttpFilter(
+                name="envoy.filters.http.grpc_stats",
+                typed_config=packed(
+                    grpc_stats_pb2.FilterConfig(
+                        individual_method_stats_allowlist={
+                            "services": [
+                                {
+                                    "name": "inference.GRPCInferenceService",
+                                    "method_names": ["ModelInfer"],
+                                }
+                            ]
+                        },
+                    )
+                ),
+            ),
+            hcm_pb2.HttpFilter(
+                name="envoy.filters.http.router", typed_config=packed(router_pb2.Router())
+            ),
+        ],
+    )
+    listener = listener_pb2.Listener(
+        name=LISTENER_NAME,
+        address=socket_address(config.envoy.listen),
+        # Bounds what Envoy buffers per connection: a ModelInfer request over it is refused
+        # (its model is read from the body, never from a caller's header).
+        per_connection_buffer_limit_bytes={"value": config.envoy.max_body_bytes},
+        filter_chains=[
+            listener_components_pb2.FilterChain(
+                filters=[
+                    listener_components_pb2.Filter(
+                        name="envoy.filters.network.http_connection_manager",
+                        typed_config=packed(manager),
+                    )
+                ]
+            )
+        ],
+    )
+    return listener
