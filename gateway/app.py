@@ -29,6 +29,7 @@ from gateway.dataplane.layers.chain import route_layers
 from gateway.dataplane.layers.contract import LayerEnv
 from gateway.dataplane.layers.drift.monitor import DriftMonitor
 from gateway.dataplane.pipeline import InferService, compose
+from gateway.dataplane.plane import DataPlane
 from gateway.dataplane.routing import RouteTable
 from gateway.dataplane.servicer import InferenceServicer
 from gateway.durations import seconds
@@ -260,7 +261,7 @@ class Gateway:
                 ("grpc.so_reuseport", int(self.reuse_port)),
             ]
         )
-        servicer = InferenceServicer(self.runtime, self.runtime.request_path())
+        servicer = InferenceServicer(DataPlane(self.runtime, self.runtime.request_path()))
         # Every service is registered through the intake: undecodable bodies, the in-flight
         # byte budget and the shutdown gate are handled before any handler
         # (gateway/dataplane/intake.py).

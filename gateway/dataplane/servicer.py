@@ -1,12 +1,15 @@
 """The Open Inference Protocol (KServe v2) gRPC service the gateway exposes.
 
 Built on the servicer base class tritonclient ships, so the process holds one definition of the
-`inference` protocol and stock Triton/KServe clients work unchanged. ModelInfer goes through the
-layered request path; the other RPCs answer from the route table and the chosen backend.
+`inference` protocol and stock Triton/KServe clients work unchanged. Transport only: each RPC
+reads its fields, asks the DataPlane (plane.py) and writes the answer; every GatewayError becomes
+the call's status in one place (`answers_errors`). ModelInfer keeps its own error path: it also
+writes the failed variant's trailers, the access log and the trace span.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import traceback
@@ -16,10 +19,9 @@ from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc
 
 import gateway
-from gateway.dataplane.layers.validation import MAX_VERSION_BYTES, check_name
-from gateway.dataplane.pipeline import InferCall, InferResult, InferService
-from gateway.dataplane.streaming import StreamRelay
-from gateway.errors import GatewayError, invalid, shown
+from gateway.dataplane.pipeline import InferCall, InferResult
+from gateway.dataplane.plane import METADATA_TIMEOUT_S, DataPlane
+from gateway.errors import GatewayError, shown
 from gateway.observability import logs, tracing
 
 log = logging.getLogger(__name__)
@@ -27,102 +29,75 @@ log = logging.getLogger(__name__)
 DEGRADED_HEADER = "x-tensorgate-degraded"
 CACHE_HEADER = "x-tensorgate-cache"
 _CACHE_HIT = ((CACHE_HEADER, "hit"),)
-METADATA_TIMEOUT_S = 10.0
+
+
+def answers_errors(handler):
+    """A unary RPC's GatewayError (and any bug of ours, as INTERNAL) -> its gRPC status."""
+
+    @functools.wraps(handler)
+    async def answered(self, request, context):
+        try:
+            return await handler(self, request, context)
+        except GatewayError as err:
+            code, message, _ = _failure(err)
+        except Exception as err:
+            log.exception("%s failed", handler.__name__)
+            code, message, _ = _failure(
+                err, GatewayError(grpc.StatusCode.INTERNAL, "internal gateway error")
+            )
+        # Outside the except block: the abort exception then holds no __context__ (_failure).
+        await context.abort(code, message)
+
+    return answered
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, runtime, infer: InferService) -> None:
-        self._runtime = runtime  # gateway.app.Runtime: live route table, adapters, readiness
-        self._infer = infer
+    def __init__(self, plane: DataPlane) -> None:
+        self._plane = plane
+        self._infer = plane.infer
 
     async def ServerLive(self, request, context):
         return oip.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        return oip.ServerReadyResponse(ready=self._runtime.readiness.ready)
+        return oip.ServerReadyResponse(ready=self._plane.ready)
 
     async def ServerMetadata(self, request, context):
         return oip.ServerMetadataResponse(name="tensorgate", version=gateway.__version__)
 
+    @answers_errors
     async def ModelReady(self, request, context):
-        try:
-            check_name("name", request.name)
-            check_name("version", request.version, MAX_VERSION_BYTES)
-        except GatewayError as err:
-            code, message, _ = _failure(err)
-        else:
-            return await self._model_ready(request)
-        await context.abort(code, message)
+        ready = await self._plane.model_ready(request.name, request.version)
+        return oip.ModelReadyResponse(ready=ready)
 
-    async def _model_ready(self, request) -> oip.ModelReadyResponse:
-        plan = self._runtime.table.get(request.name)
-        if plan is None:
-            return oip.ModelReadyResponse(ready=False)
-        if not request.version:
-            return oip.ModelReadyResponse(ready=self._runtime.readiness.route_ready(plan.model))
-        for target in plan.candidates(request.version):
-            adapter = self._runtime.adapters[target.backend]
-            if await adapter.ready(target.backend_model, target.backend_version):
-                return oip.ModelReadyResponse(ready=True)
-        return oip.ModelReadyResponse(ready=False)
-
-    def _primary(self, request):
-        """The route, its primary variant for the requested version, and that variant's adapter:
-        metadata requests get one stable answer, not a weighted pick."""
-        if not request.name:
-            raise invalid("name is required: the public model name")
-        check_name("name", request.name)
-        check_name("version", request.version, MAX_VERSION_BYTES)
-        plan = self._runtime.table.plan(request.name)
-        target = plan.primary(request.version)
-        return plan, target, self._runtime.adapters[target.backend]
-
+    @answers_errors
     async def ModelMetadata(self, request, context):
-        try:
-            plan, target, adapter = self._primary(request)
-            if target.schema is not None:
-                reply = _schema_metadata(target.schema)
-            else:
-                reply = await adapter.metadata(
-                    target.backend_model,
-                    target.backend_version,
-                    timeout=_timeout(context),
-                    target=target,
-                )
-                _public_names(reply, target)
-        except GatewayError as err:
-            code, message, _ = _failure(err)
-        else:
-            reply.name = plan.model
-            del reply.versions[:]
-            reply.versions.extend(plan.versions)
-            context.set_trailing_metadata(target.trailers)
-            return reply
-        await context.abort(code, message)
+        reply, trailers = await self._plane.metadata(
+            request.name, request.version, _timeout(context)
+        )
+        context.set_trailing_metadata(trailers)
+        return reply
 
+    @answers_errors
     async def ModelConfig(self, request, context):
-        try:
-            plan, target, adapter = self._primary(request)
-            reply = await adapter.model_config(
-                target.backend_model,
-                target.backend_version,
-                timeout=_timeout(context),
-                target=target,
-            )
-        except GatewayError as err:
-            code, message, _ = _failure(err)
-        else:
-            reply.config.name = plan.model
-            context.set_trailing_metadata(target.trailers)
-            return reply
-        await context.abort(code, message)
+        reply, trailers = await self._plane.model_config(
+            request.name, request.version, _timeout(context)
+        )
+        context.set_trailing_metadata(trailers)
+        return reply
+
+    @answers_errors
+    async def ModelStatistics(self, request, context):
+        return self._plane.statistics(request.name, request.version)
+
+    @answers_errors
+    async def RepositoryIndex(self, request, context):
+        return self._plane.repository_index(request.ready)
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Each request on the stream is routed on its own (gateway/dataplane/streaming.py)."""
-        route_key, _ = _metadata_values(
-            context.invocation_metadata(), self._runtime.route_key_header
-        )
-        relay = StreamRelay(self._runtime, route_key, context.time_remaining(), self._infer)
+        route_key, _ = _metadata_values(context.invocation_metadata(), self._plane.route_key_header)
+        relay = self._plane.stream(route_key, context.time_remaining())
         try:
             async for reply in relay.run(request_iterator):
                 yield reply
@@ -132,62 +107,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             return
         await context.abort(code, message)
 
-    async def ModelStatistics(self, request, context):
-        """Per public model and version, from the gateway's own counts of the calls it
-        answered: inference_count and success are OK answers, fail the others, execution_count
-        the backend calls behind them (retries and hedges included, cache hits excluded),
-        cache_hit the answers from the response cache. Queue and compute phases are the
-        backends' and are not measured here (zero)."""
-        try:
-            check_name("name", request.name)
-            check_name("version", request.version, MAX_VERSION_BYTES)
-            if request.name:
-                self._runtime.table.plan(request.name)  # NOT_FOUND naming the known models
-        except GatewayError as err:
-            code, message, _ = _failure(err)
-        else:
-            reply = oip.ModelStatisticsResponse()
-            for (model, version), counts in sorted(self._runtime.recent.models.items()):
-                if request.name and model != request.name:
-                    continue
-                if request.version and version != request.version:
-                    continue
-                if self._runtime.table.get(model) is None:
-                    continue  # a route removed since
-                stats = reply.model_stats.add(
-                    name=model,
-                    version=version,
-                    last_inference=counts.last_inference_ms,
-                    inference_count=counts.success,
-                    execution_count=counts.executions,
-                )
-                infer = stats.inference_stats
-                infer.success.count, infer.success.ns = counts.success, counts.success_ns
-                infer.fail.count, infer.fail.ns = counts.fail, counts.fail_ns
-                infer.cache_hit.count, infer.cache_hit.ns = counts.cache_hits, counts.cache_hit_ns
-            return reply
-        await context.abort(code, message)
-
-    async def RepositoryIndex(self, request, context):
-        """The public models (routes), one entry per public version (or one unversioned), with
-        READY / UNAVAILABLE from the gateway's health checks; `ready`: only the ready ones."""
-        readiness = self._runtime.readiness
-        reply = oip.RepositoryIndexResponse()
-        for plan in self._runtime.table:
-            ready = readiness.route_ready(plan.model)
-            if request.ready and not ready:
-                continue
-            state = "READY" if ready else "UNAVAILABLE"
-            reason = "" if ready else "no variant or fallback can answer (backend health checks)"
-            for version in plan.versions or ("",):
-                reply.models.add(name=plan.model, version=version, state=state, reason=reason)
-        return reply
-
     async def ModelInfer(self, request, context):
         started = time.perf_counter()
         remaining = context.time_remaining()
         metadata = context.invocation_metadata()
-        route_key, sent_id = _metadata_values(metadata, self._runtime.route_key_header)
+        route_key, sent_id = _metadata_values(metadata, self._plane.route_key_header)
         fields = logs.CallFields(logs.request_id(sent_id), request.model_name)
         token = logs.current.set(fields)
         try:
@@ -261,26 +185,6 @@ def _failure(raised: BaseException, answer: GatewayError | None = None) -> tuple
         traceback.clear_frames(error.__traceback__)
         error = error.__context__
     return answer.code, answer.message, getattr(answer, "target", None)
-
-
-def _public_names(reply: oip.ModelMetadataResponse, target) -> None:
-    """Backend tensor names -> the route's public names (Variant.input_names/output_names)."""
-    for tensors, names in (
-        (reply.inputs, target.input_names),
-        (reply.outputs, target.output_names),
-    ):
-        public = {b: p for p, b in names}
-        for tensor in tensors:
-            tensor.name = public.get(tensor.name, tensor.name)
-
-
-def _schema_metadata(schema) -> oip.ModelMetadataResponse:
-    """ModelMetadata from the route's declared schema (backends that cannot describe models)."""
-    reply = oip.ModelMetadataResponse()
-    for tensors, out in ((schema.inputs, reply.inputs), (schema.outputs, reply.outputs)):
-        for t in tensors:
-            out.add(name=t.name, datatype=t.datatype, shape=list(t.shape))
-    return reply
 
 
 def _metadata_values(metadata, route_key_header: str) -> tuple[str | None, str | None]:

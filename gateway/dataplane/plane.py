@@ -1,0 +1,145 @@
+"""What the data plane's RPCs mean, without the transport: the servicer (gRPC) and later front
+doors (REST) call these and map GatewayError to their own statuses. Reads the live route table,
+adapters, readiness and counts from the runtime on every call, so a route table swap applies at
+once."""
+
+from __future__ import annotations
+
+from tritonclient.grpc import service_pb2 as oip
+
+from gateway.dataplane.layers.validation import MAX_VERSION_BYTES, check_name
+from gateway.dataplane.pipeline import InferService
+from gateway.dataplane.streaming import StreamRelay
+from gateway.errors import invalid
+
+METADATA_TIMEOUT_S = 10.0
+
+
+class DataPlane:
+    def __init__(self, runtime, infer: InferService) -> None:
+        self._runtime = runtime  # gateway.app.Runtime: live route table, adapters, readiness
+        self.infer = infer  # the ModelInfer chain (gateway/app.py, Runtime.request_path)
+
+    @property
+    def ready(self) -> bool:
+        return self._runtime.readiness.ready
+
+    @property
+    def route_key_header(self) -> str:
+        return self._runtime.route_key_header
+
+    def stream(self, route_key: str | None, timeout: float | None) -> StreamRelay:
+        return StreamRelay(self._runtime, route_key, timeout, self.infer)
+
+    async def model_ready(self, name: str, version: str) -> bool:
+        check_name("name", name)
+        check_name("version", version, MAX_VERSION_BYTES)
+        plan = self._runtime.table.get(name)
+        if plan is None:
+            return False
+        if not version:
+            return self._runtime.readiness.route_ready(plan.model)
+        for target in plan.candidates(version):
+            adapter = self._runtime.adapters[target.backend]
+            if await adapter.ready(target.backend_model, target.backend_version):
+                return True
+        return False
+
+    def _primary(self, name: str, version: str):
+        """The route, its primary variant for the requested version, and that variant's adapter:
+        metadata requests get one stable answer, not a weighted pick."""
+        if not name:
+            raise invalid("name is required: the public model name")
+        check_name("name", name)
+        check_name("version", version, MAX_VERSION_BYTES)
+        plan = self._runtime.table.plan(name)
+        target = plan.primary(version)
+        return plan, target, self._runtime.adapters[target.backend]
+
+    async def metadata(self, name: str, version: str, timeout: float):
+        """(ModelMetadataResponse in public names, the variant's trailers)."""
+        plan, target, adapter = self._primary(name, version)
+        if target.schema is not None:
+            reply = _schema_metadata(target.schema)
+        else:
+            reply = await adapter.metadata(
+                target.backend_model, target.backend_version, timeout=timeout, target=target
+            )
+            _public_names(reply, target)
+        reply.name = plan.model
+        del reply.versions[:]
+        reply.versions.extend(plan.versions)
+        return reply, target.trailers
+
+    async def model_config(self, name: str, version: str, timeout: float):
+        """(ModelConfigResponse under the public name, the variant's trailers)."""
+        plan, target, adapter = self._primary(name, version)
+        reply = await adapter.model_config(
+            target.backend_model, target.backend_version, timeout=timeout, target=target
+        )
+        reply.config.name = plan.model
+        return reply, target.trailers
+
+    def statistics(self, name: str, version: str) -> oip.ModelStatisticsResponse:
+        """Per public model and version, from the gateway's own counts of the calls it
+        answered: inference_count and success are OK answers, fail the others, execution_count
+        the backend calls behind them (retries and hedges included, cache hits excluded),
+        cache_hit the answers from the response cache. Queue and compute phases are the
+        backends' and are not measured here (zero)."""
+        check_name("name", name)
+        check_name("version", version, MAX_VERSION_BYTES)
+        if name:
+            self._runtime.table.plan(name)  # NOT_FOUND naming the known models
+        reply = oip.ModelStatisticsResponse()
+        for (model, model_version), counts in sorted(self._runtime.recent.models.items()):
+            if (name and model != name) or (version and model_version != version):
+                continue
+            if self._runtime.table.get(model) is None:
+                continue  # a route removed since
+            stats = reply.model_stats.add(
+                name=model,
+                version=model_version,
+                last_inference=counts.last_inference_ms,
+                inference_count=counts.success,
+                execution_count=counts.executions,
+            )
+            infer = stats.inference_stats
+            infer.success.count, infer.success.ns = counts.success, counts.success_ns
+            infer.fail.count, infer.fail.ns = counts.fail, counts.fail_ns
+            infer.cache_hit.count, infer.cache_hit.ns = counts.cache_hits, counts.cache_hit_ns
+        return reply
+
+    def repository_index(self, ready_only: bool) -> oip.RepositoryIndexResponse:
+        """The public models (routes), one entry per public version (or one unversioned), with
+        READY / UNAVAILABLE from the gateway's health checks."""
+        readiness = self._runtime.readiness
+        reply = oip.RepositoryIndexResponse()
+        for plan in self._runtime.table:
+            ready = readiness.route_ready(plan.model)
+            if ready_only and not ready:
+                continue
+            state = "READY" if ready else "UNAVAILABLE"
+            reason = "" if ready else "no variant or fallback can answer (backend health checks)"
+            for version in plan.versions or ("",):
+                reply.models.add(name=plan.model, version=version, state=state, reason=reason)
+        return reply
+
+
+def _public_names(reply: oip.ModelMetadataResponse, target) -> None:
+    """Backend tensor names -> the route's public names (Variant.input_names/output_names)."""
+    for tensors, names in (
+        (reply.inputs, target.input_names),
+        (reply.outputs, target.output_names),
+    ):
+        public = {b: p for p, b in names}
+        for tensor in tensors:
+            tensor.name = public.get(tensor.name, tensor.name)
+
+
+def _schema_metadata(schema) -> oip.ModelMetadataResponse:
+    """ModelMetadata from the route's declared schema (backends that cannot describe models)."""
+    reply = oip.ModelMetadataResponse()
+    for tensors, out in ((schema.inputs, reply.inputs), (schema.outputs, reply.outputs)):
+        for t in tensors:
+            out.add(name=t.name, datatype=t.datatype, shape=list(t.shape))
+    return reply
