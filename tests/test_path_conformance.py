@@ -73,6 +73,16 @@ ROUTES = [
     # half the weight on a backend health checks find down: every path sends all calls to "up"
     {"model": "half_down",
      "variants": [_variant("up", "1", 50), _variant("down", "2", 50, backend="dead")]},
+    # demo_flaky fails about 1 call in 5 (INTERNAL): six tries make a failure ~1 in 15,000
+    {"model": "retried", "variants": [_variant("only", "1", 1, backend="triton-flaky", model="demo_flaky")],
+     "policy": {"retry": {"max_attempts": 6, "retry_on": ["INTERNAL", "UNAVAILABLE"],
+                          "base_delay": "0.001s", "max_delay": "0.005s", "budget_ratio": 1.0,
+                          "budget_min_per_second": 1000}}},
+    {"model": "flaky_bare", "variants": [_variant("only", "1", 1, backend="triton-flaky", model="demo_flaky")]},
+    {"model": "per_try", "variants": [{"name": "s", "backend": "triton-short",
+                                       "backend_model": "demo_sleep", "weight": 1}]},
+    {"model": "shadowed", "variants": [_variant("v1", "1", 1), _variant("v2", "2", 0)],
+     "policy": {"shadow": {"variant": "v2", "fraction": 1.0}}},
     {"model": "drainable",
      "variants": [_variant("x", "1", 50), _variant("y", "2", 50, backend="triton-b")]},
 ]  # fmt: skip
@@ -86,6 +96,9 @@ def _config(triton: str, xds: int, listen: int) -> dict:
         "backends": [
             triton_backend(triton),
             triton_backend(triton, "triton-b"),
+            {**triton_backend(triton, "triton-short"), "per_try_timeout": "0.3s"},
+            # its failures are the model's, by design: they must not open a shared breaker
+            {**triton_backend(triton, "triton-flaky"), "circuit_breaker": {"disabled": True}},
             {"name": "dead", "kind": "BACKEND_KIND_TRITON", "address": f"127.0.0.1:{free_port()}",
              "circuit_breaker": {"disabled": True}},
         ],
@@ -320,6 +333,46 @@ def test_deadline_exceeded(callers, path):
     (outcome,) = callers[path]([sleep_request(2.0, "slow")])
     assert time.monotonic() - start < 1.5
     same_error(outcome, "DEADLINE_EXCEEDED", "")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_retry_hides_a_flaky_backend(callers, path):
+    outcomes = callers[path]([linear_request("retried")] * 100)
+    failed = [o for o in outcomes if o.code != "OK"]
+    assert failed == [] and all(o.outputs == Y_V1 for o in outcomes), failed[:3]
+
+
+def test_the_flaky_backend_fails_without_retries(callers):
+    # The scenario above proves something only if the model does fail: straight to Triton's
+    # model through a route without retries, some of 100 calls fail.
+    outcomes = callers["unary"]([linear_request("flaky_bare")] * 100)
+    assert 5 <= sum(o.code != "OK" for o in outcomes) <= 45
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_per_try_timeout(callers, path):
+    start = time.monotonic()
+    (outcome,) = callers[path]([sleep_request(2.0, "per_try")], timeout=5.0)
+    assert time.monotonic() - start < 1.2
+    same_error(outcome, "DEADLINE_EXCEEDED", "")
+
+
+def _v2_inferences(triton) -> int:
+    with grpc.insecure_channel(triton.address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        stats = stub.ModelStatistics(oip.ModelStatisticsRequest(name="demo_linear", version="2"))
+    return sum(s.inference_stats.success.count for s in stats.model_stats)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_shadow_copies_reach_the_shadow_and_the_caller_sees_the_primary(triton, callers, path):
+    before = _v2_inferences(triton)
+    outcomes = callers[path]([linear_request("shadowed")] * 10)
+    assert [(o.code, o.outputs) for o in outcomes] == [("OK", Y_V1)] * 10
+    deadline = time.monotonic() + 5
+    while _v2_inferences(triton) < before + 10 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _v2_inferences(triton) >= before + 10
 
 
 def test_drain_moves_every_path_off_the_drained_backend(stack, callers):

@@ -67,6 +67,13 @@ def bootstrap(
     for source in (dynamic.cds_config, dynamic.lds_config):
         source.ads.SetInParent()
         source.resource_api_version = config_source_pb2.V3
+    # A timeout Envoy enforces (route or per try) answers DEADLINE_EXCEEDED, as the Python data
+    # plane does; without it Envoy maps its 504 to UNAVAILABLE, which callers retry
+    # (envoyproxy/envoy#10184; the flag is Envoy's own, tests/test_path_conformance.py).
+    fixed = boot.layered_runtime.layers.add(name="tensorgate_semantics")
+    fixed.static_layer.update(
+        {"envoy.reloadable_features.grpc_timeout_returns_deadline_exceeded": True}
+    )
     # The variant weights: an RTDS layer the routes read (compile.WEIGHTS_LAYER); the admin
     # layer stays for operators' runtime overrides.
     weights = boot.layered_runtime.layers.add(name=WEIGHTS_LAYER)
