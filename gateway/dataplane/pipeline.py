@@ -92,7 +92,15 @@ class InferResult:
     (`replace` gives a new one); slotted, not a frozen dataclass, for the same reason as
     InferCall: one is built per backend answer."""
 
-    __slots__ = ("attempts", "cached", "degraded", "primary_failure", "response", "target")
+    __slots__ = (
+        "attempts",
+        "cached",
+        "degraded",
+        "primary_failure",
+        "response",
+        "target",
+        "trailers",
+    )
 
     def __init__(
         self,
@@ -102,6 +110,9 @@ class InferResult:
         attempts: int = 1,  # backend tries behind this answer (retries, hedges)
         primary_failure: PrimaryFailure | None = None,  # set when `degraded`
         cached: bool = False,  # answered from the response cache
+        # What a layer tells the caller about this answer, sent as trailers with it
+        # (the cache's x-tensorgate-cache: hit): the transport adds them, whatever the layer.
+        trailers: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.response = response
         self.target = target
@@ -109,6 +120,7 @@ class InferResult:
         self.attempts = attempts
         self.primary_failure = primary_failure
         self.cached = cached
+        self.trailers = trailers
 
     def replace(self, **changes) -> InferResult:
         fields = {name: getattr(self, name) for name in self.__slots__}

@@ -27,8 +27,6 @@ from gateway.observability import logs, tracing
 log = logging.getLogger(__name__)
 
 DEGRADED_HEADER = "x-tensorgate-degraded"
-CACHE_HEADER = "x-tensorgate-cache"
-_CACHE_HIT = ((CACHE_HEADER, "hit"),)
 
 
 def answers_errors(handler):
@@ -159,8 +157,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         headers = (*result.target.trailers, (logs.REQUEST_ID, request_id))
         if result.degraded:
             headers += ((DEGRADED_HEADER, result.degraded),)
-        if result.cached:
-            headers += _CACHE_HIT
+        if result.trailers:
+            headers += result.trailers
         # Trailing metadata rides with the status in the same batch; a separate
         # send_initial_metadata costs a gRPC op per call (~10% of the gateway's CPU, measured in
         # docs/benchmarks.md).

@@ -26,6 +26,9 @@ from gateway.dataplane.pipeline import InferCall, InferResult, InferService, Lay
 from gateway.durations import seconds
 from tensorgate.config.v1 import config_pb2
 
+# The trailer a caller reads to tell a cached answer (README.md, "Response cache").
+CACHE_HIT = (("x-tensorgate-cache", "hit"),)
+
 if TYPE_CHECKING:
     from gateway.dataplane.routing import RoutePlan
 
@@ -158,7 +161,7 @@ def response_cache(config: CacheSettings, shared: CacheState, plan: RoutePlan) -
             if started:  # this caller's own load
                 return started[0]
             response.id = request.id
-            return InferResult(response, target, attempts=0, cached=True)
+            return InferResult(response, target, attempts=0, cached=True, trailers=CACHE_HIT)
 
         return cached
 
