@@ -83,6 +83,11 @@ ROUTES = [
                                        "backend_model": "demo_sleep", "weight": 1}]},
     {"model": "shadowed", "variants": [_variant("v1", "1", 1), _variant("v2", "2", 0)],
      "policy": {"shadow": {"variant": "v2", "fraction": 1.0}}},
+    # one per path, each on a backend of its own: a breaker's state is per backend (and Envoy's
+    # per cluster), so each path must open its own
+    *({"model": f"breakable_{path}",
+       "variants": [_variant("only", "1", 1, backend=f"triton-brk-{path}", model="demo_fail")]}
+      for path in ("unary", "stream", "envoy")),
     {"model": "drainable",
      "variants": [_variant("x", "1", 50), _variant("y", "2", 50, backend="triton-b")]},
 ]  # fmt: skip
@@ -97,6 +102,9 @@ def _config(triton: str, xds: int, listen: int) -> dict:
             triton_backend(triton),
             triton_backend(triton, "triton-b"),
             {**triton_backend(triton, "triton-short"), "per_try_timeout": "0.3s"},
+            *({**triton_backend(triton, f"triton-brk-{path}"),
+               "circuit_breaker": {"consecutive_failures": 3, "open_duration": "60s"}}
+              for path in PATHS),
             # its failures are the model's, by design: they must not open a shared breaker
             {**triton_backend(triton, "triton-flaky"), "circuit_breaker": {"disabled": True}},
             {"name": "dead", "kind": "BACKEND_KIND_TRITON", "address": f"127.0.0.1:{free_port()}",
@@ -373,6 +381,21 @@ def test_shadow_copies_reach_the_shadow_and_the_caller_sees_the_primary(triton, 
     while _v2_inferences(triton) < before + 10 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _v2_inferences(triton) >= before + 10
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_an_open_breaker_fails_fast(callers, path):
+    model = f"breakable_{path}"
+    (good,) = callers[path]([sleep_request(0.0, model)])
+    assert good.code == "OK", good  # the backend answers well-formed calls
+    # demo_fail fails a negative input (INTERNAL, a backend failure): three in a row open it
+    failures = callers[path]([sleep_request(-1.0, model)] * 3)
+    assert all(o.code != "OK" for o in failures), failures
+    # ... and then a call the backend would answer is refused without reaching it
+    start = time.monotonic()
+    (refused,) = callers[path]([sleep_request(0.0, model)])
+    assert time.monotonic() - start < 0.5
+    same_error(refused, "UNAVAILABLE", "")
 
 
 def test_drain_moves_every_path_off_the_drained_backend(stack, callers):
