@@ -56,6 +56,9 @@ class ModelSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...] | None = None
     max_batch_size: int = 0
+    # Answers 0..N times per request (Triton's model_transaction_policy.decoupled): only a
+    # stream can carry it (gateway/dataplane/streaming.py).
+    decoupled: bool = False
 
 
 def declared_spec(schema) -> ModelSpec:

@@ -212,6 +212,7 @@ class OIPAdapter(NoOptions):
             return None
         optional: set[str] = set()
         max_batch_size = 0
+        decoupled = False
         try:
             config = (await self.model_config(model, version, timeout=5.0)).config
         except BackendError as err:
@@ -220,6 +221,7 @@ class OIPAdapter(NoOptions):
         else:
             optional = {i.name for i in config.input if i.optional}
             max_batch_size = max(0, config.max_batch_size)
+            decoupled = config.model_transaction_policy.decoupled
         return ModelSpec(
             inputs=tuple(
                 TensorSpec(t.name, t.datatype, tuple(t.shape), t.name in optional)
@@ -231,6 +233,7 @@ class OIPAdapter(NoOptions):
                 else None
             ),
             max_batch_size=max_batch_size,
+            decoupled=decoupled,
         )
 
     async def close(self) -> None:

@@ -16,12 +16,10 @@ and
 
 from __future__ import annotations
 
-import time
-
 from tritonclient.grpc import service_pb2 as oip
 
 from adapters import parameters
-from adapters.base import BackendError, backend_tensors
+from adapters.base import backend_tensors
 from adapters.oip import OIPAdapter, model_fields, string_field
 from tensorgate.config.v1 import config_pb2
 
@@ -51,29 +49,12 @@ class TritonAdapter(OIPAdapter):
             "/inference.GRPCInferenceService/ModelStreamInfer",
             response_deserializer=_sized,
         )
-        # (model, version) -> (expires, whether it is decoupled)
-        self._decoupled: dict[tuple[str, str], tuple[float, bool]] = {}
 
     def stream(self, *, timeout: float | None, metadata=()):
         """A ModelStreamInfer stream to this Triton: write `stream_request` bytes, read
         (bytes on the wire, ModelStreamInferResponse) pairs: the relay bounds what it queues by
         the first without serializing the message again."""
         return self._stream(timeout=timeout, metadata=metadata)
-
-    async def decoupled(self, model: str, version: str) -> bool:
-        """Whether the model is decoupled (its ModelConfig, cached for a minute); False when
-        Triton cannot say (it will answer the requests with the reason)."""
-        key = (model, version)
-        cached = self._decoupled.get(key)
-        if cached is None or cached[0] < time.monotonic():
-            try:
-                config = (await self.model_config(model, version, timeout=5.0)).config
-            except BackendError:
-                value = False
-            else:
-                value = config.model_transaction_policy.decoupled
-            cached = self._decoupled[key] = (time.monotonic() + 60.0, value)
-        return cached[1]
 
     def stream_request(self, request: oip.ModelInferRequest, target, backend_id: str) -> bytes:
         """The bytes to write on a stream for `request`: checked as for ModelInfer, asking the

@@ -105,13 +105,12 @@ class _Pending:
 
 
 class _BackendStream:
-    __slots__ = ("backend", "call", "pending", "reader", "room")
+    __slots__ = ("backend", "call", "pending", "reader")
 
     def __init__(self, relay: StreamRelay, backend: str, call) -> None:
         self.backend = backend
         self.call = call
         self.pending = 0  # requests on it without their final response yet
-        self.room = asyncio.Event()  # set when pending drops (below limit)
         self.reader = asyncio.create_task(relay._read(self), name=f"stream-read-{backend}")
 
 
@@ -240,7 +239,7 @@ class StreamRelay:
         plan = runtime.table.plan(request.model_name)
         target = plan.resolve(request.model_version, self._route_key, runtime.readiness.down)
         adapter = runtime.adapters[target.backend]
-        if not (hasattr(adapter, "stream") and await adapter.decoupled(target.backend_model, "")):
+        if not (hasattr(adapter, "stream") and await self._decoupled(adapter, target)):
             # One answer per request: the unary chain runs it, so every layer of the route
             # applies exactly as for ModelInfer (one policy, one reading).
             await self._chain_slots.acquire()
@@ -260,9 +259,6 @@ class StreamRelay:
         stream = self._streams.get(key)
         if stream is None:
             stream = await self._open(key, adapter)
-        while stream.pending >= MAX_PENDING and self._broken is None:
-            stream.room.clear()
-            await stream.room.wait()
         asked = request.parameters.get(ASK_FINAL)
         self._pending[backend_id] = _Pending(
             request.id,
@@ -280,6 +276,12 @@ class StreamRelay:
             self._pending.pop(backend_id, None)
             stream.pending -= 1
             self._break(stream, err)
+
+    async def _decoupled(self, adapter, target) -> bool:
+        """Whether the model answers 0..N times (its description, shared with the schema layer);
+        False when the backend cannot say within 5 s: it then answers the request itself."""
+        spec = await self._runtime.specs.backend(adapter, target, wait=5.0)
+        return spec is not None and spec.decoupled
 
     async def _open(self, key: tuple[str, str], adapter) -> _BackendStream:
         if len(self._streams) >= MAX_BACKEND_STREAMS:
@@ -374,7 +376,6 @@ class StreamRelay:
         if self._pending.pop(backend_id, None) is None:
             return  # the stream broke meanwhile: counted there
         pending.stream.pending -= 1
-        pending.stream.room.set()
         self._slots.release()
         self._settled.set()
         seconds = time.perf_counter() - pending.started
@@ -395,8 +396,6 @@ class StreamRelay:
                         time.perf_counter() - pending.started, known=True)  # fmt: skip
         self._pending.clear()
         self._settled.set()
-        for other in self._opened:
-            other.room.set()
         self._out.close()
 
     def _count(self, model: str, target, code: str, seconds: float, *, known: bool) -> None:

@@ -30,7 +30,7 @@ class LayerEnv:
     adapters: Callable[[], Mapping[str, Adapter]] = dict
     backend_call: Callable[[], InferService] = lambda: None  # breaker, bulkhead, dispatch
     per_try_timeout: Callable[[str], float] = lambda backend: 30.0
-    specs: Any = None  # gateway.dataplane.layers.validation.SpecCache: model descriptions, shared
+    specs: Any = None  # validation.specs.SpecCache: model descriptions, shared
     drift: Any = (
         None  # gateway.dataplane.layers.drift.monitor.DriftMonitor: shared with the shadow layer
     )

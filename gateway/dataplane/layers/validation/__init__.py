@@ -11,16 +11,14 @@ caller sent.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import math
-import time
 from collections.abc import Callable, Mapping
 
 from google.protobuf.unknown_fields import UnknownFieldSet
 from tritonclient.grpc import service_pb2 as oip
 
-from adapters.base import Adapter, ModelSpec, TensorSpec, declared_spec
+from adapters.base import Adapter, ModelSpec, TensorSpec
 from adapters.codecs.oip import CONTENTS_FIELD, NUMPY_DTYPE, data_fields
 from adapters.parameters import (
     ParameterRules,
@@ -29,6 +27,7 @@ from adapters.parameters import (
     check_parameters,
 )
 from gateway.dataplane.layers.contract import OnEnvoy, RouteLayer
+from gateway.dataplane.layers.validation.specs import SpecCache
 from gateway.dataplane.pipeline import InferCall, InferResult, InferService, Layer
 from gateway.errors import invalid, shown
 from tensorgate.config.v1 import config_pb2
@@ -368,65 +367,6 @@ def check_schema(request: oip.ModelInferRequest, model: str, spec: ModelSpec) ->
                     f"model {shown(model)} has no output {shown(requested.name)} "
                     f"(outputs: {_listed(sorted(outputs))})"
                 )
-
-
-class SpecCache:
-    """Model descriptions per (backend, model, version), fetched once and refreshed after a TTL.
-
-    A backend that cannot describe its model (or not within `wait`) yields None and the request
-    goes through unchecked: the schema check only ever adds early, clearer errors, and must not
-    make a slow backend's metadata call every caller's problem. (Parameters are checked whatever
-    happens here: that check needs no backend call.)
-    """
-
-    def __init__(self, ttl: float = 60.0, miss_ttl: float = 5.0, wait: float = 1.0) -> None:
-        self._ttl = ttl
-        self._miss_ttl = miss_ttl
-        self._wait = wait
-        self._entries: dict[tuple, tuple[float, asyncio.Task]] = {}
-        # Route schemas (config messages, unhashable) -> their ModelSpec, built once per config
-        # revision; the schema is kept alongside so its id cannot be reused while cached.
-        self._declared: dict[int, tuple[object, ModelSpec]] = {}
-
-    def declared(self, schema) -> ModelSpec:
-        entry = self._declared.get(id(schema))
-        if entry is None or entry[0] is not schema:
-            if len(self._declared) > 4096:  # old config revisions
-                self._declared.clear()
-            entry = (schema, declared_spec(schema))
-            self._declared[id(schema)] = entry
-        return entry[1]
-
-    async def get(self, adapter: Adapter, target, remaining: float | None = None):
-        """The ModelSpec of `target`'s model: the route's declared schema (public names) when it
-        declares inputs, else `adapter`'s description (backend names); None when neither."""
-        if target.schema is not None and target.schema.inputs:
-            return self.declared(target.schema)
-        model, version = target.backend_model, target.backend_version
-        key = (adapter.name, model, version, target.options_key)
-        now = time.monotonic()
-        entry = self._entries.get(key)
-        if entry is None or (now >= entry[0] and entry[1].done()):
-            task = asyncio.ensure_future(adapter.model_spec(model, version, target))
-            task.add_done_callback(lambda t, key=key, now=now: self._settled(key, now, t))
-            self._entries[key] = (now + self._ttl, task)
-        else:
-            task = entry[1]
-        if task.done():
-            return None if task.cancelled() or task.exception() else task.result()
-        wait = self._wait if remaining is None else max(0.0, min(self._wait, remaining / 2))
-        try:
-            return await asyncio.wait_for(asyncio.shield(task), wait)
-        except TimeoutError:
-            return None
-
-    def _settled(self, key, started: float, task: asyncio.Task) -> None:
-        if task.cancelled() or task.exception() is not None or task.result() is None:
-            self._entries[key] = (started + self._miss_ttl, task)
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self._declared.clear()
 
 
 _NO_PARAMETERS = ParameterRules("this backend")
