@@ -28,6 +28,7 @@ from gateway.dataplane.layers.bulkhead import bulkhead_settings
 from gateway.dataplane.layers.chain import route_layers
 from gateway.dataplane.layers.contract import LayerEnv
 from gateway.dataplane.layers.drift.monitor import DriftMonitor
+from gateway.dataplane.layers.validation.specs import SpecCache
 from gateway.dataplane.pipeline import InferService, compose
 from gateway.dataplane.plane import DataPlane
 from gateway.dataplane.routing import RouteTable
@@ -89,13 +90,15 @@ class Runtime:
             bulkhead.bulkhead(lambda: self.bulkheads),
             service=dispatch.dispatch(adapters, self.per_try_timeout.__getitem__, self.metrics),
         )
+        # Model descriptions, shared by the schema layer and the stream relay (decoupled or not).
+        self.specs = SpecCache()
         env = LayerEnv(
             self.metrics.registry,
             table=lambda: self.table,
             adapters=adapters,
             backend_call=lambda: self.backend_call,
             per_try_timeout=self.per_try_timeout.__getitem__,
-            specs=validation.SpecCache(),
+            specs=self.specs,
             drift=DriftMonitor(self.metrics.registry),
             down=lambda: self.readiness.down,
             route_service=self.compiled_route,
@@ -302,11 +305,15 @@ class Gateway:
                 self.route_manager.on_change.append(self.control_plane.update)
         host = address.rpartition(":")[0]
         log.info(
-            "tensorgate %s serving Open Inference Protocol on %s:%d, metrics on %s",
+            "tensorgate %s serving Open Inference Protocol on %s:%d, metrics on %s; "
+            "route table revision %d from the revision store (%s), store identity %s",
             gateway.__version__,
             host,
             self.port,
             f"{host}:{self.metrics_port}" if self._metrics_server else "off",
+            self.route_manager.revision.number,
+            self.store.description,
+            self._rollouts.identity,
         )
 
     def _admin_server(self) -> grpc.aio.Server:

@@ -400,18 +400,22 @@ def _pem_problem(path: str) -> str | None:
 
 
 def _check_store(config: config_pb2.GatewayConfig, problems: list[Problem]) -> None:
-    """store.etcd: endpoints, a prefix, TLS files named together, plaintext only on loopback."""
+    """store.etcd: endpoints as the store's channel will read them (the same function refuses
+    them there: nothing about them fails `serve` that check-config passed), a prefix, TLS files
+    named together, plaintext only on loopback."""
     if not config.store.HasField("etcd"):
         return
     etcd = config.store.etcd
-    if not etcd.endpoints:
-        problems.append(Problem("store.etcd.endpoints", "name at least one host:port"))
+    endpoints = list(etcd.endpoints)
+    refused = _store_endpoint_problems(endpoints)
+    for index, reason in refused:
+        path = "store.etcd.endpoints" + (f"[{index}]" if index is not None else "")
+        problems.append(Problem(path, reason))
     plaintext = not etcd.ca_file
-    for i, endpoint in enumerate(etcd.endpoints):
-        reason = address_problem(endpoint)
-        if reason:
-            problems.append(Problem(f"store.etcd.endpoints[{i}]", reason))
-        elif plaintext and not etcd.insecure_plaintext_on_network:
+    for i, endpoint in enumerate(endpoints):
+        if any(index == i for index, _ in refused):
+            continue
+        if plaintext and not etcd.insecure_plaintext_on_network:
             host = endpoint.rpartition(":")[0]
             if not is_loopback(host):
                 problems.append(
@@ -448,3 +452,10 @@ def check(config: config_pb2.GatewayConfig) -> list[Problem]:
     _check_envoy(config, problems)
     _check_store(config, problems)
     return problems
+
+
+def _store_endpoint_problems(endpoints: list[str]) -> list[tuple[int | None, str]]:
+    """store.etcd.endpoints as the etcd store reads them (controlplane/store/endpoints.py)."""
+    from gateway.controlplane.store.endpoints import endpoint_problems
+
+    return endpoint_problems(endpoints)

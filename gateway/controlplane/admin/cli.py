@@ -5,7 +5,9 @@ not end up in shell history or `ps`.
 Every command prints its RPC's reply as JSON with `--json`; every RPC has a deadline
 (`--timeout`). Exit status: 0 done, 1 the call failed (an RPC error, a timeout, an unreadable
 certificate), 2 usage; `rollout ... --watch` says how the rollout ended: 0 promoted,
-3 rolled back, 4 aborted; 130 interrupted (Ctrl-C). docs/admin.md, "CLI".
+3 rolled back, 4 aborted; 5 a route change whose outcome is still unknown (the store did not
+answer the write, nor a read within --resolve-wait); 130 interrupted (Ctrl-C).
+docs/admin.md, "CLI".
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 import grpc
 from google.protobuf import json_format
 
+from gateway.controlplane.admin import outcome
 from tensorgate.admin.v1 import admin_pb2, admin_pb2_grpc
 
 DEFAULT_TIMEOUT = 10.0
@@ -28,6 +31,10 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_ROLLED_BACK = 3
 EXIT_ABORTED = 4
+EXIT_UNKNOWN = outcome.EXIT_UNKNOWN
+DEFAULT_RESOLVE_WAIT = 30.0
+# The trailer naming the revision a change tried to write when the store did not answer
+# (gateway/controlplane/admin/routes.py OutcomeUnknown).
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 # How `rollout --watch` exits once the rollout has ended.
@@ -71,8 +78,9 @@ def add_parser(sub) -> None:
         "admin",
         help="operate a running gateway through its admin API",
         description="Operate a running gateway through its admin API. Exit status: 0 done, "
-        "1 the call failed (RPC error or timeout), 2 usage; rollout --watch: 0 promoted, "
-        "3 rolled back, 4 aborted; 130 interrupted.",
+        "1 the call failed (RPC error or timeout) or a change was not applied, 2 usage; "
+        "rollout --watch: 0 promoted, 3 rolled back, 4 aborted; 5 a change whose outcome is "
+        "still unknown (the store did not answer); 130 interrupted.",
     )
     admin.add_argument(
         "--address", default=os.environ.get("TENSORGATE_ADMIN_ADDRESS", "127.0.0.1:8002")
@@ -91,19 +99,33 @@ def add_parser(sub) -> None:
     def command(name: str, help: str) -> argparse.ArgumentParser:
         return cmd.add_parser(name, help=help, parents=[common])
 
+    writes = argparse.ArgumentParser(add_help=False)
+    writes.add_argument(
+        "--resolve-wait",
+        type=float,
+        default=DEFAULT_RESOLVE_WAIT,
+        metavar="SECONDS",
+        help="when the store did not answer the write (outcome unknown): how long to wait for "
+        f"it to answer a read, to say whether the change was applied (default "
+        f"{DEFAULT_RESOLVE_WAIT:g}; 0: do not wait)",
+    )
+
+    def change(name: str, help: str) -> argparse.ArgumentParser:
+        return cmd.add_parser(name, help=help, parents=[common, writes])
+
     command("routes", help="the live route table")
-    weights = command("set-weights", help="set variant weights: MODEL name=weight ...")
+    weights = change("set-weights", help="set variant weights: MODEL name=weight ...")
     weights.add_argument("model")
     weights.add_argument("weights", nargs="+")
     weights.add_argument("--expect", type=int, default=0, help="only if this is the live revision")
-    shadow = command("shadow", help="mirror FRACTION of MODEL's calls to VARIANT (or --off)")
+    shadow = change("shadow", help="mirror FRACTION of MODEL's calls to VARIANT (or --off)")
     shadow.add_argument("model")
     shadow.add_argument("variant", nargs="?", default="")
     shadow.add_argument("fraction", nargs="?", type=float, default=0.0)
     shadow.add_argument("--off", action="store_true")
     revisions = command("revisions", help="stored revisions, newest first")
     revisions.add_argument("--limit", type=int, default=20)
-    rollback = command("rollback", help="make revision N live again")
+    rollback = change("rollback", help="make revision N live again")
     rollback.add_argument("revision", type=int)
     rollout = command("rollout", help="progressive canary: start | status | abort")
     rollout.add_argument("action", choices=["start", "status", "abort"])
@@ -298,7 +320,18 @@ def _print_drained(reply) -> None:
 
 
 def _dispatch(args, calls: _Calls) -> int:
-    """One RPC, its reply printed as JSON (--json) or as text; `rollout --watch` follows."""
+    """One RPC, its reply printed as JSON (--json) or as text; `rollout --watch` follows. A
+    route change the store did not answer is resolved here (`_resolve`)."""
+    try:
+        return _dispatch_one(args, calls)
+    except grpc.RpcError as err:
+        attempted = outcome.attempted(err)
+        if attempted is None:
+            raise
+        return outcome.resolve(args, calls, err, attempted)
+
+
+def _dispatch_one(args, calls: _Calls) -> int:
     c = args.admin_command
     if c == "routes":
         reply, text = calls.GetRouteTable(admin_pb2.GetRouteTableRequest()), _print_routes

@@ -11,7 +11,11 @@ the store as a RolloutRecord, rewritten after every step. Any replica answers St
 Abort; one replica, the holder of the store's driver lease, drives every running rollout. If it
 dies, another takes the lease within its TTL and resumes each rollout from its persisted step
 (the step's analysis window included). The driver's writes are conditional on still holding
-the lease, so a deposed driver cannot write over its successor. The analysis sums the counts
+the lease, checked in the same etcd transaction as the write (route revisions included), so a
+deposed driver cannot write over its successor. The driver's identity is unique per process
+(the replica name plus a random suffix), so two processes given the same `store.etcd.replica`
+cannot both hold the lease. A rollout that has ended is never undone by its driver: only an
+abort restores weights. The analysis sums the counts
 every replica publishes to the store (gateway/observability/stats.py `window`), not one replica's
 traffic.
 """
@@ -20,22 +24,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 
 import grpc
 from google.protobuf import timestamp_pb2
 
+from gateway.controlplane.admin.rollout_request import checked_steps
 from gateway.controlplane.admin.routes import RouteManager, find_route, unavailable
-from gateway.controlplane.store.base import Conflict, RevisionStore, StoreUnavailable, now
+from gateway.controlplane.store.base import (
+    Conflict,
+    NotDriver,
+    RevisionStore,
+    StoreUnavailable,
+    now,
+)
 from gateway.durations import seconds
-from gateway.errors import GatewayError, invalid, shown
+from gateway.errors import GatewayError, shown
 from gateway.observability.stats import RecentStats, window
 from tensorgate.admin.v1 import admin_pb2
 from tensorgate.store.v1 import store_pb2
 
 log = logging.getLogger(__name__)
-DEFAULT_STEPS = (5, 25, 50, 100)
 IDLE_PUBLISH_S = 30.0
 Rollout = admin_pb2.Rollout
 
@@ -70,6 +79,9 @@ class RolloutController:
         self._stats = stats
         self.replica = replica
         self._incarnation = incarnation
+        # Who this process is in the store (the driver key, its counts): unique per process
+        # whatever the config says, since two processes may be given one `store.etcd.replica`.
+        self.identity = f"{replica}.{incarnation[:6]}"
         self._poll = poll
         self._lease_ttl = lease_ttl
         self._tasks: dict[str, asyncio.Task] = {}
@@ -105,22 +117,7 @@ class RolloutController:
                 "is already running",
             )
         route = find_route(self._routes.routes(), request.model)
-        names = {v.name for v in route.variants}
-        for field in ("canary", "baseline"):
-            if getattr(request, field) not in names:
-                raise invalid(
-                    f"{field}: model {shown(request.model)} has no variant "
-                    f"{shown(getattr(request, field))}"
-                )
-        if request.canary == request.baseline:
-            raise invalid("canary and baseline must be different variants")
-        steps = list(request.steps) or list(DEFAULT_STEPS)
-        if any(not 0 < s <= 100 for s in steps) or steps != sorted(set(steps)) or steps[-1] != 100:
-            raise invalid(f"steps must increase within 1..100 and end at 100, got {steps}")
-        for field in ("max_error_ratio_factor", "max_p99_factor", "error_ratio_slack"):
-            value = getattr(request, field)
-            if not math.isfinite(value) or value < 0:  # NaN would pass every comparison
-                raise invalid(f"{field} must be a finite number >= 0, got {value}")
+        steps = checked_steps(request, route)
         rollout = Rollout(
             model=request.model,
             canary=request.canary,
@@ -194,7 +191,7 @@ class RolloutController:
                 running = any(r.rollout.state == Rollout.STATE_RUNNING for r in records.values())
                 if running or time.monotonic() - last >= IDLE_PUBLISH_S:
                     await self._store.publish_counts(
-                        self._stats.counts(self.replica, self._incarnation)
+                        self._stats.counts(self.identity, self._incarnation)
                     )
                     last = time.monotonic()
             except StoreUnavailable:
@@ -207,14 +204,14 @@ class RolloutController:
         renew = max(0.2, self._lease_ttl / 3)
         while True:
             try:
-                holds = await self._store.try_drive(self.replica)
+                holds = await self._store.try_drive(self.identity)
             except StoreUnavailable:
                 holds = False
             except Exception:
                 log.exception("rollouts: driver election failed")
                 holds = False
             if holds != self.driving:
-                log.info("rollouts: %s %s the driver", self.replica, "is" if holds else "is not")
+                log.info("rollouts: %s %s the driver", self.identity, "is" if holds else "is not")
                 self.driving = holds
             if holds:
                 await self._adopt()
@@ -249,7 +246,7 @@ class RolloutController:
                 del self._tasks[model]
                 task = None
             if record.rollout.state == Rollout.STATE_RUNNING and task is None:
-                log.info("rollouts: %s drives %s/%s from step %d", self.replica, model,
+                log.info("rollouts: %s drives %s/%s from step %d", self.identity, model,
                          record.rollout.canary, record.rollout.step)  # fmt: skip
                 self._tasks[model] = asyncio.create_task(
                     self._drive(model), name=f"rollout-{model}"
@@ -259,18 +256,18 @@ class RolloutController:
         """Persist progress, only while this replica is still the driver and the rollout is
         still running (an abort from any replica wins)."""
         await self._still_running(record)
-        record.driver = self.replica
+        record.driver = self.identity
         try:
-            await self._store.put_rollout(record, as_driver=self.replica)
-        except Conflict:
+            await self._store.put_rollout(record, as_driver=self.identity)
+        except (NotDriver, Conflict):
             raise Deposed from None
         self._show(record.rollout)
 
     async def _all_counts(self) -> list[store_pb2.ReplicaCounts]:
         """Every replica's published counts, this one's read live."""
         others = await self._store.replica_counts()
-        mine = self._stats.counts(self.replica, self._incarnation)
-        return [c for c in others if c.replica != self.replica] + [mine]
+        mine = self._stats.counts(self.identity, self._incarnation)
+        return [c for c in others if c.replica != self.identity] + [mine]
 
     async def _still_running(self, record: store_pb2.RolloutRecord) -> None:
         current = (await self._store.rollouts()).get(record.rollout.model)
@@ -298,16 +295,24 @@ class RolloutController:
                     elif variant.name == rollout.baseline:
                         variant.weight = 100 - percent
 
-            await self._routes.change(
-                who=f"rollout:{record.started_by}",
-                method="Rollout",
-                summary=f"rollout {rollout.model}: {rollout.canary} {percent}%, "
-                f"{rollout.baseline} {100 - percent}%",
-                mutate=mutate,
-            )
+            try:
+                await self._routes.change(
+                    who=f"rollout:{record.started_by}",
+                    method="Rollout",
+                    summary=f"rollout {rollout.model}: {rollout.canary} {percent}%, "
+                    f"{rollout.baseline} {100 - percent}%",
+                    mutate=mutate,
+                    as_driver=self.identity,
+                )
+            except NotDriver:
+                raise Deposed from None
         rollout.percent = percent
 
-    async def _restore(self, record: store_pb2.RolloutRecord, who: str) -> None:
+    async def _restore(
+        self, record: store_pb2.RolloutRecord, who: str, *, as_driver: str = ""
+    ) -> None:
+        """The weights from before the rollout, as a new revision; with `as_driver` only while
+        this process holds the lease (Deposed otherwise)."""
         original = dict(record.original_weights)
         route = find_route(self._routes.routes(), record.rollout.model)
         if all(original.get(v.name, v.weight) == v.weight for v in route.variants):
@@ -320,12 +325,16 @@ class RolloutController:
                 if variant.name in original:
                     variant.weight = original[variant.name]
 
-        await self._routes.change(
-            who=f"rollout:{who}",
-            method="Rollout",
-            summary=f"rollout {record.rollout.model}: {record.rollout.canary} rolled back",
-            mutate=mutate,
-        )
+        try:
+            await self._routes.change(
+                who=f"rollout:{who}",
+                method="Rollout",
+                summary=f"rollout {record.rollout.model}: {record.rollout.canary} rolled back",
+                mutate=mutate,
+                as_driver=as_driver,
+            )
+        except NotDriver:
+            raise Deposed from None
         record.rollout.percent = 0
 
     def _end(self, record: store_pb2.RolloutRecord, state, reason: str) -> None:
@@ -341,7 +350,7 @@ class RolloutController:
         self._end(record, state, reason)
         await self._save(record)
         if restore:
-            await self._restore(record, record.started_by)
+            await self._restore(record, record.started_by, as_driver=self.identity)
 
     async def _drive(self, model: str) -> None:
         try:
@@ -351,12 +360,15 @@ class RolloutController:
             log.warning("rollouts: stopped driving %s (%s); the next driver resumes it",
                         model, type(err).__name__)  # fmt: skip
         except Stopped:
-            # Aborted elsewhere: its weights are restored there; again here in case a step's
-            # weights landed after that restore (a no-op otherwise).
-            await self._restore(record, record.started_by)
+            await self._after_stop(model, record)
         except asyncio.CancelledError:
             raise
-        except GatewayError as err:  # the table changed under us in a way that broke the rollout
+        except GatewayError as err:
+            if err.code == grpc.StatusCode.UNAVAILABLE:  # the store, not the rollout
+                log.warning("rollouts: stopped driving %s (%s); the next driver resumes it",
+                            model, err.message)  # fmt: skip
+                return
+            # the table changed under us in a way that broke the rollout
             try:
                 await self._finish(
                     record, Rollout.STATE_ABORTED, f"stopped: {err.message}", restore=False
@@ -366,6 +378,24 @@ class RolloutController:
         finally:
             if self._tasks.get(model) is asyncio.current_task():
                 del self._tasks[model]
+
+    async def _after_stop(self, model: str, record: store_pb2.RolloutRecord) -> None:
+        """The rollout left RUNNING elsewhere. Aborted: its weights were restored by the replica
+        that aborted; again here (as the driver) in case this driver's step landed after that
+        restore, a no-op otherwise. Promoted or rolled back (by another driver), or replaced by
+        a newer rollout: finished, never undone."""
+        try:
+            current = (await self._store.rollouts()).get(model)
+            if (
+                current is None
+                or current.rollout.state != Rollout.STATE_ABORTED
+                or current.rollout.started_at != record.rollout.started_at
+            ):
+                return
+            await self._restore(current, current.started_by, as_driver=self.identity)
+        except (Deposed, StoreUnavailable, GatewayError) as err:
+            log.warning("rollouts: %s: not restoring %s after its abort (%s)", self.identity,
+                        model, type(err).__name__)  # fmt: skip
 
     async def _steps(self, record: store_pb2.RolloutRecord) -> None:
         rollout, request = record.rollout, record.request

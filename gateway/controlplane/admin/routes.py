@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import grpc
 import prometheus_client as prom
+from google.protobuf import timestamp_pb2
 
 from gateway.controlplane.admin import audit
 from gateway.controlplane.config import ConfigError, validate
@@ -27,6 +28,7 @@ from gateway.controlplane.store.base import (
 )
 from gateway.errors import GatewayError, shown
 from gateway.observability import logs
+from tensorgate.admin.v1 import admin_pb2
 from tensorgate.config.v1 import config_pb2
 
 log = logging.getLogger(__name__)
@@ -42,11 +44,46 @@ def stale(expected: int, live: int) -> GatewayError:
     )
 
 
-def unavailable(store: RevisionStore, err: Exception) -> GatewayError:
+def unavailable(store: RevisionStore, err: StoreUnavailable) -> GatewayError:
+    """UNAVAILABLE naming the store once. "Nothing was changed" only when that is known: a
+    write that was sent and got no answer may still be applied (docs/admin.md)."""
+    where = f"the revision store ({store.description})"
+    if not err.outcome_unknown:
+        reason = f"{where} is unavailable: {err.reason}; nothing was changed"
+        return GatewayError(grpc.StatusCode.UNAVAILABLE, reason)
     return GatewayError(
         grpc.StatusCode.UNAVAILABLE,
-        f"the revision store ({store.description}) is unavailable: {err}; nothing was changed",
+        f"{where} did not answer the write ({err.reason}): its outcome is unknown; it may "
+        "still be applied when the store recovers. Check once the store answers; repeating "
+        "it is safe",
     )
+
+
+class OutcomeUnknown(GatewayError):
+    """A revision write was sent and got no answer: it may have landed, or land later.
+    `trailers` tell a client which revision to look for (the CLI resolves it itself)."""
+
+    TRAILER = "tensorgate-unknown-revision-bin"  # admin.v1.Revision: number, time, who, what
+
+    def __init__(self, store: RevisionStore, err: StoreUnavailable, revision: StoredRevision,
+                 live: int) -> None:  # fmt: skip
+        super().__init__(
+            grpc.StatusCode.UNAVAILABLE,
+            f"the revision store ({store.description}) did not answer the write of revision "
+            f"{revision.number} ({err.reason}): its outcome is unknown, not failed: it may "
+            "have been stored, or be stored when the store recovers. Find out once the store "
+            f"answers: revision {revision.number} by {revision.author} "
+            f"({revision.summary!r}) in ListRevisions (tensorgate admin revisions). A retry "
+            f"with expected_revision {live} (CLI --expect {live}) is safe: it applies once, or "
+            "fails with FAILED_PRECONDITION naming the revision that won",
+        )
+        stamp = timestamp_pb2.Timestamp()
+        stamp.FromNanoseconds(int(revision.created_at * 1e9))
+        attempted = admin_pb2.Revision(
+            number=revision.number, created_at=stamp, author=revision.author,
+            summary=revision.summary,
+        )  # fmt: skip
+        self.trailers = ((self.TRAILER, attempted.SerializeToString()),)
 
 
 class StoreMetrics:
@@ -111,7 +148,10 @@ class RouteManager:
                     self.revision = first
                     break
             except StoreUnavailable as err:
-                raise OSError(f"cannot start: {err}") from None
+                raise OSError(
+                    f"cannot start: the revision store ({self._store.description}) is "
+                    f"unavailable: {err.reason}"
+                ) from None
             # A stored table that no longer fits this config (a backend removed, say) stops
             # start-up with ConfigError naming the revision: better than serving the boot file.
             self._runtime.apply(self._validated(latest.routes, f"stored revision {latest.number}"))
@@ -146,7 +186,10 @@ class RouteManager:
         summary: str,
         mutate: Callable[[list[config_pb2.Route]], None],
         expected_revision: int = 0,
+        as_driver: str = "",
     ) -> StoredRevision:
+        """`as_driver`: the rollout driver's identity; the write lands only while it holds the
+        driver lease (NotDriver otherwise)."""
         async with self._lock:
             for _ in range(_RETRIES):
                 live = max(self.revision.number, self._head)
@@ -175,9 +218,14 @@ class RouteManager:
                 )  # fmt: skip
                 # Stored before swapping: if the write fails, the live table has not moved.
                 try:
-                    await self._store.append(revision, entry)
+                    await self._store.append(revision, entry, as_driver=as_driver)
                 except StoreUnavailable as err:
                     self.metrics.store_up.set(0)
+                    if err.outcome_unknown:
+                        # Not swapped in here: if it lands, following the store serves it.
+                        log.warning("revision %d by %s: outcome unknown (%s)", revision.number,
+                                    who, err.reason)  # fmt: skip
+                        raise OutcomeUnknown(self._store, err, revision, live) from None
                     raise unavailable(self._store, err) from None
                 except Conflict as err:
                     # Another replica wrote first: catch up, then (unless the caller named the
@@ -280,7 +328,8 @@ class RouteManager:
                 self.metrics.store_up.set(0)
                 if down_since is None:
                     down_since = time.monotonic()
-                    log.warning("%s; serving revision %d until it is back", err,
+                    log.warning("the revision store (%s) is unavailable: %s; serving revision "
+                                "%d until it is back", self._store.description, err.reason,
                                 self.revision.number)  # fmt: skip
                 await asyncio.sleep(0.5)
 

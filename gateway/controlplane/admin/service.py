@@ -29,13 +29,15 @@ def _who() -> str:
 
 
 def _handled(method):
-    """Turn GatewayError into the RPC status; nothing else about the call changes."""
+    """Turn GatewayError into the RPC status (and its trailers, if any); nothing else about the
+    call changes."""
 
     async def handler(self, request, context):
         try:
             return await method(self, request, context)
         except GatewayError as err:
-            await context.abort(err.code, err.message)
+            # OutcomeUnknown names the revision it tried in a trailer, for the CLI to look for.
+            await context.abort(err.code, err.message, getattr(err, "trailers", ()))
 
     handler.__name__ = method.__name__
     return handler

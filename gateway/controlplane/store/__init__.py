@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from gateway.controlplane.store.base import (
     Conflict,
+    NotDriver,
     RevisionStore,
     StoredRevision,
     StoreUnavailable,
@@ -28,4 +29,11 @@ def open_store(config: config_pb2.GatewayConfig, state_dir: str, replica: str) -
     return FileStore(state_dir, keep=keep)
 
 
-__all__ = ["Conflict", "RevisionStore", "StoreUnavailable", "StoredRevision", "open_store"]
+__all__ = [
+    "Conflict",
+    "NotDriver",
+    "RevisionStore",
+    "StoreUnavailable",
+    "StoredRevision",
+    "open_store",
+]

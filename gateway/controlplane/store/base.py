@@ -22,7 +22,22 @@ from tensorgate.store.v1 import store_pb2
 
 
 class StoreUnavailable(Exception):
-    """The store did not answer; the message names it (never its credentials)."""
+    """The store did not answer. `reason` says why (never credentials); callers name the store
+    (its `description`) themselves, once.
+
+    `outcome_unknown`: a write was sent and then got no answer (a timeout, a dropped
+    connection). It may still have been applied, or be applied when the store recovers (etcd
+    commits a proposal its leader accepted once a quorum is back): the caller must not say
+    "nothing was changed". False means the store refused the write, or it was never sent."""
+
+    def __init__(self, reason: str, *, outcome_unknown: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.outcome_unknown = outcome_unknown
+
+
+class NotDriver(Exception):
+    """A driver's write was refused: this process no longer holds the driver lease."""
 
 
 class Conflict(Exception):
@@ -78,9 +93,12 @@ class RevisionStore(Protocol):
         """Newest first."""
         ...
 
-    async def append(self, revision: StoredRevision, audit: store_pb2.AuditEntry) -> None:
+    async def append(
+        self, revision: StoredRevision, audit: store_pb2.AuditEntry, *, as_driver: str = ""
+    ) -> None:
         """Store `revision` (number = live + 1) and its audit entry together; Conflict when the
-        live revision is not revision.number - 1."""
+        live revision is not revision.number - 1. With `as_driver`, only while that identity
+        holds the driver lease, checked in the same transaction (NotDriver otherwise)."""
         ...
 
     async def audit(self, limit: int = 100) -> list[store_pb2.AuditEntry]:
@@ -95,7 +113,7 @@ class RevisionStore(Protocol):
 
     async def put_rollout(self, record: store_pb2.RolloutRecord, *, as_driver: str = "") -> None:
         """Write a rollout record; with `as_driver`, only while that replica still holds the
-        driver lease (StoreUnavailable or Conflict otherwise), so a deposed driver cannot
+        driver lease (StoreUnavailable or NotDriver otherwise), so a deposed driver cannot
         overwrite its successor's progress."""
         ...
 

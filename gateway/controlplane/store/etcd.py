@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import aetcd
@@ -36,7 +36,13 @@ import grpc
 from aetcd import exceptions as etcd_errors
 from aetcd import rpc, watcher
 
-from gateway.controlplane.store.base import Conflict, StoredRevision, StoreUnavailable
+from gateway.controlplane.store.base import (
+    Conflict,
+    NotDriver,
+    StoredRevision,
+    StoreUnavailable,
+)
+from gateway.controlplane.store.endpoints import grpc_target
 from gateway.durations import seconds
 from tensorgate.config.v1 import config_pb2
 from tensorgate.store.v1 import store_pb2
@@ -48,25 +54,6 @@ log = logging.getLogger(__name__)
 RESYNC_S = 5.0
 # Audit entries kept (the newest); revisions kept: admin.history.
 AUDIT_KEPT = 10_000
-
-
-def _target(endpoints: list[str]) -> str:
-    """One gRPC target for the endpoints: a host name as is, several IPs as an address list."""
-    if len(endpoints) == 1:
-        return endpoints[0]
-    hosts = []
-    for endpoint in endpoints:
-        host = endpoint.rpartition(":")[0].strip("[]")
-        try:
-            version = ipaddress.ip_address(host).version
-        except ValueError:
-            raise ValueError(
-                f"store.etcd.endpoints: several endpoints must be IP addresses ({endpoint!r} "
-                "is not); give one host name (a Service, a load balancer) instead"
-            ) from None
-        hosts.append((version, endpoint))
-    scheme = "ipv6" if any(v == 6 for v, _ in hosts) else "ipv4"
-    return f"{scheme}:" + ",".join(e for _, e in hosts)
 
 
 class _Client(aetcd.Client):
@@ -116,17 +103,17 @@ def _credentials(etcd: config_pb2.EtcdStore):
     if not etcd.ca_file:
         return None
 
-    def read(path: str) -> bytes:
+    def read(path: str, field: str) -> bytes:
         try:
             with open(path, "rb") as f:
                 return f.read()
         except OSError as err:
-            raise OSError(f"store.etcd: cannot read {path}: {err.strerror}") from None
+            raise OSError(f"{field}: cannot read {path}: {err.strerror}") from None
 
     return grpc.ssl_channel_credentials(
-        root_certificates=read(etcd.ca_file),
-        private_key=read(etcd.key_file) if etcd.key_file else None,
-        certificate_chain=read(etcd.cert_file) if etcd.cert_file else None,
+        root_certificates=read(etcd.ca_file, "store.etcd.ca_file"),
+        private_key=read(etcd.key_file, "store.etcd.key_file") if etcd.key_file else None,
+        certificate_chain=read(etcd.cert_file, "store.etcd.cert_file") if etcd.cert_file else None,
     )
 
 
@@ -142,7 +129,11 @@ class EtcdStore:
         self._timeout = seconds(etcd.timeout)
         self.replica = replica
         self.description = f"etcd {','.join(etcd.endpoints)} {etcd.prefix}"
-        self._client = _Client(_target(list(etcd.endpoints)), _credentials(etcd), self._timeout)
+        try:
+            target = grpc_target(list(etcd.endpoints))
+        except ValueError as err:  # check-config refuses these first; never a traceback
+            raise OSError(str(err)) from None
+        self._client = _Client(target, _credentials(etcd), self._timeout)
         self._lease: aetcd.leases.Lease | None = None
         self._lease_lock = asyncio.Lock()
         self._renewer: asyncio.Task | None = None
@@ -151,13 +142,39 @@ class EtcdStore:
         return "/".join((self._prefix, *parts)).encode()
 
     async def _call(self, coroutine):
-        """Run one etcd call with the store's deadline; outages become StoreUnavailable."""
+        """Run one etcd read with the store's deadline; outages become StoreUnavailable."""
         try:
             return await asyncio.wait_for(coroutine, self._timeout)
         except (TimeoutError, etcd_errors.ClientError, grpc.aio.AioRpcError) as err:
-            # Down, hung, full (NOSPACE), a request over its size limit, no permission: the
-            # write did not happen, and the message says why.
-            raise StoreUnavailable(f"{self.description}: {_reason(err)}") from None
+            raise StoreUnavailable(_reason(err)) from None
+
+    async def _write(self, make):
+        """Run one etcd write (`make()` returns its coroutine) with the store's deadline.
+
+        The write is only sent once the channel is connected: a store that cannot be reached
+        within the deadline has been sent nothing (StoreUnavailable, outcome known). Once sent,
+        only an answer from etcd settles it: a timeout or a dropped connection leaves the
+        outcome unknown (measured with 3 members, the gateway on the leader and both followers
+        killed: the transaction timed out after 2 s, and was committed when the followers came
+        back), and StoreUnavailable says so (`outcome_unknown`). Refusals etcd answers with
+        (request too large, NOSPACE, permission) change nothing."""
+        deadline = time.monotonic() + self._timeout
+        try:
+            await asyncio.wait_for(self._connected(), self._timeout)
+        except (TimeoutError, etcd_errors.ClientError, grpc.aio.AioRpcError) as err:
+            raise StoreUnavailable(_reason(err)) from None
+        remaining = max(0.05, deadline - time.monotonic())
+        try:
+            return await asyncio.wait_for(make(), remaining)
+        except (TimeoutError, etcd_errors.ClientError, grpc.aio.AioRpcError) as err:
+            raise StoreUnavailable(_reason(err), outcome_unknown=not _refused(err)) from None
+
+    async def _connected(self) -> None:
+        """Until the channel is READY (gRPC sends nothing before that)."""
+        await self._client.connect()
+        channel = self._client.channel
+        if channel.get_state(try_to_connect=True) != grpc.ChannelConnectivity.READY:
+            await channel.channel_ready()
 
     # --- revisions -------------------------------------------------------------------------------
 
@@ -174,6 +191,12 @@ class EtcdStore:
         return StoredRevision.from_proto(store_pb2.Revision.FromString(found.value))
 
     async def history(self, limit: int = 100) -> list[StoredRevision]:
+        # A fence first: etcd applies its log in order, so once this put is applied every write
+        # its leader accepted before (one whose sender timed out, say) has been applied too, or
+        # is gone for good. A read alone is not enough: a leader serves a linearizable read at
+        # its commit index, which need not include a write it accepted but had not committed.
+        # So the history read by ListRevisions settles an unknown outcome (the CLI relies on it).
+        await self._write(lambda: self._client.put(self._key("fence"), b""))
         found = await self._call(
             self._client.get_prefix(self._key("revisions", ""), sort_order="descend")
         )
@@ -182,11 +205,18 @@ class EtcdStore:
             for kv in list(found)[:limit]
         ]
 
-    async def append(self, revision: StoredRevision, audit: store_pb2.AuditEntry) -> None:
+    async def append(
+        self, revision: StoredRevision, audit: store_pb2.AuditEntry, *, as_driver: str = ""
+    ) -> None:
         tx = self._client.transactions
         head = self._key("state", "head")
+        driver = self._key("driver")
         live = revision.number - 1
         compare = [tx.version(head) == 0] if live == 0 else [tx.value(head) == str(live)]
+        if as_driver:
+            # A driver's step lands only while it holds the lease, in the same transaction: a
+            # deposed driver (or a second process that thinks it drives) cannot move weights.
+            compare.append(tx.value(driver) == as_driver)
         success = [
             tx.put(head, str(revision.number).encode()),
             tx.put(
@@ -201,12 +231,19 @@ class EtcdStore:
         if revision.number > AUDIT_KEPT:  # the audit trail outlives revisions, but not forever
             dropped = _number_key(revision.number - AUDIT_KEPT)
             success.append(tx.delete(self._key("audit", dropped)))
-        succeeded, responses = await self._call(
-            self._client.transaction(compare=compare, success=success, failure=[tx.get(head)])
+        succeeded, responses = await self._write(
+            lambda: self._client.transaction(
+                compare=compare, success=success, failure=[tx.get(head), tx.get(driver)]
+            )
         )
         if not succeeded:
             current = responses[0] if responses else []
-            raise Conflict(int(current[0][0]) if current else 0)
+            holder = responses[1] if len(responses) > 1 else []
+            live_now = int(current[0][0]) if current else 0
+            deposed = not holder or holder[0][0] != as_driver.encode()
+            if as_driver and live_now == live and deposed:
+                raise NotDriver(as_driver)
+            raise Conflict(live_now)
 
     async def audit(self, limit: int = 100) -> list[store_pb2.AuditEntry]:
         prefix = self._key("audit", "")
@@ -223,9 +260,9 @@ class EtcdStore:
     async def set_drained(self, backend: str, drained: bool) -> None:
         key = self._key("state", "drains", backend)
         if drained:
-            await self._call(self._client.put(key, b"1"))
+            await self._write(lambda: self._client.put(key, b"1"))
         else:
-            await self._call(self._client.delete(key))
+            await self._write(lambda: self._client.delete(key))
 
     async def rollouts(self) -> dict[str, store_pb2.RolloutRecord]:
         found = await self._call(self._client.get_prefix(self._key("rollouts", "")))
@@ -236,18 +273,18 @@ class EtcdStore:
         key = self._key("rollouts", record.rollout.model)
         value = record.SerializeToString()
         if not as_driver:
-            await self._call(self._client.put(key, value))
+            await self._write(lambda: self._client.put(key, value))
             return
         tx = self._client.transactions
-        succeeded, _ = await self._call(
-            self._client.transaction(
+        succeeded, _ = await self._write(
+            lambda: self._client.transaction(
                 compare=[tx.value(self._key("driver")) == as_driver],
                 success=[tx.put(key, value)],
                 failure=[],
             )
         )
         if not succeeded:
-            raise Conflict(0)  # the driver lease is someone else's now
+            raise NotDriver(as_driver)  # the driver lease is someone else's now
 
     # --- leases: driver and counts ---------------------------------------------------------------
 
@@ -341,7 +378,7 @@ class EtcdStore:
                         # from now.
                         log.info("%s: watch compacted at %d; re-reading", self.description,
                                  err.compacted_revision)  # fmt: skip
-                    raise StoreUnavailable(f"{self.description}: {_reason(err)}")
+                    raise StoreUnavailable(_reason(err))
                 yield
         finally:
             task.cancel()
@@ -364,8 +401,26 @@ class EtcdStore:
 
 
 def _reason(err: BaseException) -> str:
-    if isinstance(err, TimeoutError):
+    if isinstance(err, TimeoutError | etcd_errors.ConnectionTimeoutError):
         return "no answer in time"
     if isinstance(err, grpc.aio.AioRpcError):
         return f"{err.code().name}: {err.details()}"
     return str(err) or type(err).__name__
+
+
+# etcd's answers that mean "not applied" (the request never became a proposal): too large,
+# out of space (NOSPACE), no permission, invalid. Anything else after sending (a deadline, a
+# dropped connection, "request timed out", "leader changed") may still be applied.
+_REFUSALS = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.OUT_OF_RANGE,
+}
+
+
+def _refused(err: BaseException) -> bool:
+    cause = err if isinstance(err, grpc.aio.AioRpcError) else err.__cause__
+    return isinstance(cause, grpc.aio.AioRpcError) and cause.code() in _REFUSALS

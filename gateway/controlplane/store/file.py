@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 
 from google.protobuf import json_format
 
-from gateway.controlplane.store.base import Conflict, StoredRevision
+from gateway.controlplane.store.base import Conflict, NotDriver, StoredRevision
 from tensorgate.config.v1 import config_pb2
 from tensorgate.store.v1 import store_pb2
 
@@ -130,7 +130,11 @@ class FileStore:
     async def history(self, limit: int = 100) -> list[StoredRevision]:
         return self._read()[:limit]
 
-    async def append(self, revision: StoredRevision, audit: store_pb2.AuditEntry) -> None:
+    async def append(
+        self, revision: StoredRevision, audit: store_pb2.AuditEntry, *, as_driver: str = ""
+    ) -> None:
+        if as_driver and self._driver_lock is None:
+            raise NotDriver(as_driver)  # this process does not hold driver.lock
         await asyncio.to_thread(self._append, revision, audit)
 
     def _append(self, revision: StoredRevision, audit: store_pb2.AuditEntry) -> None:
@@ -185,7 +189,7 @@ class FileStore:
 
     async def put_rollout(self, record: store_pb2.RolloutRecord, *, as_driver: str = "") -> None:
         if as_driver and self._driver_lock is None:
-            raise Conflict(0)  # this process does not hold driver.lock
+            raise NotDriver(as_driver)  # this process does not hold driver.lock
         with _locked(self.directory / "rollouts.lock"):
             records = await self.rollouts()
             records[record.rollout.model] = record
