@@ -1,6 +1,8 @@
 # tensorgate's container image (README.md, "Container image"):
 #
 #   docker build -t REGISTRY/tensorgate:0.1.0 .
+#   scripts/build-image      without Docker or a registry: buildah, a base from Debian packages
+#                            (docs/image.md; tests/test_image.py builds and runs it)
 #
 # Two stages. "builder" installs the hash-pinned runtime lock (requirements-runtime.lock) into the
 # venv /opt/venv, generates the protobuf modules (scripts/gen_protos.py, run by setup.py with
@@ -18,10 +20,18 @@
 # Debian release; for a byte-identical base, pin its digest as well when building:
 #   docker build --build-arg PYTHON_IMAGE=python:3.11.16-slim-trixie@sha256:<digest> ...
 # (`docker buildx imagetools inspect python:3.11.16-slim-trixie` prints it). Both stages must use
-# the same image: the venv's interpreter is the base image's /usr/local/bin/python3.11.
+# the same image: the venv's interpreter is the base image's `python` (/usr/local/bin/python3.11).
+# Any other base works if it has Python 3.11 as `python` with the venv module (ensurepip),
+# groupadd and useradd: without a registry, scripts/build-image builds one from Debian packages
+# (Debian 12's python3.11 in /usr/bin) and passes it here (docs/image.md). Nothing below names
+# the interpreter's or the standard library's location.
 ARG PYTHON_IMAGE=python:3.11.16-slim-trixie
 
 FROM ${PYTHON_IMAGE} AS builder
+# Behind a TLS-intercepting proxy, pip needs that proxy's CA bundle: mount it for the build only
+# and name it here (scripts/build-image does, from the host's PIP_CERT). Unset by default; as a
+# build argument of this stage it never reaches the final image.
+ARG PIP_CERT
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_NO_INPUT=1
@@ -53,8 +63,11 @@ RUN /opt/build/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /tmp/dis
 FROM ${PYTHON_IMAGE}
 # The base image ships the standard library without bytecode: compile it here (about 15 MB),
 # or every start would compile ~200 modules from source (~0.5 s) on the read-only filesystem.
-RUN python -m compileall -q -j 0 -x /site-packages/ --invalidation-mode unchecked-hash \
-        /usr/local/lib/python3.11 \
+# Wherever the base keeps it (/usr/local/lib/python3.11 in python:3.11-slim, /usr/lib/python3.11
+# in Debian's python3.11), hash-based, so no file's timestamp can make it stale; -f: also where
+# the base has timestamp-based bytecode already (Debian's packages compile at install).
+RUN python -m compileall -q -f -j 0 -x /site-packages/ --invalidation-mode unchecked-hash \
+        "$(python -c 'import sysconfig; print(sysconfig.get_path("stdlib"))')" \
     && groupadd --system --gid 10001 tensorgate \
     && useradd --system --uid 10001 --gid 10001 --home-dir /tmp --no-create-home \
         --shell /bin/false tensorgate
