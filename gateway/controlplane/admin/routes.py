@@ -19,6 +19,7 @@ import prometheus_client as prom
 from google.protobuf import timestamp_pb2
 
 from gateway.controlplane.admin import audit
+from gateway.controlplane.admin.view import GatewayView
 from gateway.controlplane.config import ConfigError, validate
 from gateway.controlplane.store.base import (
     Conflict,
@@ -103,7 +104,7 @@ class StoreMetrics:
 
 
 class RouteManager:
-    def __init__(self, runtime, store: RevisionStore, registry=None) -> None:
+    def __init__(self, runtime: GatewayView, store: RevisionStore, registry=None) -> None:
         self._runtime = runtime
         self._store = store
         self._lock = asyncio.Lock()

@@ -10,6 +10,7 @@ from google.protobuf import timestamp_pb2
 from gateway.controlplane.admin.auth import current_principal
 from gateway.controlplane.admin.rollout import RolloutController
 from gateway.controlplane.admin.routes import RouteManager, find_route, unavailable
+from gateway.controlplane.admin.view import GatewayView
 from gateway.controlplane.store.base import StoredRevision, StoreUnavailable
 from gateway.errors import GatewayError, invalid, shown
 from tensorgate.admin.v1 import admin_pb2, admin_pb2_grpc
@@ -44,7 +45,9 @@ def _handled(method):
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, runtime, routes: RouteManager, rollouts: RolloutController) -> None:
+    def __init__(
+        self, runtime: GatewayView, routes: RouteManager, rollouts: RolloutController
+    ) -> None:
         self._runtime = runtime
         self._routes = routes
         self._rollouts = rollouts
