@@ -15,6 +15,7 @@ import yaml
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from tests.backends.triton import REPO_ROOT, free_port
+from tests.builders import triton_backend as triton_backend  # re-exported: tests import it here
 
 TENSORGATE = Path(sys.executable).parent / "tensorgate"
 
@@ -170,7 +171,3 @@ class GatewayProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def triton_backend(address: str, name: str = "triton-a") -> dict:
-    return {"name": name, "kind": "BACKEND_KIND_TRITON", "address": address}

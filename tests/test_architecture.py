@@ -57,7 +57,9 @@ def _imports(modules: dict[str, pathlib.Path]) -> dict[str, set[str]]:
                     here = name.split(".") if is_package else name.split(".")[:-1]
                     here = here[: len(here) - (node.level - 1)]
                     base = ".".join([*here, base] if base else here)
-                submodules = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in modules]
+                submodules = [
+                    f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in modules
+                ]
                 # `from package import module` depends on the module, not on the package's body.
                 candidates = submodules or [base]
             else:

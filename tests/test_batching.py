@@ -29,11 +29,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2 as oip
-from tritonclient.grpc import service_pb2_grpc
 
 from adapters.codecs import oip as oip_codec
 from tests.backends.batch_models import MAX_BATCH_SIZE, write_repository
 from tests.backends.triton import TritonServer
+from tests.builders import oip_stub, tfserving_backend, torchserve_backend, triton_backend, variant
 from tests.faults.proxy import FaultProxy
 from tests.gateway_process import GatewayProcess
 from tests.loadgen import metric, scrape
@@ -63,15 +63,15 @@ def route(model: str, backend: str, backend_model: str, *, batching=BATCHING, **
     """Variant "batched" (version 1) and an identical variant "direct" (version 2, batching off,
     weight 0): the same request pinned to each gives the batched and the unbatched answer."""
     extra = {key: fields.pop(key) for key in ("schema", "policy") if key in fields}
-    common = {"backend": backend, "backend_model": backend_model, **fields}
-    entry = {
+    common = {"backend": backend, "backend_model": backend_model, "backend_version": None, **fields}
+    return {
         "model": model,
         "variants": [
-            {"name": "batched", "version": "1", "weight": 1, "batching": batching, **common},
-            {"name": "direct", "version": "2", "weight": 0, **common},
+            variant("batched", version="1", batching=batching, **common),
+            variant("direct", version="2", weight=0, **common),
         ],
+        **extra,
     }
-    return {**entry, **extra}
 
 
 def echo_schema(datatype: str) -> dict:
@@ -137,24 +137,22 @@ def gateway(batch_triton, tfserving, torchserve, proxy):
         route("limits", "tb", "echo_fp32", **triton_io, batching={
             "max_batch_size": 4, "max_queue_delay": "0.2s", "preferred_batch_sizes": [3], "max_queued": 5}),
         {"model": "failover", "variants": [
-            {"name": "main", "backend": "tb-proxied", "backend_model": "echo_fp32", "weight": 1,
-             "batching": BATCHING, **triton_io},
+            variant("main", backend="tb-proxied", backend_model="echo_fp32", backend_version=None,
+                    batching=BATCHING, **triton_io),
             # batching too, on a model version nothing else calls (its description is fetched
             # when the first fallbacks arrive, all at once)
-            {"name": "backup", "backend": "tb", "backend_model": "echo_fp32", "backend_version": "1",
-             "weight": 0, "batching": BATCHING, **triton_io},
+            variant("backup", backend="tb", backend_model="echo_fp32", weight=0, batching=BATCHING,
+                    **triton_io),
          ], "policy": {"retry": {"max_attempts": 2, "budget_min_per_second": 100},
                        "fallback": [{"variant": "backup"}]}},
     ]  # fmt: skip
     config = {
         "backends": [
-            {"name": "tb", "kind": "BACKEND_KIND_TRITON", "address": batch_triton.address},
-            {"name": "tb-proxied", "kind": "BACKEND_KIND_TRITON", "address": proxy.address,
-             "per_try_timeout": "3s", "circuit_breaker": {"disabled": True}},
-            {"name": "tfs", "kind": "BACKEND_KIND_TFSERVING", "address": tfserving.address},
-            {"name": "ts", "kind": "BACKEND_KIND_TORCHSERVE",
-             "address": torchserve.inference_url.removeprefix("http://"),
-             "torchserve": {"management_address": torchserve.management_url.removeprefix("http://")}},
+            triton_backend(batch_triton.address, "tb"),
+            triton_backend(proxy.address, "tb-proxied", per_try_timeout="3s",
+                           circuit_breaker={"disabled": True}),
+            tfserving_backend(tfserving.address),
+            torchserve_backend(torchserve),
         ],
         "routes": routes,
         # No health probes while the proxy refuses: the failover test needs routing to keep
@@ -167,8 +165,8 @@ def gateway(batch_triton, tfserving, torchserve, proxy):
 
 @pytest.fixture(scope="module")
 def stub(gateway):
-    with grpc.insecure_channel(gateway.address) as channel:
-        yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    with oip_stub(gateway.address) as stub:
+        yield stub
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -243,10 +241,8 @@ def grew(before, after, model: str, variant: str = "batched") -> tuple[float, ..
 
 def triton_counts(server: TritonServer, model: str) -> tuple[int, int]:
     """(inference_count, execution_count): rows Triton inferred, model executions it ran."""
-    with grpc.insecure_channel(server.address) as channel:
-        stats = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
-            oip.ModelStatisticsRequest(name=model)
-        )
+    with oip_stub(server.address) as stub:
+        stats = stub.ModelStatistics(oip.ModelStatisticsRequest(name=model))
     return (
         sum(s.inference_count for s in stats.model_stats),
         sum(s.execution_count for s in stats.model_stats),

@@ -15,7 +15,8 @@ from tritonclient.grpc import service_pb2_grpc
 
 from gateway.controlplane.config import ConfigError, load_yaml
 from tensorgate.admin.v1 import admin_pb2, admin_pb2_grpc
-from tests.gateway_process import ADMIN_TOKEN, GatewayProcess, triton_backend
+from tests.builders import oip_stub, triton_backend, variant
+from tests.gateway_process import ADMIN_TOKEN, GatewayProcess
 from tests.loadgen import metric, scrape
 from tests.oip import Y_V1, linear_request, output, sleep_request
 
@@ -24,25 +25,21 @@ CACHE = {"deterministic": True, "max_bytes": 1 << 20, "ttl": "30s"}
 STATIC = {"outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [1, 3], "fp_values": [0, 0, 0]}]}  # fmt: skip
 
 
-def _variant(name: str, model: str, weight: int = 1, version: str = "1") -> dict:
-    return {"name": name, "backend": "triton-a", "backend_model": model, "backend_version": version, "weight": weight}  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def gateway(triton):
     config = {
         # No breaker: the failing model's calls must all reach Triton, so they can be counted.
-        "backends": [{**triton_backend(triton.address), "circuit_breaker": {"disabled": True}}],
+        "backends": [triton_backend(triton.address, circuit_breaker={"disabled": True})],
         "routes": [
-            {"model": "linear", "variants": [_variant("stable", "demo_linear")], "policy": {"response_cache": CACHE}},
-            {"model": "uncached", "variants": [_variant("stable", "demo_linear")]},
-            {"model": "sleep", "variants": [_variant("only", "demo_sleep", version="")], "policy": {"response_cache": CACHE}},
-            {"model": "fail", "variants": [_variant("only", "demo_fail", version="")], "policy": {"response_cache": CACHE}},
-            {"model": "degraded", "variants": [_variant("only", "demo_fail", version="")],
+            {"model": "linear", "variants": [variant("stable")], "policy": {"response_cache": CACHE}},
+            {"model": "uncached", "variants": [variant("stable")]},
+            {"model": "sleep", "variants": [variant("only", backend_model="demo_sleep", backend_version="")], "policy": {"response_cache": CACHE}},
+            {"model": "fail", "variants": [variant("only", backend_model="demo_fail", backend_version="")], "policy": {"response_cache": CACHE}},
+            {"model": "degraded", "variants": [variant("only", backend_model="demo_fail", backend_version="")],
              "policy": {"response_cache": CACHE, "fallback": [{"static_response": STATIC}]}},
-            {"model": "short", "variants": [_variant("stable", "demo_linear")],
+            {"model": "short", "variants": [variant("stable")],
              "policy": {"response_cache": {"deterministic": True, "ttl": "0.5s"}}},
-            {"model": "small", "variants": [_variant("stable", "demo_linear")],
+            {"model": "small", "variants": [variant("stable")],
              "policy": {"response_cache": {"deterministic": True, "max_bytes": 4096}}},
         ],
         "lifecycle": {"shutdown_grace": "2s"},
@@ -53,8 +50,8 @@ def gateway(triton):
 
 @pytest.fixture(scope="module")
 def stub(gateway):
-    with grpc.insecure_channel(gateway.address) as channel:
-        yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    with oip_stub(gateway.address) as stub:
+        yield stub
 
 
 @pytest.fixture(scope="module")

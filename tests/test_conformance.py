@@ -8,10 +8,10 @@ import grpc
 import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2 as oip
-from tritonclient.grpc import service_pb2_grpc
 
 from adapters.codecs import oip as oip_codec
-from tests.gateway_process import GatewayProcess, triton_backend
+from tests.builders import oip_stub, tfserving_backend, torchserve_backend, triton_backend, variant
+from tests.gateway_process import GatewayProcess
 
 W = np.array([[1, 2, 0], [0, 1, -1], [2, 0, 1], [-1, 1, 3]], dtype=np.float32)
 B = np.array([1, 0, -1], dtype=np.float32)
@@ -24,40 +24,23 @@ ROUTES = ("on-triton", "on-tfserving", "on-torchserve")
 
 @pytest.fixture(scope="module")
 def gateway(triton, tfserving, torchserve):
-    triton_v1 = {
-        "name": "triton",
-        "backend": "triton",
-        "backend_model": "demo_linear",
-        "backend_version": "1",
-        "input_names": {"x": "INPUT0"},
-        "output_names": {"y": "OUTPUT0"},
-    }
-    tf_v1 = {
-        "name": "tfserving",
-        "backend": "tfs",
-        "backend_model": "linear",
-        "backend_version": "1",
-    }
-    ts_v1 = {
-        "name": "torchserve",
-        "backend": "ts",
-        "backend_model": "linear",
-        "backend_version": "1",
-    }
+    triton_v1 = variant(
+        "triton", backend="triton", input_names={"x": "INPUT0"}, output_names={"y": "OUTPUT0"}
+    )
+    tf_v1 = variant("tfserving", backend="tfs", backend_model="linear")
+    ts_v1 = variant("torchserve", backend="ts", backend_model="linear")
     config = {
         "backends": [
             triton_backend(triton.address, "triton"),
-            {"name": "tfs", "kind": "BACKEND_KIND_TFSERVING", "address": tfserving.address},
-            {"name": "ts", "kind": "BACKEND_KIND_TORCHSERVE", "address": torchserve.inference_url.removeprefix("http://"),
-             "torchserve": {"management_address": torchserve.management_url.removeprefix("http://")}},
+            tfserving_backend(tfserving.address),
+            torchserve_backend(torchserve),
         ],
         "routes": [
-            {"model": "on-triton", "variants": [{**triton_v1, "weight": 1, "version": "1"}]},
-            {"model": "on-tfserving", "variants": [{**tf_v1, "weight": 1, "version": "1"}]},
-            {"model": "on-torchserve", "schema": SCHEMA, "variants": [{**ts_v1, "weight": 1, "version": "1"}]},
+            {"model": "on-triton", "variants": [{**triton_v1, "version": "1"}]},
+            {"model": "on-tfserving", "variants": [{**tf_v1, "version": "1"}]},
+            {"model": "on-torchserve", "schema": SCHEMA, "variants": [{**ts_v1, "version": "1"}]},
             # A Triton primary with a TorchServe canary (and TF Serving too), one interface.
-            {"model": "mixed", "schema": SCHEMA, "variants": [
-                {**triton_v1, "weight": 2}, {**tf_v1, "weight": 1}, {**ts_v1, "weight": 1}]},
+            {"model": "mixed", "schema": SCHEMA, "variants": [{**triton_v1, "weight": 2}, tf_v1, ts_v1]},
         ],
         "lifecycle": {"health_check_interval": "1s", "shutdown_grace": "1s"},
     }  # fmt: skip
@@ -67,8 +50,8 @@ def gateway(triton, tfserving, torchserve):
 
 @pytest.fixture(scope="module")
 def stub(gateway):
-    with grpc.insecure_channel(gateway.address) as channel:
-        yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    with oip_stub(gateway.address) as stub:
+        yield stub
 
 
 def request_for(model: str, x: np.ndarray, version: str = "") -> oip.ModelInferRequest:

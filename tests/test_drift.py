@@ -14,24 +14,18 @@ import json
 import subprocess
 import time
 
-import grpc
 import numpy as np
 import pytest
 from google.protobuf import json_format
-from tritonclient.grpc import service_pb2_grpc
 
 from gateway.dataplane.layers.drift import monitor as drift
-from tests.gateway_process import TENSORGATE, GatewayProcess, triton_backend
+from tests.builders import oip_stub, triton_backend, variant
+from tests.gateway_process import TENSORGATE, GatewayProcess
 from tests.loadgen import metric, scrape
 from tests.oip import linear_request
 
 WINDOW = 400
 THRESHOLD = 0.2  # PSI above 0.2: "significant shift", the usual rule of thumb
-
-
-def _variant(name: str, version: str, weight: int) -> dict:
-    return {"name": name, "backend": "triton-a", "backend_model": "demo_linear",
-            "backend_version": version, "weight": weight}  # fmt: skip
 
 
 def _config(triton, **drift_policy) -> dict:
@@ -48,7 +42,7 @@ def _config(triton, **drift_policy) -> dict:
         "routes": [
             {
                 "model": "linear",
-                "variants": [_variant("stable", "1", 1), _variant("shadow", "2", 0)],
+                "variants": [variant("stable"), variant("shadow", backend_version="2", weight=0)],
                 "policy": {"shadow": {"variant": "shadow", "fraction": 1.0}, "drift": policy},
             }
         ],
@@ -73,11 +67,7 @@ def _until_window_full(gw, variant: str, feature: str) -> None:
 
 def test_a_shifted_input_crosses_the_threshold_and_the_same_one_does_not(triton):
     rng = np.random.default_rng(7)
-    with (
-        GatewayProcess(_config(triton)) as gw,
-        grpc.insecure_channel(gw.address) as channel,
-    ):
-        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    with GatewayProcess(_config(triton)) as gw, oip_stub(gw.address) as stub:
         _send(stub, rng, 0.0, WINDOW)  # the reference
         _send(stub, rng, 0.0, WINDOW)  # the same distribution again
         _until_window_full(gw, "stable", "input:INPUT0[0]")
@@ -123,11 +113,7 @@ def test_a_baseline_file_is_the_reference(triton, tmp_path):
     assert 2.7 < float(np.mean(loaded["input:INPUT0[0]"])) < 3.3
     # the gateway compares with the file from the first call: traffic at mean 0 has drifted
     config = _config(triton, reference_file=str(reference), **inputs_only)
-    with (
-        GatewayProcess(config) as gw,
-        grpc.insecure_channel(gw.address) as channel,
-    ):
-        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    with GatewayProcess(config) as gw, oip_stub(gw.address) as stub:
         _send(stub, rng, 0.0, WINDOW)
         _until_window_full(gw, "stable", "input:INPUT0[0]")
         assert _gauge(gw, "tensorgate_drift_psi", "stable", "input:INPUT0[0]") > THRESHOLD

@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as oip
 
 from tests.backends.process import free_port
-from tests.gateway_process import GatewayProcess, triton_backend
+from tests.builders import triton_backend, variant
+from tests.gateway_process import GatewayProcess
 from tests.oip import Y_V1, Y_V2, X, output
 from tests.recording_proxy import RecordingProxy
 from tests.test_envoy_dataplane import envoy_in_front
@@ -48,16 +49,6 @@ VICTIM = np.array([7, 7, 7, 7], dtype=np.int32)
 
 
 def _config(triton_address: str, xds: int, listen: int) -> dict:
-    def linear(name, version, weight):
-        return {
-            "name": name,
-            "backend": "triton-a",
-            "backend_model": "demo_linear",
-            "backend_version": version,
-            "version": version,
-            "weight": weight,
-        }
-
     return {
         "listeners": {"xds": f"127.0.0.1:{xds}"},
         "envoy": {"listen": f"127.0.0.1:{listen}", "max_body_bytes": 1 << 20},
@@ -65,10 +56,11 @@ def _config(triton_address: str, xds: int, listen: int) -> dict:
         "routes": [
             # the public name is the backend's: Envoy forwards the body untouched
             {"model": "demo_identity",
-             "variants": [{"name": "only", "backend": "triton-a", "weight": 1}]},
-            {"model": "linear", "variants": [linear("stable", "1", 80), linear("canary", "2", 20)]},
+             "variants": [variant("only", backend_model=None, backend_version=None)]},
+            {"model": "linear", "variants": [variant("stable", version="1", weight=80),
+                                             variant("canary", backend_version="2", version="2", weight=20)]},
             # the public name is the backend's, the version pinned: unpinned calls must run v1
-            {"model": "demo_linear", "variants": [linear("pinned", "1", 1)]},
+            {"model": "demo_linear", "variants": [variant("pinned", version="1")]},
         ],
     }  # fmt: skip
 

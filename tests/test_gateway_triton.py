@@ -21,19 +21,9 @@ from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from tests.gateway_process import GatewayProcess, triton_backend
+from tests.builders import oip_stub, triton_backend, variant
+from tests.gateway_process import GatewayProcess
 from tests.oip import Y_V1, Y_V2, linear_request, output, sleep_request
-
-
-def linear(name: str, version: str, weight: int, version_public: str) -> dict:
-    return {
-        "name": name,
-        "backend": "triton-a",
-        "backend_model": "demo_linear",
-        "backend_version": version,
-        "version": version_public,
-        "weight": weight,
-    }
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +31,13 @@ def gateway(triton):
     config = {
         "backends": [triton_backend(triton.address)],
         "routes": [
-            {"model": "linear", "variants": [linear("stable", "1", 80, "1"), linear("canary", "2", 20, "2")]},
+            {"model": "linear", "variants": [variant("stable", version="1", weight=80),
+                                             variant("canary", backend_version="2", version="2", weight=20)]},
             # Renamed and pinned: public fraud v5 is demo_linear v2 on triton-a.
-            {"model": "fraud", "variants": [linear("xgb", "2", 1, "5")]},
-            {"model": "identity", "variants": [{"name": "only", "backend": "triton-a", "backend_model": "demo_identity", "weight": 1}]},
-            {"model": "sleep", "variants": [{"name": "only", "backend": "triton-a", "backend_model": "demo_sleep", "weight": 1}]},
-            {"model": "fail", "variants": [{"name": "only", "backend": "triton-a", "backend_model": "demo_fail", "weight": 1}]},
+            {"model": "fraud", "variants": [variant("xgb", backend_version="2", version="5")]},
+            {"model": "identity", "variants": [variant("only", backend_model="demo_identity", backend_version=None)]},
+            {"model": "sleep", "variants": [variant("only", backend_model="demo_sleep", backend_version=None)]},
+            {"model": "fail", "variants": [variant("only", backend_model="demo_fail", backend_version=None)]},
         ],
     }  # fmt: skip
     with GatewayProcess(config) as gw:
@@ -55,15 +46,13 @@ def gateway(triton):
 
 @pytest.fixture(scope="module")
 def stub(gateway):
-    with grpc.insecure_channel(gateway.address) as channel:
-        yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    with oip_stub(gateway.address) as stub:
+        yield stub
 
 
 def triton_inference_count(triton, model: str) -> int:
-    with grpc.insecure_channel(triton.address) as channel:
-        stats = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
-            oip.ModelStatisticsRequest(name=model)
-        )
+    with oip_stub(triton.address) as stub:
+        stats = stub.ModelStatistics(oip.ModelStatisticsRequest(name=model))
     return sum(
         s.inference_stats.success.count + s.inference_stats.fail.count for s in stats.model_stats
     )
@@ -287,9 +276,8 @@ def test_missing_required_input_named(stub):
 
 def test_oversized_request(triton):
     config = {"backends": [triton_backend(triton.address)], "limits": {"max_request_bytes": 65536},
-              "routes": [{"model": "linear", "variants": [linear("stable", "1", 1, "1")]}]}  # fmt: skip
-    with GatewayProcess(config) as gw, grpc.insecure_channel(gw.address) as channel:
-        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+              "routes": [{"model": "linear", "variants": [variant("stable", version="1")]}]}  # fmt: skip
+    with GatewayProcess(config) as gw, oip_stub(gw.address) as stub:
         big = linear_request(x=[0.0] * 4)
         big.inputs[0].shape[:] = [5000, 4]
         big.raw_input_contents[0] = bytes(5000 * 16)  # 80 kB: over the limit, under 2x
@@ -331,12 +319,8 @@ def test_refused_backend_is_unavailable_never_unknown():
 
     dead = f"127.0.0.1:{free_port()}"
     config = {"backends": [triton_backend(dead, "dead")],
-              "routes": [{"model": "linear", "variants": [{"name": "a", "backend": "dead", "weight": 1}]}]}  # fmt: skip
-    with (
-        GatewayProcess(config).start(wait="live") as gw,
-        grpc.insecure_channel(gw.address) as channel,
-    ):
-        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+              "routes": [{"model": "linear", "variants": [variant("a", backend="dead", backend_model=None, backend_version=None)]}]}  # fmt: skip
+    with GatewayProcess(config).start(wait="live") as gw, oip_stub(gw.address) as stub:
         # The gateway is ready (started, not draining); the model is not.
         assert stub.ServerReady(oip.ServerReadyRequest()).ready
         assert not stub.ModelReady(oip.ModelReadyRequest(name="linear")).ready
@@ -346,11 +330,7 @@ def test_refused_backend_is_unavailable_never_unknown():
         assert "backend 'dead' unavailable" in err.value.details()
     # Opt-in: ready only while every route can answer.
     strict = {**config, "lifecycle": {"readiness": "READINESS_ALL_ROUTES"}}
-    with (
-        GatewayProcess(strict).start(wait="live") as gw,
-        grpc.insecure_channel(gw.address) as channel,
-    ):
-        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    with GatewayProcess(strict).start(wait="live") as gw, oip_stub(gw.address) as stub:
         time.sleep(0.5)  # past the first probe round
         assert not stub.ServerReady(oip.ServerReadyRequest()).ready
 

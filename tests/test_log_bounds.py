@@ -24,7 +24,8 @@ from gateway.controlplane.envoy.resources import CLUSTER
 from gateway.observability import logs
 from tensorgate.admin.v1 import admin_pb2
 from tests.backends.triton import free_port
-from tests.gateway_process import ADMIN_TOKEN, GatewayProcess, triton_backend
+from tests.builders import triton_backend, variant
+from tests.gateway_process import ADMIN_TOKEN, GatewayProcess
 from tests.oip import Y_V1, linear_request, output
 
 # The documented bound (docs/observability.md#logs), which gateway.observability.logs enforces.
@@ -38,15 +39,7 @@ ADMIN = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
 OIP = "/inference.GRPCInferenceService"
 ADMIN_SERVICE = "/tensorgate.admin.v1.AdminService"
 ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
-ROUTE = {
-    "model": "linear",
-    "variants": [
-        {"name": "stable", "backend": "triton-a", "backend_model": "demo_linear",
-         "backend_version": "1", "weight": 1},
-        {"name": "canary", "backend": "triton-a", "backend_model": "demo_linear",
-         "backend_version": "1", "weight": 0},
-    ],
-}  # fmt: skip
+ROUTE = {"model": "linear", "variants": [variant("stable"), variant("canary", weight=0)]}
 
 
 def _config(triton, log_file: pathlib.Path, **logging) -> dict:

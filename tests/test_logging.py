@@ -11,10 +11,10 @@ import grpc
 import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2 as oip
-from tritonclient.grpc import service_pb2_grpc
 
 from tensorgate.admin.v1 import admin_pb2, admin_pb2_grpc
-from tests.gateway_process import ADMIN_TOKEN, GatewayProcess, triton_backend
+from tests.builders import oip_stub, triton_backend, variant
+from tests.gateway_process import ADMIN_TOKEN, GatewayProcess
 from tests.oip import linear_request
 
 SECRET = b"PAYLOAD-7f3a9c-SHOULD-NEVER-BE-LOGGED"
@@ -25,9 +25,7 @@ def _config(triton, tmp_path: pathlib.Path, **logging) -> dict:
     return {
         "backends": [triton_backend(triton.address)],
         "routes": [
-            {"model": "linear", "variants": [
-                {"name": "stable", "backend": "triton-a", "backend_model": "demo_linear",
-                 "backend_version": "1", "weight": 1}]},
+            {"model": "linear", "variants": [variant("stable")]},
         ],
         "observability": {"logging": {"access_log_sample": 1.0,
                                       "file": str(tmp_path / "gateway.jsonl"), **logging}},
@@ -46,8 +44,7 @@ def _lines(text: str) -> list[dict]:
 def logged(triton, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("logs")
     with GatewayProcess(_config(triton, tmp), admin=True) as gw:
-        with grpc.insecure_channel(gw.address) as channel:
-            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with oip_stub(gw.address) as stub:
             ok, call = stub.ModelInfer.with_call(
                 linear_request(), metadata=(("x-request-id", "order-42/retry-1"),), timeout=10
             )
@@ -134,8 +131,7 @@ def test_no_credential_or_payload_byte_is_ever_logged(logged):
 
 def test_log_files_are_rotated_by_size(triton, tmp_path):
     config = _config(triton, tmp_path, file_max_bytes=4096, file_backups=2)
-    with GatewayProcess(config) as gw, grpc.insecure_channel(gw.address) as channel:
-        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    with GatewayProcess(config) as gw, oip_stub(gw.address) as stub:
         for _ in range(200):
             stub.ModelInfer(linear_request(), timeout=10)
     names = sorted(p.name for p in tmp_path.glob("gateway.jsonl*"))

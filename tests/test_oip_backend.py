@@ -9,6 +9,7 @@ and killed by the test of a backend going down.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import grpc
@@ -16,7 +17,6 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 from tritonclient.grpc import service_pb2 as oip
-from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from adapters.oip import requested_only
@@ -24,6 +24,7 @@ from gateway.controlplane.config import ConfigError, from_dict
 from gateway.controlplane.envoy.decide import decide
 from tests.backends.kserve import KServeServer
 from tests.backends.process import free_port
+from tests.builders import backend, oip_stub, variant
 from tests.gateway_process import GatewayProcess
 
 X = np.array([[1.0, 2.0, 3.0, 4.0], [-0.5, 0.0, 0.25, 1e3]], dtype=np.float32)
@@ -37,38 +38,37 @@ def kserve():
 
 @pytest.fixture(scope="module")
 def kserve_stub(kserve):
-    with grpc.insecure_channel(kserve.address) as channel:
-        yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    with oip_stub(kserve.address) as stub:
+        yield stub
 
 
 # A port for a second KServe server, started (and killed) by test_server_killed_is_unavailable.
 LATE_PORT = free_port()
 
 
-def variant(backend_model: str, backend: str = "kserve-a", **fields) -> dict:
-    return {"name": "v", "backend": backend, "backend_model": backend_model, "weight": 1, **fields}
+# Each route's one variant "v"; KServe models have no versions to name.
+on_kserve = functools.partial(variant, "v", backend="kserve-a", backend_version=None)
 
 
 def gateway_config(kserve_address: str) -> dict:
     return {
         "backends": [
-            {"name": "kserve-a", "kind": "BACKEND_KIND_OIP", "address": kserve_address},
+            backend("BACKEND_KIND_OIP", kserve_address, "kserve-a"),
             # Nothing listens there: connection refused.
-            {"name": "kserve-down", "kind": "BACKEND_KIND_OIP", "address": f"127.0.0.1:{free_port()}"},
-            {"name": "kserve-late", "kind": "BACKEND_KIND_OIP", "address": f"127.0.0.1:{LATE_PORT}",
-             "per_try_timeout": "2s"},
+            backend("BACKEND_KIND_OIP", f"127.0.0.1:{free_port()}", "kserve-down"),
+            backend("BACKEND_KIND_OIP", f"127.0.0.1:{LATE_PORT}", "kserve-late", per_try_timeout="2s"),
         ],
         "routes": [
             # Public version "1"; the server has no versions, so the variant names none.
-            {"model": "linear", "variants": [variant("linear", version="1")]},
-            {"model": "renamed", "variants": [variant(
-                "linear", input_names={"x": "input-0"}, output_names={"y": "output-0"})]},
-            {"model": "multi", "variants": [variant("multi")]},
-            {"model": "missing", "variants": [variant("no_such_model")]},
-            {"model": "failing", "variants": [variant("failing")]},
-            {"model": "not-ready", "variants": [variant("not_ready")]},
-            {"model": "down", "variants": [variant("linear", backend="kserve-down")]},
-            {"model": "late", "variants": [variant("linear", backend="kserve-late")]},
+            {"model": "linear", "variants": [on_kserve(backend_model="linear", version="1")]},
+            {"model": "renamed", "variants": [on_kserve(
+                backend_model="linear", input_names={"x": "input-0"}, output_names={"y": "output-0"})]},
+            {"model": "multi", "variants": [on_kserve(backend_model="multi")]},
+            {"model": "missing", "variants": [on_kserve(backend_model="no_such_model")]},
+            {"model": "failing", "variants": [on_kserve(backend_model="failing")]},
+            {"model": "not-ready", "variants": [on_kserve(backend_model="not_ready")]},
+            {"model": "down", "variants": [on_kserve(backend_model="linear", backend="kserve-down")]},
+            {"model": "late", "variants": [on_kserve(backend_model="linear", backend="kserve-late")]},
         ],
         "lifecycle": {"health_check_interval": "1s", "shutdown_grace": "1s"},
     }  # fmt: skip
@@ -88,8 +88,8 @@ def client(gateway):
 
 @pytest.fixture(scope="module")
 def stub(gateway):
-    with grpc.insecure_channel(gateway.address) as channel:
-        yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    with oip_stub(gateway.address) as stub:
+        yield stub
 
 
 def linear_input(name: str = "input-0", array: np.ndarray = X) -> tc.InferInput:

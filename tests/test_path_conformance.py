@@ -21,7 +21,8 @@ from tritonclient.grpc import service_pb2_grpc
 
 from tensorgate.admin.v1 import admin_pb2, admin_pb2_grpc
 from tests.backends.process import free_port
-from tests.gateway_process import ADMIN_TOKEN, GatewayProcess, triton_backend
+from tests.builders import oip_stub, triton_backend, variant
+from tests.gateway_process import ADMIN_TOKEN, GatewayProcess
 from tests.loadgen import scrape
 from tests.oip import Y_V1, Y_V2, linear_request, output, sleep_request
 from tests.test_envoy_dataplane import envoy_in_front
@@ -29,67 +30,68 @@ from tests.test_envoy_dataplane import envoy_in_front
 ADMIN = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
 PATHS = ("unary", "stream", "envoy")
 
-
-def _variant(name, version, weight, backend="triton-a", model="demo_linear", public=None):
-    return {"name": name, "backend": backend, "backend_model": model, "backend_version": version,
-            "version": version if public is None else public, "weight": weight}  # fmt: skip
-
-
 STATIC = {"outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [1, 3],
                        "fp_values": [0.5, 0.5, 0.5]}]}  # fmt: skip
 ROUTES = [
-    {"model": "weighted", "variants": [_variant("v1", "1", 80), _variant("v2", "2", 20)]},
-    {"model": "renamed", "variants": [_variant("only", "1", 1, public="7")]},
+    {"model": "weighted",
+     "variants": [variant("v1", version="1", weight=80),
+                  variant("v2", backend_version="2", version="2", weight=20)]},
+    {"model": "renamed", "variants": [variant("only", version="7")]},
     {"model": "fallback_variant",
-     "variants": [_variant("down", "1", 1, backend="dead"), _variant("up", "1", 0)],
+     "variants": [variant("down", backend="dead", version="1"), variant("up", version="1", weight=0)],
      "policy": {"fallback": [{"variant": "up"}]}},
-    {"model": "fallback_model", "variants": [_variant("down", "1", 1, backend="dead")],
+    {"model": "fallback_model", "variants": [variant("down", backend="dead", version="1")],
      "policy": {"fallback": [{"model": "renamed"}]}},
-    {"model": "fallback_static", "variants": [_variant("down", "1", 1, backend="dead")],
+    {"model": "fallback_static", "variants": [variant("down", backend="dead", version="1")],
      "policy": {"fallback": [{"static_response": STATIC}]}},
-    {"model": "schema", "variants": [_variant("only", "1", 1)],
+    {"model": "schema", "variants": [variant("only", version="1")],
      "schema": {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, 3]}]}},
-    {"model": "cached", "variants": [_variant("only", "1", 1)],
+    {"model": "cached", "variants": [variant("only", version="1")],
      "policy": {"response_cache": {"deterministic": True}}},
     {"model": "batched",
-     "variants": [{**_variant("only", "1", 1), "batching": {"max_batch_size": 4,
-                                                             "max_queue_delay": "0.05s"}}]},
-    {"model": "drifted", "variants": [_variant("only", "2", 1)],
+     "variants": [variant("only", version="1",
+                          batching={"max_batch_size": 4, "max_queue_delay": "0.05s"})]},
+    {"model": "drifted", "variants": [variant("only", backend_version="2", version="2")],
      "policy": {"drift": {"outputs": ["OUTPUT0"], "sample_ratio": 1.0, "window": 100,
                           "reference_size": 10}}},
-    {"model": "slow", "variants": [{"name": "s", "backend": "triton-a",
-                                    "backend_model": "demo_sleep", "weight": 1}],
+    {"model": "slow", "variants": [variant("s", backend_model="demo_sleep", backend_version=None)],
      "policy": {"timeout": "0.3s"}},
     # a fallback to model "fb" from a route that batches a variant of the same name: fb's call
     # takes fb's own chain, not fa's (whose batcher for "stable" it could join)
     {"model": "fa",
-     "variants": [{**_variant("stable", "1", 1, backend="dead"),
-                   "batching": {"max_batch_size": 4, "max_queue_delay": "0.01s"}}],
+     "variants": [variant("stable", backend="dead", version="1",
+                          batching={"max_batch_size": 4, "max_queue_delay": "0.01s"})],
      "policy": {"fallback": [{"model": "fb"}]}},
     # half of fb's weight is on a backend health checks find down: fb's own calls avoid it, and
     # so must a fallback to fb (it used to resolve without the health checks' verdict)
     {"model": "fb",
-     "variants": [_variant("stable", "1", 50), _variant("other", "2", 50, backend="dead")]},
+     "variants": [variant("stable", version="1", weight=50),
+                  variant("other", backend="dead", backend_version="2", version="2", weight=50)]},
     # half the weight on a backend health checks find down: every path sends all calls to "up"
     {"model": "half_down",
-     "variants": [_variant("up", "1", 50), _variant("down", "2", 50, backend="dead")]},
+     "variants": [variant("up", version="1", weight=50),
+                  variant("down", backend="dead", backend_version="2", version="2", weight=50)]},
     # demo_flaky fails about 1 call in 5 (INTERNAL): six tries make a failure ~1 in 15,000
-    {"model": "retried", "variants": [_variant("only", "1", 1, backend="triton-flaky", model="demo_flaky")],
+    {"model": "retried",
+     "variants": [variant("only", backend="triton-flaky", backend_model="demo_flaky", version="1")],
      "policy": {"retry": {"max_attempts": 6, "retry_on": ["INTERNAL", "UNAVAILABLE"],
                           "base_delay": "0.001s", "max_delay": "0.005s", "budget_ratio": 1.0,
                           "budget_min_per_second": 1000}}},
-    {"model": "flaky_bare", "variants": [_variant("only", "1", 1, backend="triton-flaky", model="demo_flaky")]},
-    {"model": "per_try", "variants": [{"name": "s", "backend": "triton-short",
-                                       "backend_model": "demo_sleep", "weight": 1}]},
-    {"model": "shadowed", "variants": [_variant("v1", "1", 1), _variant("v2", "2", 0)],
+    {"model": "flaky_bare",
+     "variants": [variant("only", backend="triton-flaky", backend_model="demo_flaky", version="1")]},
+    {"model": "per_try",
+     "variants": [variant("s", backend="triton-short", backend_model="demo_sleep", backend_version=None)]},
+    {"model": "shadowed",
+     "variants": [variant("v1", version="1"), variant("v2", backend_version="2", version="2", weight=0)],
      "policy": {"shadow": {"variant": "v2", "fraction": 1.0}}},
     # one per path, each on a backend of its own: a breaker's state is per backend (and Envoy's
     # per cluster), so each path must open its own
     *({"model": f"breakable_{path}",
-       "variants": [_variant("only", "1", 1, backend=f"triton-brk-{path}", model="demo_fail")]}
+       "variants": [variant("only", backend=f"triton-brk-{path}", backend_model="demo_fail", version="1")]}
       for path in ("unary", "stream", "envoy")),
     {"model": "drainable",
-     "variants": [_variant("x", "1", 50), _variant("y", "2", 50, backend="triton-b")]},
+     "variants": [variant("x", version="1", weight=50),
+                  variant("y", backend="triton-b", backend_version="2", version="2", weight=50)]},
 ]  # fmt: skip
 
 
@@ -101,14 +103,13 @@ def _config(triton: str, xds: int, listen: int) -> dict:
         "backends": [
             triton_backend(triton),
             triton_backend(triton, "triton-b"),
-            {**triton_backend(triton, "triton-short"), "per_try_timeout": "0.3s"},
-            *({**triton_backend(triton, f"triton-brk-{path}"),
-               "circuit_breaker": {"consecutive_failures": 3, "open_duration": "60s"}}
+            triton_backend(triton, "triton-short", per_try_timeout="0.3s"),
+            *(triton_backend(triton, f"triton-brk-{path}",
+                             circuit_breaker={"consecutive_failures": 3, "open_duration": "60s"})
               for path in PATHS),
             # its failures are the model's, by design: they must not open a shared breaker
-            {**triton_backend(triton, "triton-flaky"), "circuit_breaker": {"disabled": True}},
-            {"name": "dead", "kind": "BACKEND_KIND_TRITON", "address": f"127.0.0.1:{free_port()}",
-             "circuit_breaker": {"disabled": True}},
+            triton_backend(triton, "triton-flaky", circuit_breaker={"disabled": True}),
+            triton_backend(f"127.0.0.1:{free_port()}", "dead", circuit_breaker={"disabled": True}),
         ],
         "routes": ROUTES,
     }  # fmt: skip
@@ -366,8 +367,7 @@ def test_per_try_timeout(callers, path):
 
 
 def _v2_inferences(triton) -> int:
-    with grpc.insecure_channel(triton.address) as channel:
-        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    with oip_stub(triton.address) as stub:
         stats = stub.ModelStatistics(oip.ModelStatisticsRequest(name="demo_linear", version="2"))
     return sum(s.inference_stats.success.count for s in stats.model_stats)
 

@@ -12,28 +12,12 @@ from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc
 
 from tests.backends.triton import TritonServer
+from tests.builders import oip_stub, triton_backend, variant
 from tests.conftest import DEMO_MODELS
 from tests.faults.proxy import FaultProxy
-from tests.gateway_process import GatewayProcess, triton_backend
+from tests.gateway_process import GatewayProcess
 from tests.loadgen import Results, infer, metric, run_load, scrape
 from tests.oip import Y_V1, linear_request, output
-
-
-def variant(
-    name: str, backend: str, weight: int, model: str = "demo_linear", version: str = "1"
-) -> dict:
-    return {
-        "name": name,
-        "backend": backend,
-        "backend_model": model,
-        "backend_version": version,
-        "weight": weight,
-    }
-
-
-def backend(name: str, address: str, **extra) -> dict:
-    return {**triton_backend(address, name), **extra}
-
 
 FAST_HEALTH = {"health_check_interval": "0.5s", "shutdown_grace": "2s"}
 
@@ -49,13 +33,13 @@ async def test_kill_9_primary_under_load_fallback_hides_it_and_breaker_cycles(
 ):
     config = {
         "backends": [
-            backend("primary", killable_triton.address, per_try_timeout="2s",
-                    circuit_breaker={"consecutive_failures": 3, "open_duration": "1s"}),
-            backend("spare", triton.address),
+            triton_backend(killable_triton.address, "primary", per_try_timeout="2s",
+                           circuit_breaker={"consecutive_failures": 3, "open_duration": "1s"}),
+            triton_backend(triton.address, "spare"),
         ],
         "routes": [{
             "model": "linear",
-            "variants": [variant("main", "primary", 1), variant("backup", "spare", 0)],
+            "variants": [variant("main", backend="primary"), variant("backup", backend="spare", weight=0)],
             "policy": {"fallback": [{"variant": "backup"}]},
         }],
         "lifecycle": FAST_HEALTH,
@@ -129,12 +113,12 @@ def proxy_to_killable(killable_triton):
 async def test_deadlines_are_honoured_end_to_end(proxy_to_killable):
     proxy = proxy_to_killable
     config = {
-        "backends": [backend("slow", proxy.address, per_try_timeout="10s")],
+        "backends": [triton_backend(proxy.address, "slow", per_try_timeout="10s")],
         "routes": [
-            {"model": "linear", "variants": [variant("only", "slow", 1)]},
+            {"model": "linear", "variants": [variant("only", backend="slow")]},
             {
                 "model": "capped",
-                "variants": [variant("only", "slow", 1)],
+                "variants": [variant("only", backend="slow")],
                 "policy": {"timeout": "0.15s"},
             },
         ],
@@ -165,9 +149,9 @@ async def test_deadlines_are_honoured_end_to_end(proxy_to_killable):
 
 async def test_resets_retries_budget_and_breaker_transitions(proxy):
     config = {
-        "backends": [backend("flaky", proxy.address, per_try_timeout="2s",
-                             circuit_breaker={"consecutive_failures": 5, "open_duration": "1s"})],
-        "routes": [{"model": "linear", "variants": [variant("only", "flaky", 1)],
+        "backends": [triton_backend(proxy.address, "flaky", per_try_timeout="2s",
+                                    circuit_breaker={"consecutive_failures": 5, "open_duration": "1s"})],
+        "routes": [{"model": "linear", "variants": [variant("only", backend="flaky")],
                     "policy": {"retry": {"max_attempts": 4, "base_delay": "0.005s", "max_delay": "0.02s",
                                          "budget_ratio": 0.5, "budget_min_per_second": 1, "budget_window": "10s"}}}],
         "lifecycle": {"health_check_interval": "30s", "shutdown_grace": "1s"},  # keep probes out of it
@@ -225,13 +209,13 @@ async def test_open_breaker_fails_over_at_once_and_is_never_retried(proxy, trito
     }
     config = {
         "backends": [
-            backend("primary", proxy.address, per_try_timeout="2s",
-                    circuit_breaker={"consecutive_failures": 3, "open_duration": "2s"}),
-            backend("spare", triton.address),
+            triton_backend(proxy.address, "primary", per_try_timeout="2s",
+                           circuit_breaker={"consecutive_failures": 3, "open_duration": "2s"}),
+            triton_backend(triton.address, "spare"),
         ],
         "routes": [{
             "model": "linear",
-            "variants": [variant("main", "primary", 1), variant("backup", "spare", 0)],
+            "variants": [variant("main", backend="primary"), variant("backup", backend="spare", weight=0)],
             "policy": {"retry": {"max_attempts": 3},  # default backoff: 25 ms base, 250 ms cap
                        "fallback": [{"variant": "backup"}, {"static_response": static}]},
         }],
@@ -284,8 +268,8 @@ async def test_open_breaker_fails_over_at_once_and_is_never_retried(proxy, trito
 
 async def test_bulkhead_rejects_overflow_fast_when_backend_hangs(proxy):
     config = {
-        "backends": [backend("hung", proxy.address, per_try_timeout="3s", bulkhead={"max_concurrency": 4, "max_queue": 2})],
-        "routes": [{"model": "linear", "variants": [variant("only", "hung", 1)], "policy": {"retry": {"max_attempts": 1}}}],
+        "backends": [triton_backend(proxy.address, "hung", per_try_timeout="3s", bulkhead={"max_concurrency": 4, "max_queue": 2})],
+        "routes": [{"model": "linear", "variants": [variant("only", backend="hung")], "policy": {"retry": {"max_attempts": 1}}}],
         "lifecycle": {"health_check_interval": "30s", "shutdown_grace": "1s"},
     }  # fmt: skip
     with GatewayProcess(config) as gw:
@@ -319,12 +303,12 @@ async def test_bulkhead_rejects_overflow_fast_when_backend_hangs(proxy):
 async def test_blast_radius_hung_backend_does_not_slow_others(proxy, triton):
     config = {
         "backends": [
-            backend("a", proxy.address, per_try_timeout="5s", bulkhead={"max_concurrency": 8, "max_queue": 4}),
-            backend("b", triton.address),
+            triton_backend(proxy.address, "a", per_try_timeout="5s", bulkhead={"max_concurrency": 8, "max_queue": 4}),
+            triton_backend(triton.address, "b"),
         ],
         "routes": [
-            {"model": "on-a", "variants": [variant("only", "a", 1)], "policy": {"retry": {"max_attempts": 1}}},
-            {"model": "on-b", "variants": [variant("only", "b", 1)]},
+            {"model": "on-a", "variants": [variant("only", backend="a")], "policy": {"retry": {"max_attempts": 1}}},
+            {"model": "on-b", "variants": [variant("only", backend="b")]},
         ],
         "lifecycle": {"health_check_interval": "30s", "shutdown_grace": "1s"},
     }  # fmt: skip
@@ -364,10 +348,10 @@ async def test_blast_radius_hung_backend_does_not_slow_others(proxy, triton):
 
 async def test_shadow_down_or_slow_leaves_primary_untouched(proxy, triton):
     config = {
-        "backends": [backend("main", triton.address), backend("shadow", proxy.address, per_try_timeout="2s")],
+        "backends": [triton_backend(triton.address, "main"), triton_backend(proxy.address, "shadow", per_try_timeout="2s")],
         "routes": [{
             "model": "linear",
-            "variants": [variant("live", "main", 1), variant("candidate", "shadow", 0)],
+            "variants": [variant("live", backend="main"), variant("candidate", backend="shadow", weight=0)],
             "policy": {"shadow": {"variant": "candidate", "fraction": 1.0, "max_concurrency": 4}},
         }],
         "lifecycle": {"health_check_interval": "30s", "shutdown_grace": "1s"},
@@ -453,10 +437,10 @@ async def test_shadow_down_or_slow_leaves_primary_untouched(proxy, triton):
 
 async def test_hedge_answers_from_the_fast_variant(proxy, triton):
     config = {
-        "backends": [backend("slow", proxy.address), backend("fast", triton.address)],
+        "backends": [triton_backend(proxy.address, "slow"), triton_backend(triton.address, "fast")],
         "routes": [{
             "model": "linear",
-            "variants": [variant("first", "slow", 100), variant("second", "fast", 1)],
+            "variants": [variant("first", backend="slow", weight=100), variant("second", backend="fast")],
             "policy": {"hedge": {"delay": "0.05s"}},
         }],
         "lifecycle": {"health_check_interval": "30s", "shutdown_grace": "1s"},
@@ -480,17 +464,16 @@ async def test_hedge_answers_from_the_fast_variant(proxy, triton):
 
 async def test_unhealthy_variant_gets_no_traffic_until_it_recovers(proxy, triton):
     config = {
-        "backends": [backend("flaky", proxy.address), backend("steady", triton.address)],
+        "backends": [triton_backend(proxy.address, "flaky"), triton_backend(triton.address, "steady")],
         "routes": [
-            {"model": "linear", "variants": [variant("x", "flaky", 1), variant("y", "steady", 1)]},
-            {"model": "lonely", "variants": [variant("only", "flaky", 1)]},
-            {"model": "guarded", "variants": [variant("only", "flaky", 1)],
+            {"model": "linear", "variants": [variant("x", backend="flaky"), variant("y", backend="steady")]},
+            {"model": "lonely", "variants": [variant("only", backend="flaky")]},
+            {"model": "guarded", "variants": [variant("only", backend="flaky")],
              "policy": {"fallback": [{"static_response": {"outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [1, 3], "fp_values": [0, 0, 0]}]}}]}},
         ],
         "lifecycle": {"health_check_interval": "0.3s", "shutdown_grace": "1s"},
     }  # fmt: skip
-    with GatewayProcess(config) as gw, grpc.insecure_channel(gw.address) as channel:
-        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    with GatewayProcess(config) as gw, oip_stub(gw.address) as stub:
         before = await run_load(
             gw.address, lambda: linear_request(), concurrency=2, duration=1.0, timeout=5
         )

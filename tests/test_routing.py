@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import time
 
 import grpc
@@ -11,24 +12,28 @@ import pytest
 from gateway.controlplane.config import from_dict
 from gateway.dataplane.routing import RouteTable
 from gateway.errors import GatewayError
+from tests import builders
+from tests.builders import triton_backend
 
 
 def table(*routes: dict) -> RouteTable:
     config = from_dict(
         {
-            "backends": [{"name": "t", "kind": "BACKEND_KIND_TRITON", "address": "127.0.0.1:1"}],
+            "backends": [triton_backend("127.0.0.1:1", "t")],
             "routes": list(routes),
         }
     )
     return RouteTable(config.routes)
 
 
-def variant(name: str, weight: int, version: str = "", **extra) -> dict:
-    return {"name": name, "backend": "t", "weight": weight, "version": version, **extra}
+# On backend "t", no backend model or version of its own, public version "" unless given.
+variant = functools.partial(
+    builders.variant, backend="t", backend_model=None, backend_version=None, version=""
+)
 
 
 def test_weighted_random_split():
-    routes = table({"model": "m", "variants": [variant("a", 80), variant("b", 20)]})
+    routes = table({"model": "m", "variants": [variant("a", weight=80), variant("b", weight=20)]})
     counts = collections.Counter(routes.resolve("m").variant for _ in range(20000))
     assert 0.78 <= counts["a"] / 20000 <= 0.82
 
@@ -38,8 +43,10 @@ def test_pinned_version_ignores_weights_and_renames():
         {
             "model": "fraud",
             "variants": [
-                variant("xgb", 0, "2", backend_model="fraud_xgb", backend_version="7"),
-                variant("dnn", 1, "3"),
+                variant(
+                    "xgb", weight=0, version="2", backend_model="fraud_xgb", backend_version="7"
+                ),
+                variant("dnn", weight=1, version="3"),
             ],
         }
     )
@@ -57,7 +64,9 @@ def test_pinned_version_ignores_weights_and_renames():
     ("m", "9", "model 'm' has no version '9' (versions: 1, 2)"),
 ])  # fmt: skip
 def test_not_found(model, version, message):
-    routes = table({"model": "m", "variants": [variant("a", 1, "1"), variant("b", 1, "2")]})
+    routes = table(
+        {"model": "m", "variants": [variant("a", version="1"), variant("b", version="2")]}
+    )
     with pytest.raises(GatewayError) as err:
         routes.resolve(model, version)
     assert err.value.code == grpc.StatusCode.NOT_FOUND
@@ -65,12 +74,8 @@ def test_not_found(model, version, message):
 
 
 def test_route_key_sticky_and_stable_under_small_weight_changes():
-    before = table(
-        {"model": "m", "variants": [variant("a", 60), variant("b", 30), variant("c", 10)]}
-    )
-    after = table(
-        {"model": "m", "variants": [variant("a", 60), variant("b", 28), variant("c", 12)]}
-    )
+    before = table({"model": "m", "variants": [variant("a", weight=60), variant("b", weight=30), variant("c", weight=10)]})  # fmt: skip
+    after = table({"model": "m", "variants": [variant("a", weight=60), variant("b", weight=28), variant("c", weight=12)]})  # fmt: skip
     keys = [f"user-{i}" for i in range(5000)]
     first = {k: before.resolve("m", route_key=k).variant for k in keys}
     assert all(before.resolve("m", route_key=k).variant == first[k] for k in keys[:500])
@@ -88,7 +93,10 @@ def test_cost_does_not_grow_with_route_count():
     def per_resolve(n_routes: int) -> float:
         routes = table(
             *(
-                {"model": f"model-{i}", "variants": [variant("a", 80), variant("b", 20)]}
+                {
+                    "model": f"model-{i}",
+                    "variants": [variant("a", weight=80), variant("b", weight=20)],
+                }
                 for i in range(n_routes)
             )
         )

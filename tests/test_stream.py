@@ -14,16 +14,15 @@ from __future__ import annotations
 import queue
 import time
 
-import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
 from tritonclient.grpc import service_pb2 as oip
-from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from tests.builders import oip_stub, triton_backend, variant
 from tests.faults.proxy import FaultProxy
-from tests.gateway_process import GatewayProcess, triton_backend
+from tests.gateway_process import GatewayProcess
 from tests.loadgen import metric, scrape
 from tests.oip import Y_V1, X
 
@@ -32,13 +31,10 @@ def _config(address: str) -> dict:
     return {
         "backends": [triton_backend(address)],
         "routes": [
-            {"model": "repeat", "variants": [
-                {"name": "only", "backend": "triton-a", "backend_model": "demo_repeat",
-                 "weight": 1}]},
+            {"model": "repeat",
+             "variants": [variant("only", backend_model="demo_repeat", backend_version=None)]},
             # public name and version differ from the backend's
-            {"model": "linear", "variants": [
-                {"name": "v1", "backend": "triton-a", "backend_model": "demo_linear",
-                 "backend_version": "1", "version": "7", "weight": 1}]},
+            {"model": "linear", "variants": [variant("v1", version="7")]},
         ],
     }  # fmt: skip
 
@@ -134,8 +130,7 @@ def test_errors_come_back_in_the_stream_and_it_goes_on(gateway):
 
 def test_refused_parameters_and_raw_stub(gateway):
     """A shared-memory parameter is refused in the stream like in ModelInfer."""
-    with grpc.insecure_channel(gateway.address) as channel:
-        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    with oip_stub(gateway.address) as stub:
         request = oip.ModelInferRequest(model_name="repeat", id="shm")
         tensor = request.inputs.add(name="INPUT0", datatype="FP32", shape=[1])
         tensor.contents.fp32_contents.append(1)
@@ -163,8 +158,7 @@ def test_malformed_requests_are_refused_in_the_stream_as_modelinfer_refuses_them
         request("misfit", "INPUT0", values=3),
         request("fine", "INPUT0"),
     ]
-    with grpc.insecure_channel(gateway.address) as channel:
-        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    with oip_stub(gateway.address) as stub:
         replies = list(stub.ModelStreamInfer(iter(sent), timeout=10))
     errors = {r.infer_response.id: r.error_message for r in replies if r.error_message}
     assert "has no inputs" in errors["none"]

@@ -3,15 +3,17 @@ SavedModels), called with stock tritonclient: the caller speaks OIP and cannot t
 
 from __future__ import annotations
 
+import functools
+
 import grpc
 import ml_dtypes
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
 from tritonclient.grpc import service_pb2 as oip
-from tritonclient.grpc import service_pb2_grpc
 
 from adapters.codecs import oip as oip_codec
+from tests.builders import oip_stub, tfserving_backend, variant
 from tests.gateway_process import GatewayProcess
 from tests.oip import Y_V1, Y_V2, linear_request, output
 
@@ -22,8 +24,7 @@ TF_NAME = {
 }  # fmt: skip
 
 
-def tf_variant(name: str, **fields) -> dict:
-    return {"name": name, "backend": "tfs", "weight": 1, **fields}
+tf_variant = functools.partial(variant, backend="tfs", backend_version=None)
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +59,7 @@ def gateway(tfserving):
         for dt, name in TF_NAME.items()
     ]  # fmt: skip
     config = {
-        "backends": [
-            {"name": "tfs", "kind": "BACKEND_KIND_TFSERVING", "address": tfserving.address}
-        ],
+        "backends": [tfserving_backend(tfserving.address)],
         "routes": routes,
         "lifecycle": {"health_check_interval": "1s", "shutdown_grace": "1s"},
     }
@@ -71,8 +70,8 @@ def gateway(tfserving):
 
 @pytest.fixture(scope="module")
 def stub(gateway):
-    with grpc.insecure_channel(gateway.address) as channel:
-        yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    with oip_stub(gateway.address) as stub:
+        yield stub
 
 
 def test_versions_labels_and_metadata(gateway, stub):

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+
 import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
 from tritonclient.grpc import service_pb2 as oip
-from tritonclient.grpc import service_pb2_grpc
 
 from adapters.codecs import oip as oip_codec
+from tests.builders import oip_stub, torchserve_backend, variant
 from tests.gateway_process import GatewayProcess
 from tests.oip import Y_V1, Y_V2, linear_request, output
 
@@ -20,18 +22,13 @@ LINEAR_SCHEMA = {
 TORCH_TYPES = ["BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "BF16", "FP32", "FP64"]
 
 
-def ts_variant(name: str, **fields) -> dict:
-    return {"name": name, "backend": "ts", "weight": 1, **fields}
+ts_variant = functools.partial(variant, backend="ts", backend_version=None)
 
 
 @pytest.fixture(scope="module")
 def gateway(torchserve):
     config = {
-        "backends": [{
-            "name": "ts", "kind": "BACKEND_KIND_TORCHSERVE",
-            "address": torchserve.inference_url.removeprefix("http://"),
-            "torchserve": {"management_address": torchserve.management_url.removeprefix("http://")},
-        }],
+        "backends": [torchserve_backend(torchserve)],
         "routes": [
             {"model": "linear", "schema": LINEAR_SCHEMA, "variants": [
                 ts_variant("v1", backend_model="linear", backend_version="1", version="1"),
@@ -52,8 +49,8 @@ def gateway(torchserve):
 
 @pytest.fixture(scope="module")
 def stub(gateway):
-    with grpc.insecure_channel(gateway.address) as channel:
-        yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    with oip_stub(gateway.address) as stub:
+        yield stub
 
 
 def linear_x(model: str = "linear", version: str = "", x=None) -> oip.ModelInferRequest:

@@ -25,18 +25,13 @@ from gateway.app import Gateway
 from gateway.controlplane.config import from_dict
 from gateway.observability import tracing
 from tests.backends.triton import free_port
-from tests.gateway_process import triton_backend
+from tests.builders import triton_backend, variant
 from tests.oip import Y_V1, linear_request, output
 from tests.recording_proxy import RecordingProxy
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{TRACE_ID}-{CALLER_SPAN}-01"
-
-
-def _variant(name: str, backend: str, weight: int) -> dict:
-    return {"name": name, "backend": backend, "backend_model": "demo_linear",
-            "backend_version": "1", "weight": weight}  # fmt: skip
 
 
 @contextlib.asynccontextmanager
@@ -46,14 +41,14 @@ async def gateway_with(triton, proxy, *, dead: str):
             "listeners": {"data_plane": f"127.0.0.1:{free_port()}", "metrics": "off"},
             "backends": [
                 triton_backend(proxy.address, "recorded"),
-                {**triton_backend(dead, "dead"), "per_try_timeout": "1s"},
+                triton_backend(dead, "dead", per_try_timeout="1s"),
             ],
             "routes": [
-                {"model": "plain", "variants": [_variant("a", "recorded", 1)]},
+                {"model": "plain", "variants": [variant("a", backend="recorded")]},
                 {
                     # primary on a dead backend: one retry on it, then the fallback variant
                     "model": "guarded",
-                    "variants": [_variant("down", "dead", 1), _variant("up", "recorded", 0)],
+                    "variants": [variant("down", backend="dead"), variant("up", backend="recorded", weight=0)],
                     "policy": {
                         "retry": {"max_attempts": 2, "retry_on": ["UNAVAILABLE"],
                                   "base_delay": "0.01s", "budget_ratio": 1.0},
@@ -62,7 +57,7 @@ async def gateway_with(triton, proxy, *, dead: str):
                 },
                 {
                     "model": "mirrored",
-                    "variants": [_variant("main", "recorded", 1), _variant("copy", "recorded", 0)],
+                    "variants": [variant("main", backend="recorded"), variant("copy", backend="recorded", weight=0)],
                     "policy": {"shadow": {"variant": "copy", "fraction": 1.0}},
                 },
             ],

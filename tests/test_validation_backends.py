@@ -23,9 +23,9 @@ import grpc
 import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2 as oip
-from tritonclient.grpc import service_pb2_grpc
 
-from tests.gateway_process import GatewayProcess, triton_backend
+from tests.builders import oip_stub, triton_backend, variant
+from tests.gateway_process import GatewayProcess
 from tests.oip import linear_request
 from tests.recording_proxy import UNLIMITED, RecordingProxy
 
@@ -39,9 +39,11 @@ def proxy(triton):
 
 @pytest.fixture(scope="module")
 def gateway(proxy):
-    def only(model: str, backend_model: str, **fields) -> dict:
-        variant = {"name": "only", "backend": "triton-a", "backend_model": backend_model}
-        return {"model": model, "variants": [{**variant, "weight": 1, **fields}]}
+    def only(model: str, backend_model: str, backend_version: str | None = None, **fields) -> dict:
+        one = variant(
+            "only", backend_model=backend_model, backend_version=backend_version, **fields
+        )
+        return {"model": model, "variants": [one]}
 
     config = {
         "backends": [triton_backend(proxy.address)],
@@ -58,14 +60,14 @@ def gateway(proxy):
 
 @pytest.fixture(scope="module")
 def stub(gateway):
-    with grpc.insecure_channel(gateway.address, options=UNLIMITED) as channel:
-        yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    with oip_stub(gateway.address, options=UNLIMITED) as stub:
+        yield stub
 
 
 @pytest.fixture(scope="module")
 def triton_stub(triton):
-    with grpc.insecure_channel(triton.address) as channel:
-        yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    with oip_stub(triton.address) as stub:
+        yield stub
 
 
 def linear(batch: int = 1, model: str = "linear") -> oip.ModelInferRequest:

@@ -26,21 +26,16 @@ from tritonclient.grpc import service_pb2_grpc
 from gateway import cli
 from tensorgate.admin.v1 import admin_pb2, admin_pb2_grpc
 from tests.backends.triton import REPO_ROOT, TritonServer
-from tests.gateway_process import (
-    ADMIN_TOKEN,
-    READ_TOKEN,
-    WORKERS_UP,
-    GatewayProcess,
-    triton_backend,
-)
+from tests.builders import triton_backend, variant
+from tests.gateway_process import ADMIN_TOKEN, READ_TOKEN, WORKERS_UP, GatewayProcess
 from tests.loadgen import Outcome, Results, infer, scrape
 from tests.oip import Y_V1, Y_V2, linear_request, output, sleep_request
 
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # one TCP connection per channel
 WORKERS = ("0", "1")
 ROUTES = [
-    {"model": "linear", "variants": [{"name": "v1", "backend": "triton-a", "backend_model": "demo_linear", "backend_version": "1", "weight": 1}]},
-    {"model": "sleep", "variants": [{"name": "only", "backend": "triton-a", "backend_model": "demo_sleep", "weight": 1}]},
+    {"model": "linear", "variants": [variant("v1")]},
+    {"model": "sleep", "variants": [variant("only", backend_model="demo_sleep", backend_version=None)]},
 ]  # fmt: skip
 
 
@@ -209,10 +204,7 @@ def test_admin_listener_is_served_once(gateway):
 def test_an_admin_change_reaches_every_worker(triton):
     """Weights changed through worker 0's admin API: both workers serve the new weights (they
     follow the revision store)."""
-    variants = [
-        {"name": "v1", "backend": "triton-a", "backend_model": "demo_linear", "backend_version": "1", "weight": 1},
-        {"name": "v2", "backend": "triton-a", "backend_model": "demo_linear", "backend_version": "2", "version": "2", "weight": 0},
-    ]  # fmt: skip
+    variants = [variant("v1"), variant("v2", backend_version="2", version="2", weight=0)]
     settings = {**config(triton), "routes": [{"model": "linear", "variants": variants}]}
     with GatewayProcess(settings, admin=True, workers=2) as gw:
         with grpc.insecure_channel(gw.admin_address) as channel:
