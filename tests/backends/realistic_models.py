@@ -25,6 +25,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -115,7 +116,7 @@ def mlp_weights() -> dict[str, np.ndarray]:
     """He-initialised FP32 weights and small biases, from MLP_SEED."""
     rng = np.random.default_rng(MLP_SEED)
     weights = {}
-    for i, (fan_in, fan_out) in enumerate(zip(MLP_LAYERS, MLP_LAYERS[1:], strict=False), 1):
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(MLP_LAYERS), 1):
         scale = np.float32(np.sqrt(2.0 / fan_in))
         weights[f"w{i}"] = rng.standard_normal((fan_in, fan_out), dtype=np.float32) * scale
         weights[f"b{i}"] = rng.standard_normal(fan_out, dtype=np.float32) * np.float32(0.01)
@@ -271,11 +272,17 @@ def compute_times(
     )
     ts = torchserve_venv()
     cnn = subprocess.run(
-        [str(ts / "bin" / "python"), str(BUILDER), "time", str(cnn_model_store()), sizes,
-         str(repeats)],
+        [
+            str(ts / "bin" / "python"),
+            str(BUILDER),
+            "time",
+            str(cnn_model_store()),
+            sizes,
+            str(repeats),
+        ],
         check=True,
         capture_output=True,
         text=True,
         env={**_clean_env(ts), "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    )
     return {"mlp": json.loads(mlp.stdout), "cnn": json.loads(cnn.stdout.strip().splitlines()[-1])}
