@@ -21,8 +21,17 @@ from adapters.base import Adapter
 from adapters.registry import build_adapter
 from gateway.controlplane.store import open_store
 from gateway.dataplane import memory, reflection
+from gateway.dataplane.identity import Identifier
 from gateway.dataplane.intake import Intake
-from gateway.dataplane.layers import breaker, bulkhead, dispatch, observe, resolve, validation
+from gateway.dataplane.layers import (
+    access,
+    breaker,
+    bulkhead,
+    dispatch,
+    observe,
+    resolve,
+    validation,
+)
 from gateway.dataplane.layers.breaker import breaker_settings
 from gateway.dataplane.layers.bulkhead import bulkhead_settings
 from gateway.dataplane.layers.chain import route_layers
@@ -92,6 +101,9 @@ class Runtime:
         )
         # Model descriptions, shared by the schema layer and the stream relay (decoupled or not).
         self.specs = SpecCache()
+        # Caller identities (read by the data plane's transport), authorization, rate limits.
+        self.identifier = Identifier(config.callers)
+        self.gate = access.Gate(config.callers, self.metrics.registry)
         env = LayerEnv(
             self.metrics.registry,
             table=lambda: self.table,
@@ -102,6 +114,7 @@ class Runtime:
             drift=DriftMonitor(self.metrics.registry),
             down=lambda: self.readiness.down,
             route_service=self.compiled_route,
+            may_call=self.gate.may_call,
         )
         self.route_layers = route_layers()
         self.layer_state = {layer.name: layer.state(env) for layer in self.route_layers}
@@ -136,17 +149,22 @@ class Runtime:
         """The ModelInfer path, outermost layer first: the layers every call passes, then the
         route's own compiled chain (`route_service`)."""
         limits = self.config.limits
+        # Who may call what, and how much: before routing, so a refused caller learns nothing
+        # of the route (layers/access); not there at all when no callers are configured.
+        gate = (access.access(self.gate, lambda: self.table),) if self.gate.enabled else ()
         return compose(
             observe.observe(
                 self.metrics, lambda model: self.table.get(model) is not None, self.recent
             ),
             validation.structure(max_inputs=limits.max_inputs),
+            *gate,
             service=resolve.route(
                 lambda: self.table, lambda: self.readiness.down, self.compiled_route
             ),
         )
 
     async def close(self) -> None:
+        await self.gate.close()
         for shared in self.layer_state.values():
             close = getattr(shared, "close", None)
             if close is not None:
@@ -195,23 +213,28 @@ class Gateway:
         *,
         listeners: config_pb2.Listeners | None = None,
         reuse_port: bool = False,
+        source: str = "",
     ) -> None:
-        """`listeners`: what this process binds, when not config.listeners (a worker of
+        """`source`: the config file's name, for the config-drift warning.
+        `listeners`: what this process binds, when not config.listeners (a worker of
         `serve --workers`: gateway/workers.py); the Runtime is built from `config` either way.
         `reuse_port`: bind the data plane with SO_REUSEPORT, to share its port with the other
         workers."""
         self.config = config
         self.listeners = listeners if listeners is not None else config.listeners
         self.reuse_port = reuse_port
+        self.source = source
         self.runtime = Runtime(config)
         self.server: grpc.aio.Server | None = None
         self.admin_server: grpc.aio.Server | None = None
+        self.admin_front = None  # the admin listener's TCP front (admin/front.py), without TLS
         self.port = 0
         self.admin_port = 0
         self.metrics_port = 0
         self._metrics_server = None
         self._state_dir = config.admin.state_dir or state_dir
         self._rollouts = None
+        self._record_boot = False
         self.route_manager = None
         self.store = None
         self._follow: asyncio.Task | None = None
@@ -236,8 +259,11 @@ class Gateway:
         manager = RouteManager(self.runtime, self.store, self.runtime.metrics.registry)
         manager.on_drains.append(self.runtime.readiness.use_drained)
         # Without an admin API nor a shared store nothing can change the table: the boot file
-        # is served as it is and nothing is written (a read-only file system is fine).
-        await manager.boot(record=config.listeners.admin != "off" or shared)
+        # is served as it is and nothing is written (a read-only file system is fine). Else an
+        # empty store gets the file's routes as revision 1 once every listener is bound
+        # (`start`): a serve that fails to start writes nothing.
+        self._record_boot = config.listeners.admin != "off" or shared
+        await manager.boot(record=False, source=self.source)
         await manager.sync()  # drains as stored
         self.route_manager = manager
         lease_ttl = seconds(config.store.etcd.lease_ttl) if config.store.HasField("etcd") else 10
@@ -284,9 +310,13 @@ class Gateway:
         self.port = _bind(self.server, address, "listeners.data_plane", tls)
         if listeners.admin != "off":
             self.admin_server = self._admin_server()
+            if self.admin_front is not None:
+                self.admin_port = await self.admin_front.bind(listeners.admin)
         if listeners.metrics != "off":
             self._metrics_server = self.runtime.metrics.serve(listeners.metrics)
             self.metrics_port = self._metrics_server.server_port
+        if self._record_boot:
+            await self.route_manager.record_boot()
         await self.server.start()
         if self.admin_server is not None:
             await self.admin_server.start()
@@ -332,8 +362,9 @@ class Gateway:
                 "admin.tokens_env or admin.tls.client_ca_file (or listeners.admin: off)"
             )
         manager = self.route_manager
+        authenticator = auth.Authenticator(tokens, admin.client_cert_role)
         server = grpc.aio.server(
-            interceptors=[auth.AuthInterceptor(auth.Authenticator(tokens, admin.client_cert_role))],
+            interceptors=[auth.AuthInterceptor(authenticator, admin.tokens_env)],
             options=[("grpc.so_reuseport", 0)],
         )
         registrar = self.intake.register(server)
@@ -348,7 +379,13 @@ class Gateway:
             registrar,
         )
         tls = admin.tls if admin.HasField("tls") else None
-        self.admin_port = _bind(server, self.listeners.admin, "listeners.admin", tls)
+        if tls is not None and tls.cert_file:
+            self.admin_port = _bind(server, self.listeners.admin, "listeners.admin", tls)
+        else:  # the status page shares the port: gRPC is relayed by the front (admin/front.py)
+            from gateway.controlplane.admin import front
+
+            self.admin_front = front.for_admin(self.runtime, manager, self._rollouts, authenticator)
+            _bind(server, f"unix:{self.admin_front.socket}", "listeners.admin", None)
         return server
 
     async def shutdown(self) -> None:
@@ -371,6 +408,8 @@ class Gateway:
         self.intake.close()
         if self.admin_server is not None:
             await self.admin_server.stop(0)
+        if self.admin_front is not None:
+            await self.admin_front.close()
         if self._rollouts is not None:
             await self._rollouts.close()
         if self._follow is not None:
@@ -401,6 +440,7 @@ async def serve(
     listeners: config_pb2.Listeners | None = None,
     reuse_port: bool = False,
     started: Callable[[Gateway], None] | None = None,
+    source: str = "",
 ) -> None:
     """Run until SIGTERM or SIGINT, then drain and return. `listeners` and `reuse_port` as in
     Gateway; `started(gateway)` runs once it serves and handles the signals (a worker of
@@ -408,7 +448,7 @@ async def serve(
     memory.return_large_buffers_to_os()
     logs.setup(config.observability.logging, logging.getLevelName(logging.getLogger().level))
     tracing.configure(config.observability.tracing)
-    gw = Gateway(config, state_dir, listeners=listeners, reuse_port=reuse_port)
+    gw = Gateway(config, state_dir, listeners=listeners, reuse_port=reuse_port, source=source)
     await gw.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -1,4 +1,12 @@
-"""`tensorgate` command line: serve, check-config."""
+"""tensorgate: a gRPC inference gateway. Callers speak the Open Inference Protocol (KServe v2)
+to it as to NVIDIA Triton; a route table (a YAML file, the protobuf GatewayConfig) decides which
+backend (Triton, any OIP server, TF Serving, TorchServe) and which model version answers.
+
+  tensorgate check-config -c gateway.yaml --probe   validate a config, and its backends' models
+  tensorgate serve -c gateway.yaml                  run the gateway
+  tensorgate admin routes                           operate a running gateway (admin API)
+
+README.md and docs/ in the source tree say more; every command has --help."""
 
 from __future__ import annotations
 
@@ -10,34 +18,86 @@ import sys
 
 from gateway import __version__
 from gateway.controlplane.config import ConfigError, load_file
+from gateway.helptext import HelpFormatter, command
 from gateway.workers import MAX_WORKERS, supervise, worker_count
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tensorgate", description=__doc__)
+
+def _config_option(parser: argparse.ArgumentParser, help: str = "gateway YAML file") -> None:
+    parser.add_argument("--config", "-c", required=True, metavar="FILE", help=help)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tensorgate", description=__doc__, formatter_class=HelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"tensorgate {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the gateway")
-    serve.add_argument("--config", "-c", required=True, help="gateway YAML file")
-    serve.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = command(
+        sub, "serve", "run the gateway",
+        "Serves the Open Inference Protocol on listeners.data_plane, metrics on "
+        "listeners.metrics,\nthe admin API on listeners.admin (when set), until SIGTERM or "
+        "Ctrl-C, then drains.\nThe config is checked whole first, with the environment "
+        "variables and files it names:\nnothing is bound or stored when it is invalid.",
+    )  # fmt: skip
+    _config_option(serve)
+    serve.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help="least severe log records written (stderr)",
+    )
     serve.add_argument(
         "--workers",
         type=worker_count,
         default=1,
+        metavar="N",
         help="gateway processes sharing the data-plane port (SO_REUSEPORT; balanced per "
-        f"connection); 1 to {MAX_WORKERS}, default 1: one process (gateway/workers.py)",
+        f"connection), 1 to {MAX_WORKERS}; 1 is one process (gateway/workers.py)",
     )
-    check = sub.add_parser("check-config", help="validate a gateway YAML file and exit")
-    check.add_argument("file")
-    boot = sub.add_parser(
-        "envoy-bootstrap",
-        help="write the bootstrap of an Envoy that takes its config from this gateway (xDS)",
+    check = command(
+        sub, "check-config", "validate a gateway YAML file and exit",
+        "Lists every problem at once, each with its field path, and exits 1; prints OK and what\n"
+        "the config declares otherwise (exit 0). Also checks the environment variables and\n"
+        "files the config names (admin.tokens_env, TLS files, ...). With --probe it connects\n"
+        "to every backend and checks that every routed model and version is there and ready.",
+    )  # fmt: skip
+    check.add_argument("file", nargs="?", help="gateway YAML file (or -c FILE)")
+    check.add_argument("--config", "-c", metavar="FILE", help="gateway YAML file")
+    check.add_argument(
+        "--probe",
+        action="store_true",
+        help="also connect to each backend: every routed model and version must exist and be "
+        "ready there, and match the route's schema where one is declared",
     )
-    boot.add_argument("--config", "-c", required=True, help="gateway YAML file (listeners.xds)")
-    boot.add_argument("--output", "-o", default="-", help="file to write; - for stdout")
+    check.add_argument(
+        "--skip-environment",
+        action="store_true",
+        help="check the file only, not the environment variables and files it names: for a "
+        "config written for another machine (e.g. a pod's mounted Secrets)",
+    )
+    check.add_argument(
+        "--probe-timeout", type=float, default=5.0, metavar="SECONDS",
+        help="how long each probe waits for a backend's answer",
+    )  # fmt: skip
+    boot = command(
+        sub, "envoy-bootstrap",
+        "write the bootstrap of an Envoy that takes its config from this gateway (xDS)",
+        "Envoy mode (listeners.xds): docs/envoy.md.",
+    )  # fmt: skip
+    _config_option(boot, "gateway YAML file (listeners.xds set)")
+    boot.add_argument(
+        "--output", "-o", default="-", metavar="FILE", help="file to write; - for stdout"
+    )
     boot.add_argument("--node-id", default="envoy", help="this Envoy's name in the fleet")
-    boot.add_argument("--admin", default="127.0.0.1:9901", help="Envoy's own admin address")
-    boot.add_argument("--xds-address", help="where Envoy reaches the control plane")
+    boot.add_argument("--admin", default="127.0.0.1:9901", metavar="HOST:PORT",
+                      help="Envoy's own admin address")  # fmt: skip
+    boot.add_argument(
+        "--xds-address", metavar="HOST:PORT",
+        help="where Envoy reaches the control plane; default: listeners.xds",
+    )  # fmt: skip
     boot.add_argument(
         "--xds-ca",
         metavar="FILE",
@@ -53,38 +113,44 @@ def main(argv: list[str] | None = None) -> int:
         help="the name the control plane's certificate must carry (SAN; SNI for a DNS name); "
         "default: the host of the xDS address",
     )
-    drift = sub.add_parser("drift", help="drift monitoring: write a reference (baseline)")
-    drift_sub = drift.add_subparsers(dest="drift_command", required=True)
-    base = drift_sub.add_parser(
-        "baseline",
-        help="write a drift reference file (RoutePolicy.drift.reference_file) from a sample",
-    )
-    base.add_argument("--config", "-c", required=True, help="gateway YAML file")
+    drift = command(
+        sub, "drift", "drift monitoring: write a reference (baseline)",
+        "Input and prediction drift (RoutePolicy.drift): docs/observability.md.",
+    )  # fmt: skip
+    drift_sub = drift.add_subparsers(dest="drift_command", required=True, metavar="COMMAND")
+    base = command(
+        drift_sub, "baseline",
+        "write a drift reference file (RoutePolicy.drift.reference_file) from a sample",
+    )  # fmt: skip
+    _config_option(base)
     base.add_argument("--model", required=True, help="the route whose drift policy applies")
-    base.add_argument("--sample", required=True, help="newline-delimited JSON ModelInferRequests")
+    base.add_argument("--sample", required=True, metavar="FILE",
+                      help="newline-delimited JSON ModelInferRequests")  # fmt: skip
     base.add_argument(
-        "--gateway", help="host:port of a gateway serving the model (for output features)"
-    )
+        "--gateway", metavar="HOST:PORT",
+        help="a gateway serving the model (for output features)",
+    )  # fmt: skip
     base.add_argument("--limit", type=int, default=10_000, help="requests read at most")
-    base.add_argument("--output", "-o", required=True, help="reference file to write")
+    base.add_argument(
+        "--output", "-o", required=True, metavar="FILE", help="reference file to write"
+    )
     from gateway.controlplane.admin import cli as admin_cli
 
     admin_cli.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     if args.command == "admin":
+        from gateway.controlplane.admin import cli as admin_cli
+
         return admin_cli.run(args)
 
     if args.command == "check-config":
-        try:
-            config = load_file(args.file)
-        except ConfigError as err:
-            print(err, file=sys.stderr)
-            return 1
-        print(f"{args.file}: OK ({len(config.backends)} backends, {len(config.routes)} routes)")
-        if config.listeners.xds != "off":
-            _print_paths(config)
-        return 0
+        return _check_config(parser, args)
 
     if args.command == "drift":
         return _drift_baseline(args)
@@ -93,12 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         return _envoy_bootstrap(args)
 
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=args.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     try:
-        config = load_file(args.config)
+        config = load_file(args.config, environment=True)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 1
@@ -108,13 +174,43 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers > 1:
         return supervise(config, state_dir, workers=args.workers, log_level=args.log_level)
     try:
-        asyncio.run(run(config, state_dir))
+        asyncio.run(run(config, state_dir, source=args.config))
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 1
     except OSError as err:
         print(f"tensorgate: {err}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _check_config(parser: argparse.ArgumentParser, args) -> int:
+    if bool(args.file) == bool(args.config):
+        parser.error("check-config: name the config file once: check-config FILE or -c FILE")
+    path = args.file or args.config
+    try:
+        config = load_file(path, environment=not args.skip_environment)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 1
+    variants = sum(len(r.variants) for r in config.routes)
+    print(
+        f"{path}: OK ({len(config.backends)} backends, {len(config.routes)} routes, "
+        f"{variants} variants)"
+    )
+    if config.listeners.xds != "off":
+        _print_paths(config)
+    if not args.probe:
+        return 0
+    from gateway.controlplane.probe import probe
+
+    problems, fine = asyncio.run(probe(config, args.probe_timeout))
+    for line in fine:
+        print(f"  probe: {line}")
+    if problems:
+        print(ConfigError(f"{path} (--probe)", problems), file=sys.stderr)
+        return 1
+    print(f"{path}: probe OK (every routed model and version answers ready)")
     return 0
 
 

@@ -30,6 +30,8 @@ class GatewayError(Exception):
         # The variant (gateway.dataplane.routing.Target) whose try failed, once routing has chosen
         # one: for the caller's trailers and the metrics' labels.
         self.target = None
+        # Trailers the caller gets with this status (a rate limit's retry-after).
+        self.trailers: tuple[tuple[str, str], ...] = ()
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"

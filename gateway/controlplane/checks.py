@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from adapters import registry
 from gateway.addresses import address_problem, is_loopback, same_listener
+from gateway.dataplane.layers.access.checks import access_problems
 from gateway.durations import seconds
 from tensorgate.config.v1 import config_pb2
 
@@ -368,7 +369,7 @@ def _check_xds_tls(tls: config_pb2.Tls, problems: list[Problem]) -> bool:
     unusable = False
     for field in ("cert_file", "key_file", "client_ca_file"):
         path = getattr(tls, field)
-        reason = _pem_problem(path) if path else None
+        reason = pem_problem(path) if path else None
         if reason:
             problems.append(Problem(f"envoy.xds_tls.{field}", reason))
             unusable = True
@@ -388,7 +389,7 @@ def _check_xds_tls(tls: config_pb2.Tls, problems: list[Problem]) -> bool:
     return bool(tls.cert_file and tls.key_file and tls.client_ca_file)
 
 
-def _pem_problem(path: str) -> str | None:
+def pem_problem(path: str) -> str | None:
     """Why `path` is not a readable PEM file, or None. Never quotes the content (keys)."""
     try:
         data = pathlib.Path(path).read_bytes()
@@ -444,12 +445,19 @@ def _check_store(config: config_pb2.GatewayConfig, problems: list[Problem]) -> N
 def check(config: config_pb2.GatewayConfig) -> list[Problem]:
     """Every problem in a defaulted config, in the order of its fields."""
     problems: list[Problem] = []
+    if not config.backends:
+        problems.append(Problem("backends", "none declared: a gateway needs at least one backend "
+                                "(name, kind, address)"))  # fmt: skip
+    if not config.routes:
+        problems.append(Problem("routes", "none declared: without a route every call is answered "
+                                "NOT_FOUND; declare at least one (model, variants)"))  # fmt: skip
     _check_listeners(config.listeners, problems)
     _check_admin_transport(config, problems)
     backends = _check_backends(config.backends, problems)
     _check_routes(config.routes, backends, problems)
     _check_settings(config, problems)
     _check_envoy(config, problems)
+    problems.extend(Problem(path, reason) for path, reason in access_problems(config))
     _check_store(config, problems)
     return problems
 

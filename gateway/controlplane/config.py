@@ -16,6 +16,7 @@ import yaml
 from google.protobuf import json_format
 
 from gateway.addresses import address_problem, is_loopback
+from gateway.controlplane import schema
 from gateway.controlplane.checks import ConfigError, Problem, check, warnings
 from gateway.durations import seconds
 from tensorgate.config.v1 import config_pb2
@@ -70,13 +71,25 @@ DEFAULT_ETCD_PREFIX = "/tensorgate/default"
 log = logging.getLogger(__name__)
 
 
-def load_file(path: str | pathlib.Path) -> config_pb2.GatewayConfig:
+def load_file(path: str | pathlib.Path, *, environment: bool = False) -> config_pb2.GatewayConfig:
+    """The file's config, validated and defaulted; a relative admin.state_dir is made relative
+    to the file's directory (not the working directory). `environment`: also check the
+    variables and files it names (environment.py), as `serve` and `check-config` do."""
     source = str(path)
     try:
         text = pathlib.Path(path).read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(source, [Problem("", f"cannot read file: {err.strerror}")]) from None
     config = load_yaml(text, source=source)
+    state_dir = config.admin.state_dir
+    if state_dir and not pathlib.Path(state_dir).is_absolute():
+        config.admin.state_dir = str(pathlib.Path(path).resolve().parent / state_dir)
+    if environment:
+        from gateway.controlplane import environment as machine
+
+        missing = machine.problems(config)
+        if missing:
+            raise ConfigError(source, missing)
     # Startup (`serve`, `check-config`) is where an insecure choice must be heard: logged here
     # once per load, not in validate(), which also checks every admin API change.
     for warning in warnings(config):
@@ -100,13 +113,26 @@ def load_yaml(text: str, *, source: str = "<config>") -> config_pb2.GatewayConfi
 
 
 def from_dict(data: dict, *, source: str = "<config>") -> config_pb2.GatewayConfig:
+    """Every problem at once: the file read against the schema (schema.py: field paths, enum
+    values listed, "did you mean"), then what parses cleanly checked for meaning (checks.py),
+    leaving out what a schema problem already explains."""
+    found = [Problem(p, r) for p, r in schema.problems(data, config_pb2.GatewayConfig.DESCRIPTOR)]
+    clean = schema.without(data, [p.path for p in found]) if found else data
     config = config_pb2.GatewayConfig()
     try:
-        json_format.ParseDict(data, config)
+        json_format.ParseDict(clean, config)
     except json_format.ParseError as err:
-        path, reason = _locate_parse_error(data, config_pb2.GatewayConfig, "", str(err))
-        raise ConfigError(source, [Problem(path, reason)]) from None
-    return validate(config, source=source)
+        path, reason = _locate_parse_error(clean, config_pb2.GatewayConfig, "", str(err))
+        raise ConfigError(source, [*found, Problem(path, reason)]) from None
+    if not found:
+        return validate(config, source=source)
+    try:
+        validate(config, source=source)
+    except ConfigError as err:
+        found.extend(
+            p for p in err.problems if not any(schema.overlaps(p.path, f.path) for f in found)
+        )
+    raise ConfigError(source, found)
 
 
 def _locate_parse_error(data, message_type, path: str, reason: str) -> tuple[str, str]:

@@ -49,6 +49,14 @@ def _adapters(route: config_pb2.Route, backends: Backends) -> OnEnvoy:
     return OnEnvoy(hand_over=tuple(reasons))
 
 
+def _access(route: config_pb2.Route, backends: Backends) -> OnEnvoy:
+    """hands the route to the gateway when it declares authorization rules or rate limits (the
+    gateway identifies callers and applies both; docs/security.md)"""
+    if route.authorization.rules or route.rate_limits:
+        return OnEnvoy(hand_over=("authorization/rate_limits: the gateway applies them",))
+    return OnEnvoy()
+
+
 def _translated(how: str) -> Callable[[config_pb2.Route, Backends], OnEnvoy]:
     def declared(route: config_pb2.Route, backends: Backends) -> OnEnvoy:
         return OnEnvoy()
@@ -110,6 +118,14 @@ COMPONENTS = (
         ("Backend.bulkhead",),
         _translated("the cluster's circuit_breakers"),
         "not applied: the stream's own bounds hold (docs/streaming.md)",
+    ),
+    # Who may call, and how much (layers/access, before routing).
+    Component(
+        "access",
+        ("Route.authorization", "Route.rate_limits"),
+        _access,
+        "applied: each request authorized, calls/s and bytes/s counted; max_concurrent not (the "
+        "stream's own bounds hold)",
     ),
 )
 

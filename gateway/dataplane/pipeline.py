@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from tritonclient.grpc import service_pb2 as oip
 
+from gateway.dataplane.identity import ANONYMOUS, Caller
 from gateway.dataplane.target import Target
 from gateway.errors import GatewayError
 
@@ -34,7 +35,7 @@ class InferCall:
     frozen dataclass: it is built several times per call, and a frozen dataclass's __init__
     (object.__setattr__ per field) costs about four times as much."""
 
-    __slots__ = ("deadline", "model", "plan", "request", "route_key", "target", "version")
+    __slots__ = ("caller", "deadline", "model", "plan", "request", "route_key", "target", "version")
 
     def __init__(
         self,
@@ -45,6 +46,7 @@ class InferCall:
         deadline: float | None = None,  # time.monotonic() by which the caller stops waiting
         plan: RoutePlan | None = None,  # the route, set by the routing layer
         target: Target | None = None,  # the variant this call is for (routing, retry, ...)
+        caller: Caller = ANONYMOUS,  # who is calling (gateway/dataplane/identity.py)
     ) -> None:
         self.request = request
         self.model = model
@@ -53,6 +55,7 @@ class InferCall:
         self.deadline = deadline
         self.plan = plan
         self.target = target
+        self.caller = caller
 
     def remaining(self) -> float | None:
         """Seconds left before the caller's deadline, or None when it set none."""
@@ -70,12 +73,20 @@ class InferCall:
             self.deadline,
             plan or self.plan,
             target,
+            self.caller,
         )
 
     def until(self, deadline: float | None) -> InferCall:
         """The same call with another deadline."""
         return InferCall(
-            self.request, self.model, self.version, self.route_key, deadline, self.plan, self.target
+            self.request,
+            self.model,
+            self.version,
+            self.route_key,
+            deadline,
+            self.plan,
+            self.target,
+            self.caller,
         )
 
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from tritonclient.grpc import service_pb2 as oip
 
+from gateway.dataplane.identity import ANONYMOUS, Caller
+from gateway.dataplane.layers.access import route_access
 from gateway.dataplane.layers.validation import MAX_VERSION_BYTES, check_name
-from gateway.dataplane.pipeline import InferService
+from gateway.dataplane.pipeline import InferCall, InferService
 from gateway.dataplane.streaming import StreamRelay
-from gateway.errors import invalid
+from gateway.errors import GatewayError, invalid
 
 METADATA_TIMEOUT_S = 10.0
 
@@ -28,13 +30,34 @@ class DataPlane:
     def route_key_header(self) -> str:
         return self._runtime.route_key_header
 
-    def stream(self, route_key: str | None, timeout: float | None) -> StreamRelay:
-        return StreamRelay(self._runtime, route_key, timeout, self.infer)
+    def stream(self, route_key: str | None, timeout: float | None, caller=ANONYMOUS) -> StreamRelay:
+        return StreamRelay(self._runtime, route_key, timeout, self.infer, caller)
 
-    async def model_ready(self, name: str, version: str) -> bool:
+    def identify(self, context) -> Caller:
+        """The call's caller (UNAUTHENTICATED when the gateway requires one it cannot find)."""
+        identifier = self._runtime.identifier
+        if not identifier.enabled:
+            return ANONYMOUS
+        return identifier.identify(context.invocation_metadata(), _Peer(context))
+
+    def _visible(self, name: str, caller: Caller):
+        """The route for `name` when `caller` may call it; the same PERMISSION_DENIED as a
+        ModelInfer call otherwise, whether the model exists or not (layers/access)."""
+        gate = self._runtime.gate
+        plan = self._runtime.table.get(name)
+        if not gate.enabled:
+            return plan
+        if plan is None:
+            raise gate.deny(caller, name)
+        if plan.access is None:
+            plan.access = route_access(plan.route)
+        gate.authorize(plan.access, InferCall(oip.ModelInferRequest(), name, "", caller=caller))
+        return plan
+
+    async def model_ready(self, name: str, version: str, caller=ANONYMOUS) -> bool:
         check_name("name", name)
         check_name("version", version, MAX_VERSION_BYTES)
-        plan = self._runtime.table.get(name)
+        plan = self._visible(name, caller) if name else None
         if plan is None:
             return False
         if not version:
@@ -45,20 +68,21 @@ class DataPlane:
                 return True
         return False
 
-    def _primary(self, name: str, version: str):
+    def _primary(self, name: str, version: str, caller: Caller):
         """The route, its primary variant for the requested version, and that variant's adapter:
         metadata requests get one stable answer, not a weighted pick."""
         if not name:
             raise invalid("name is required: the public model name")
         check_name("name", name)
         check_name("version", version, MAX_VERSION_BYTES)
+        self._visible(name, caller)
         plan = self._runtime.table.plan(name)
         target = plan.primary(version)
         return plan, target, self._runtime.adapters[target.backend]
 
-    async def metadata(self, name: str, version: str, timeout: float):
+    async def metadata(self, name: str, version: str, timeout: float, caller=ANONYMOUS):
         """(ModelMetadataResponse in public names, the variant's trailers)."""
-        plan, target, adapter = self._primary(name, version)
+        plan, target, adapter = self._primary(name, version, caller)
         if target.schema is not None:
             reply = _schema_metadata(target.schema)
         else:
@@ -71,16 +95,16 @@ class DataPlane:
         reply.versions.extend(plan.versions)
         return reply, target.trailers
 
-    async def model_config(self, name: str, version: str, timeout: float):
+    async def model_config(self, name: str, version: str, timeout: float, caller=ANONYMOUS):
         """(ModelConfigResponse under the public name, the variant's trailers)."""
-        plan, target, adapter = self._primary(name, version)
+        plan, target, adapter = self._primary(name, version, caller)
         reply = await adapter.model_config(
             target.backend_model, target.backend_version, timeout=timeout, target=target
         )
         reply.config.name = plan.model
         return reply, target.trailers
 
-    def statistics(self, name: str, version: str) -> oip.ModelStatisticsResponse:
+    def statistics(self, name: str, version: str, caller=ANONYMOUS) -> oip.ModelStatisticsResponse:
         """Per public model and version, from the gateway's own counts of the calls it
         answered: inference_count and success are OK answers, fail the others, execution_count
         the backend calls behind them (retries and hedges included, cache hits excluded),
@@ -89,13 +113,14 @@ class DataPlane:
         check_name("name", name)
         check_name("version", version, MAX_VERSION_BYTES)
         if name:
+            self._visible(name, caller)
             self._runtime.table.plan(name)  # NOT_FOUND naming the known models
         reply = oip.ModelStatisticsResponse()
         for (model, model_version), counts in sorted(self._runtime.recent.models.items()):
             if (name and model != name) or (version and model_version != version):
                 continue
-            if self._runtime.table.get(model) is None:
-                continue  # a route removed since
+            if self._runtime.table.get(model) is None or not self._may(model, caller):
+                continue  # a route removed since, or one the caller may not call
             stats = reply.model_stats.add(
                 name=model,
                 version=model_version,
@@ -109,14 +134,21 @@ class DataPlane:
             infer.cache_hit.count, infer.cache_hit.ns = counts.cache_hits, counts.cache_hit_ns
         return reply
 
-    def repository_index(self, ready_only: bool) -> oip.RepositoryIndexResponse:
+    def _may(self, name: str, caller: Caller) -> bool:
+        try:
+            self._visible(name, caller)
+        except GatewayError:
+            return False
+        return True
+
+    def repository_index(self, ready_only: bool, caller=ANONYMOUS) -> oip.RepositoryIndexResponse:
         """The public models (routes), one entry per public version (or one unversioned), with
         READY / UNAVAILABLE from the gateway's health checks."""
         readiness = self._runtime.readiness
         reply = oip.RepositoryIndexResponse()
         for plan in self._runtime.table:
             ready = readiness.route_ready(plan.model)
-            if ready_only and not ready:
+            if (ready_only and not ready) or not self._may(plan.model, caller):
                 continue
             state = "READY" if ready else "UNAVAILABLE"
             reason = "" if ready else "no variant or fallback can answer (backend health checks)"
@@ -143,3 +175,15 @@ def _schema_metadata(schema) -> oip.ModelMetadataResponse:
         for t in tensors:
             out.add(name=t.name, datatype=t.datatype, shape=list(t.shape))
     return reply
+
+
+class _Peer:
+    """The call's TLS peer, read only when a client certificate is needed."""
+
+    __slots__ = ("_context",)
+
+    def __init__(self, context) -> None:
+        self._context = context
+
+    def get(self, key, default=None):
+        return (self._context.auth_context() or {}).get(key, default)

@@ -94,6 +94,8 @@ class RoutePlan:
     # This route's compiled chain of layers (gateway.dataplane.pipeline.InferService), built on its
     # first call: a table of 10,000 routes does not compile 10,000 chains up front.
     service: object = None
+    # Its authorization rules and rate limits (layers/access), compiled on first use likewise.
+    access: object = None
 
     def variant(self, name: str) -> Target | None:
         return self.by_name.get(name)

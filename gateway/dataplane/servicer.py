@@ -65,38 +65,44 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @answers_errors
     async def ModelReady(self, request, context):
-        ready = await self._plane.model_ready(request.name, request.version)
+        caller = self._plane.identify(context)
+        ready = await self._plane.model_ready(request.name, request.version, caller)
         return oip.ModelReadyResponse(ready=ready)
 
     @answers_errors
     async def ModelMetadata(self, request, context):
+        caller = self._plane.identify(context)
         reply, trailers = await self._plane.metadata(
-            request.name, request.version, _timeout(context)
+            request.name, request.version, _timeout(context), caller
         )
         context.set_trailing_metadata(trailers)
         return reply
 
     @answers_errors
     async def ModelConfig(self, request, context):
+        caller = self._plane.identify(context)
         reply, trailers = await self._plane.model_config(
-            request.name, request.version, _timeout(context)
+            request.name, request.version, _timeout(context), caller
         )
         context.set_trailing_metadata(trailers)
         return reply
 
     @answers_errors
     async def ModelStatistics(self, request, context):
-        return self._plane.statistics(request.name, request.version)
+        caller = self._plane.identify(context)
+        return self._plane.statistics(request.name, request.version, caller)
 
     @answers_errors
     async def RepositoryIndex(self, request, context):
-        return self._plane.repository_index(request.ready)
+        caller = self._plane.identify(context)
+        return self._plane.repository_index(request.ready, caller)
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Each request on the stream is routed on its own (gateway/dataplane/streaming.py)."""
         route_key, _ = _metadata_values(context.invocation_metadata(), self._plane.route_key_header)
-        relay = self._plane.stream(route_key, context.time_remaining())
         try:
+            caller = self._plane.identify(context)
+            relay = self._plane.stream(route_key, context.time_remaining(), caller)
             async for reply in relay.run(request_iterator):
                 yield reply
         except GatewayError as err:
@@ -114,20 +120,25 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         token = logs.current.set(fields)
         try:
             with tracing.server_span(metadata, request.model_name, request.model_version) as span:
-                call = InferCall(
-                    request=request,
-                    model=request.model_name,
-                    version=request.model_version,
-                    route_key=route_key,
-                    deadline=None if remaining is None else time.monotonic() + remaining,
-                )
+                extra = ()
                 try:
+                    caller = self._plane.identify(context)
+                    fields.caller = caller.id
+                    call = InferCall(
+                        request=request,
+                        model=request.model_name,
+                        version=request.model_version,
+                        route_key=route_key,
+                        deadline=None if remaining is None else time.monotonic() + remaining,
+                        caller=caller,
+                    )
                     result = await self._infer(call)
                 except GatewayError as err:
+                    extra = err.trailers
                     code, message, failed = _failure(err)
                 except Exception as err:
                     # A bug of ours must not surface as UNKNOWN with a stack trace in it.
-                    log.exception("ModelInfer failed for model %s", shown(call.model))
+                    log.exception("ModelInfer failed for model %s", shown(request.model_name))
                     code, message, failed = _failure(
                         err, GatewayError(grpc.StatusCode.INTERNAL, "internal gateway error")
                     )
@@ -136,15 +147,17 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                     fields.variant, fields.backend, fields.code = (
                         target.variant, target.backend, "OK",
                     )  # fmt: skip
-                    tracing.finish(span, code="OK", variant=target.variant, backend=target.backend)
+                    tracing.finish(span, code="OK", variant=target.variant, backend=target.backend,
+                                   caller=fields.caller)  # fmt: skip
                     return self._answer(result, context, fields.request_id)
                 fields.code = code.name
-                trailers = ((logs.REQUEST_ID, fields.request_id),)
+                trailers = ((logs.REQUEST_ID, fields.request_id), *extra)
                 if failed is not None:
                     fields.variant, fields.backend = failed.variant, failed.backend
                     trailers = (*failed.trailers, *trailers)
                 tracing.finish(span, code=code.name, variant=fields.variant,
-                               backend=fields.backend, message=message)  # fmt: skip
+                               backend=fields.backend, message=message,
+                               caller=fields.caller)  # fmt: skip
                 context.set_trailing_metadata(trailers)
             await context.abort(code, message)
         finally:

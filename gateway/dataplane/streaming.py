@@ -65,6 +65,8 @@ from dataclasses import dataclass
 import grpc
 from tritonclient.grpc import service_pb2 as oip
 
+from gateway.dataplane.identity import ANONYMOUS, Caller
+from gateway.dataplane.layers.access import route_access
 from gateway.dataplane.layers.validation import check_structure
 from gateway.dataplane.pipeline import InferCall, InferService
 from gateway.errors import GatewayError, shown
@@ -166,9 +168,15 @@ class _Outbox:
 
 class StreamRelay:
     def __init__(
-        self, runtime, route_key: str | None, timeout: float | None, infer: InferService
+        self,
+        runtime,
+        route_key: str | None,
+        timeout: float | None,
+        infer: InferService,
+        caller: Caller = ANONYMOUS,
     ) -> None:
         self._runtime = runtime
+        self._caller = caller
         self._route_key = route_key
         self._timeout = timeout
         self._deadline = None if timeout is None else time.monotonic() + timeout
@@ -236,6 +244,7 @@ class StreamRelay:
         # The same checks as ModelInfer's validation layer (each message's size was checked on
         # the wire by the intake).
         check_structure(request, max_inputs=runtime.config.limits.max_inputs)
+        access = self._authorized(request) if runtime.gate.enabled else None
         plan = runtime.table.plan(request.model_name)
         target = plan.resolve(request.model_version, self._route_key, runtime.readiness.down)
         adapter = runtime.adapters[target.backend]
@@ -247,6 +256,12 @@ class StreamRelay:
             self._chained.add(task)
             task.add_done_callback(self._chained.discard)
             return
+        if access is not None and access.limits:
+            # Calls/s and bytes/s as for ModelInfer; not max_concurrent: a relayed request's
+            # answers may take long, and the stream's own bounds (MAX_PENDING) hold it.
+            call = InferCall(request, request.model_name, request.model_version,
+                             self._route_key, caller=self._caller)  # fmt: skip
+            runtime.gate.leave(await runtime.gate.admit(access, call))
         breaker = runtime.breakers.get(target.backend)
         if breaker is not None and breaker.state == "open":
             raise GatewayError(
@@ -276,6 +291,20 @@ class StreamRelay:
             self._pending.pop(backend_id, None)
             stream.pending -= 1
             self._break(stream, err)
+
+    def _authorized(self, request: oip.ModelInferRequest):
+        """The route's access rules once this stream's caller may send `request` (the same
+        refusal as ModelInfer's, before anything reveals whether the model exists)."""
+        gate = self._runtime.gate
+        plan = self._runtime.table.get(request.model_name)
+        if plan is None:
+            raise gate.deny(self._caller, request.model_name)
+        if plan.access is None:
+            plan.access = route_access(plan.route)
+        call = InferCall(request, request.model_name, request.model_version, self._route_key,
+                         caller=self._caller)  # fmt: skip
+        gate.authorize(plan.access, call)
+        return plan.access
 
     async def _decoupled(self, adapter, target) -> bool:
         """Whether the model answers 0..N times (its description, shared with the schema layer);
@@ -315,6 +344,7 @@ class StreamRelay:
             version=request.model_version,
             route_key=self._route_key,
             deadline=self._deadline,
+            caller=self._caller,
         )
         try:
             result = await self._infer(call)

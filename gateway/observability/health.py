@@ -98,7 +98,10 @@ class Readiness:
         results = await asyncio.gather(*(adapters[n].ready(timeout=timeout) for n in due))
         for name, up in zip(due, results, strict=True):
             if self.backend_up.get(name) != up:
-                log.info("backend %s is %s", name, "up" if up else "DOWN")
+                if up:
+                    log.info("backend %s is up", name)
+                else:
+                    log.warning("backend %s is DOWN: it did not answer its readiness probe", name)
             self.backend_up[name] = up
             self._failures[name] = 0 if up else self._failures.get(name, 0) + 1
             backoff = min(2 ** max(0, self._failures[name] - 1), 4) if not up else 1
@@ -122,9 +125,29 @@ class Readiness:
         results = await asyncio.gather(*(model_ready(k) for k in ordered))
         down = frozenset(k for k, ok in zip(ordered, results, strict=True) if not ok)
         if down != self._probed_down:
-            log.info("variants unable to answer: %s", sorted(down) or "none")
+            self._log_changes(down)
         self._probed_down = down
         self._combine()
+
+    def _log_changes(self, down: frozenset[tuple[str, str, str]]) -> None:
+        """One readable line per variant that became unable to answer (WARNING) or able again."""
+        for plan in self._table():
+            for t in plan.targets:
+                if t.key in down and t.key not in self._probed_down:
+                    if self.backend_up.get(t.backend):
+                        why = (
+                            f"backend {t.backend} has no ready model {t.backend_model!r}"
+                            + (f" version {t.backend_version}" if t.backend_version else "")
+                            + " (not there, or not loaded)"
+                        )
+                    else:
+                        why = f"backend {t.backend} is down"
+                    log.warning(
+                        "route %r variant %r is unable to answer: %s; its calls go to a sibling "
+                        "variant or the route's fallback", plan.model, t.variant, why,
+                    )  # fmt: skip
+                elif t.key not in down and t.key in self._probed_down:
+                    log.info("route %r variant %r can answer again", plan.model, t.variant)
 
     def _combine(self) -> None:
         if not self.drained:

@@ -48,6 +48,7 @@ class CallFields:
     backend: str = ""
     code: str = ""
     duration_ms: float | None = None
+    caller: str = ""  # the caller's id (gateway/dataplane/identity.py), never its credential
 
 
 current: contextvars.ContextVar[CallFields | None] = contextvars.ContextVar("tg_call", default=None)
@@ -71,9 +72,9 @@ def access(fields: CallFields) -> None:
 
 
 # The bounds of a written line (docs/observability.md#logs). Every name the gateway accepts
-# (model, variant, backend: 256 bytes, gateway.dataplane.layers.validation) fits in
-# MAX_VALUE_CHARS, so
-# only what a call was refused for is ever cut.
+# (model, variant, backend: 256 bytes, gateway.dataplane.layers.validation; a caller id: 256
+# chars, gateway.dataplane.identity) fits in MAX_VALUE_CHARS, so only what a call was refused for
+# is ever cut.
 MAX_LINE_BYTES = 8192
 MAX_VALUE_CHARS = 256
 MAX_MESSAGE_CHARS = 2048
@@ -178,7 +179,7 @@ class JsonFormatter(logging.Formatter):
         if call is not None:
             entry["request_id"] = cut(call.request_id, value)
             entry["model"] = cut(call.model, value)
-            for key in ("variant", "backend", "code"):
+            for key in ("variant", "backend", "code", "caller"):
                 field = getattr(call, key)
                 if field:
                     entry[key] = cut(field, value)

@@ -6,6 +6,11 @@ the number of series: requests for unknown models are counted under model="_unro
 
 from __future__ import annotations
 
+import http.server
+import socket
+import threading
+import urllib.parse
+
 import prometheus_client as prom
 
 UNROUTED = "_unrouted"
@@ -146,8 +151,39 @@ class GatewayMetrics:
 
     def serve(self, address: str):
         """Start the /metrics HTTP listener on host:port; returns the server (has .shutdown())."""
-        host, _, port = address.rpartition(":")
-        server, _thread = prom.start_http_server(
-            int(port), addr=host.strip("[]"), registry=self.registry
-        )
-        return server
+        return serve_metrics(address, self.registry)
+
+
+def serve_metrics(address: str, registry: prom.CollectorRegistry):
+    """An HTTP listener on host:port answering GET /metrics with `registry` in Prometheus' text
+    format (OpenMetrics when asked) and 404 on every other path (prometheus_client's own server
+    answers metrics on any path, so a typo'd probe looked healthy). Returns the server (it has
+    .server_port and .shutdown()); it runs in a daemon thread."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    base = prom.MetricsHandler.factory(registry)
+
+    class Handler(base):
+        def do_GET(self) -> None:
+            if urllib.parse.urlsplit(self.path).path != "/metrics":
+                body = b"404 not found: this listener serves only /metrics\n"
+                self.send_response(404)
+                self.send_header("Content-Type", "text/plain; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            super().do_GET()
+
+        def log_message(self, format: str, *args) -> None:
+            pass  # scrapes are not log lines
+
+    family = socket.getaddrinfo(host or None, int(port), type=socket.SOCK_STREAM)[0][0]
+
+    class Server(http.server.ThreadingHTTPServer):
+        address_family = family
+        daemon_threads = True
+
+    server = Server((host, int(port)), Handler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server

@@ -109,6 +109,11 @@ class RecentStats:
         p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
         return len(picked), errors / len(picked), p99
 
+    def quantile(self, model: str, variant: str, q: float, since: float) -> float:
+        """The q-quantile (0..1) of the variant's latency since `since` (monotonic); 0 if none."""
+        latencies = sorted(s for t, _, s in self._samples.get((model, variant), ()) if t >= since)
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else 0.0
+
     def backend_summary(self, backend: str, since: float) -> tuple[int, float]:
         total = errors = 0
         for key, samples in self._samples.items():

@@ -102,9 +102,10 @@ def server_span(metadata, model: str, version: str):
             _incoming.reset(token)
         return
     parent = extract({k: v for k, v in metadata or () if k in TRACE_KEYS})
-    attributes = {"tensorgate.model": model}
+    # Cut like log fields: the caller chose these strings (a valid name is at most 256 bytes).
+    attributes = {"tensorgate.model": model[:256]}
     if version:
-        attributes["tensorgate.version"] = version
+        attributes["tensorgate.version"] = version[:64]
     with _tracer.start_as_current_span(
         "ModelInfer", context=parent, kind=SpanKind.SERVER, attributes=attributes,
         record_exception=False, set_status_on_exception=False,
@@ -112,10 +113,14 @@ def server_span(metadata, model: str, version: str):
         yield span
 
 
-def finish(span, *, code: str, variant: str = "", backend: str = "", message: str = "") -> None:
+def finish(
+    span, *, code: str, variant: str = "", backend: str = "", message: str = "", caller: str = ""
+) -> None:
     if span is None:
         return
     span.set_attribute("rpc.grpc.status_code", code)
+    if caller:
+        span.set_attribute("tensorgate.caller", caller)  # the id, never the credential
     if variant:
         span.set_attribute("tensorgate.variant", variant)
         span.set_attribute("tensorgate.backend", backend)

@@ -1,6 +1,10 @@
 """Admin authentication: bearer tokens (from a file or an environment variable) and/or mTLS
 client certificates, checked by a server interceptor before any admin handler (reflection
-included) runs. Tokens are compared in constant time and never logged or echoed."""
+included) runs. Tokens are compared in constant time and never logged or echoed.
+
+One variable for both ends: the server reads `admin.tokens_env` as "name:role:token,..." and the
+CLI reads TENSORGATE_ADMIN_TOKEN (`--token-env`) as a bare token or as one "name:role:token"
+item, so `export TENSORGATE_ADMIN_TOKEN=ops:admin:<token>` serves a one-host setup whole."""
 
 from __future__ import annotations
 
@@ -17,6 +21,26 @@ current_principal: contextvars.ContextVar[Principal | None] = contextvars.Contex
     "admin_principal", default=None
 )
 READ_ONLY_METHODS = frozenset({"GetRouteTable", "ListRevisions", "GetRollout", "GetBackendStatus"})
+# The variable the CLI reads its token from (and the one the docs and the demo give the server).
+TOKEN_ENV = "TENSORGATE_ADMIN_TOKEN"
+MIN_TOKEN_CHARS = 16
+
+
+def token_hint(variable: str) -> str:
+    """How to set a tokens variable, never with a real token in it."""
+    return (
+        f"set it as name:role:token, role admin or read, a token of at least {MIN_TOKEN_CHARS} "
+        f"characters, e.g. export {variable}=ops:admin:$(openssl rand -hex 16)"
+    )
+
+
+def bearer_token(value: str) -> str:
+    """The token in a CLI variable: a bare token, or the token of a "name:role:token" item (the
+    server's format), so one variable can serve both."""
+    parts = value.strip().split(":", 2)
+    if len(parts) == 3 and parts[1] in ROLES and parts[0] and parts[2]:
+        return parts[2]
+    return value.strip()
 
 
 class AuthConfigError(ValueError):
@@ -67,10 +91,16 @@ def load_tokens(tokens_file: str, tokens_env: str) -> list[tuple[str, str, bytes
                 )
             tokens.append((parts[0], parts[1], parts[2].encode()))
     for name, role, token in tokens:
+        where = "admin.tokens_file" if tokens_file and not tokens_env else "admin tokens"
         if role not in ROLES:
-            raise AuthConfigError(f"admin token {name!r}: role must be read or admin, not {role!r}")
-        if len(token) < 16:
-            raise AuthConfigError(f"admin token {name!r}: tokens must be at least 16 characters")
+            raise AuthConfigError(
+                f"{where}: token {name!r}: role must be read or admin, not {role!r}"
+            )
+        if len(token) < MIN_TOKEN_CHARS:
+            raise AuthConfigError(
+                f"{where}: token {name!r} has {len(token)} characters: tokens need at least "
+                f"{MIN_TOKEN_CHARS}"
+            )
     return tokens
 
 
@@ -105,8 +135,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     """UNAUTHENTICATED without valid credentials; PERMISSION_DENIED for a read-only caller on a
     method that changes state."""
 
-    def __init__(self, authenticator: Authenticator) -> None:
+    def __init__(self, authenticator: Authenticator, tokens_env: str = "") -> None:
         self._auth = authenticator
+        self._unauthenticated = unauthenticated_message(tokens_env)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -118,11 +149,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             and method not in READ_ONLY_METHODS
         )
         auth = self._auth
+        refusal = self._unauthenticated
 
         def wrap(behavior, streaming: bool):
             async def unary(request, context):
                 principal = auth.principal(context.invocation_metadata(), context.auth_context())
-                await _check(principal, needs_admin, context)
+                await _check(principal, needs_admin, context, refusal)
                 token = current_principal.set(principal)  # for the audit log
                 try:
                     return await behavior(request, context)
@@ -131,7 +163,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
             async def stream(request_or_iterator, context):
                 principal = auth.principal(context.invocation_metadata(), context.auth_context())
-                await _check(principal, needs_admin, context)
+                await _check(principal, needs_admin, context, refusal)
                 async for item in behavior(request_or_iterator, context):
                     yield item
 
@@ -156,13 +188,22 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         raise TypeError(f"admin API: a method handler with no behavior for {method}")
 
 
-async def _check(principal: Principal | None, needs_admin: bool, context) -> None:
+def unauthenticated_message(tokens_env: str = "") -> str:
+    """What an UNAUTHENTICATED caller is told: where the CLI reads its token, and (a variable's
+    name, never a token) where this gateway reads the tokens it accepts."""
+    accepted = f" ${tokens_env} (admin.tokens_env) or" if tokens_env else ""
+    return (
+        "admin API: no valid credentials: send 'authorization: Bearer <token>' (tensorgate admin "
+        f"reads it from ${TOKEN_ENV}, or the variable --token-env names) with a token from"
+        f"{accepted} admin.tokens_file, or a trusted client certificate"
+    )
+
+
+async def _check(principal: Principal | None, needs_admin: bool, context, refusal: str) -> None:
     if principal is None:
-        await context.abort(
-            grpc.StatusCode.UNAUTHENTICATED,
-            "admin API: send 'authorization: Bearer <token>' or a trusted client certificate",
-        )
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
     if needs_admin and principal.role != "admin":
         await context.abort(
-            grpc.StatusCode.PERMISSION_DENIED, f"{principal.name!r} has read-only access"
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"{principal.name!r} has read-only access: this method needs an admin token",
         )

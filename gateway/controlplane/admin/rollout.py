@@ -23,13 +23,14 @@ traffic.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
 import grpc
 from google.protobuf import timestamp_pb2
 
-from gateway.controlplane.admin.rollout_request import checked_steps
+from gateway.controlplane.admin.rollout_request import checked_steps, step_progress
 from gateway.controlplane.admin.routes import RouteManager, find_route, unavailable
 from gateway.controlplane.store.base import (
     Conflict,
@@ -106,6 +107,9 @@ class RolloutController:
         record = (await self._records()).get(model)
         if record is None:
             raise GatewayError(grpc.StatusCode.NOT_FOUND, f"no rollout for model {shown(model)}")
+        if record.rollout.state == Rollout.STATE_RUNNING and record.HasField("step_started_at"):
+            with contextlib.suppress(StoreUnavailable):  # progress: for `rollout --watch`
+                step_progress(record, await self._all_counts())
         return record.rollout
 
     async def start(self, request: admin_pb2.StartRolloutRequest, who: str) -> admin_pb2.Rollout:
@@ -342,8 +346,9 @@ class RolloutController:
         rollout.state = state
         rollout.reason = reason
         rollout.ended_at.CopyFrom(now())
-        log.info("rollout of %s/%s: %s (%s)", rollout.model, rollout.canary,
-                 Rollout.State.Name(state), reason)  # fmt: skip
+        level = logging.INFO if state == Rollout.STATE_PROMOTED else logging.WARNING
+        log.log(level, "rollout of %s/%s: %s (%s)", rollout.model, rollout.canary,
+                Rollout.State.Name(state), reason)  # fmt: skip
 
     async def _finish(self, record, state, reason: str, *, restore: bool) -> None:
         # Recorded first: once the record has left RUNNING no driver touches the weights again.

@@ -32,3 +32,18 @@ def checked_steps(request: admin_pb2.StartRolloutRequest, route: config_pb2.Rout
         if not math.isfinite(value) or value < 0:  # NaN would pass every comparison
             raise invalid(f"{field} must be a finite number >= 0, got {value}")
     return steps
+
+
+def step_progress(record, counts) -> None:
+    """Fill the running step's progress into `record.rollout`: when the step started, the
+    canary calls counted in it so far (every replica's), and what it must reach to end."""
+    from gateway.durations import seconds
+    from gateway.observability.stats import window
+
+    rollout = record.rollout
+    rollout.step_started_at.CopyFrom(record.step_started_at)
+    minimum = seconds(record.request.min_step_duration, 30.0)
+    rollout.min_step_duration.FromMilliseconds(int(minimum * 1000))
+    rollout.min_requests = record.request.min_requests or 100
+    start = list(record.step_start_counts)
+    rollout.step_canary_requests = window(start, counts, rollout.model, rollout.canary)[0]

@@ -10,6 +10,7 @@ by all of them; while the store is unreachable they keep serving the last table 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ import grpc
 import prometheus_client as prom
 from google.protobuf import timestamp_pb2
 
-from gateway.controlplane.admin import audit
+from gateway.controlplane.admin import audit, declared
 from gateway.controlplane.admin.view import GatewayView
 from gateway.controlplane.config import ConfigError, validate
 from gateway.controlplane.store.base import (
@@ -43,6 +44,11 @@ def stale(expected: int, live: int) -> GatewayError:
         grpc.StatusCode.FAILED_PRECONDITION,
         f"expected revision {expected}, but the live revision is {live}: re-read and retry",
     )
+
+
+def rejected(err: ConfigError) -> GatewayError:
+    reasons = "; ".join(str(p) for p in err.problems)
+    return GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"change rejected: {reasons}")
 
 
 def unavailable(store: RevisionStore, err: StoreUnavailable) -> GatewayError:
@@ -118,49 +124,66 @@ class RouteManager:
         # The store's newest revision, even one this process cannot serve: a change made here
         # goes on top of it (so an invalid head can be replaced through any replica).
         self._head: int = 0
+        self._unrecorded = False  # booted from the file into an empty store, not yet written
 
     @property
     def store(self) -> RevisionStore:
         return self._store
 
-    async def boot(self, *, record: bool = True) -> StoredRevision:
+    async def boot(self, *, record: bool = True, source: str = "") -> StoredRevision:
         """Serve the store's last revision if there is one (validated against this config's
-        backends and defaults), else the boot file's routes as revision 1 (stored when
-        `record`)."""
-        while True:
+        backends and defaults; a WARNING with the diff when the config file's routes differ),
+        else the boot file's routes as revision 1, stored when `record` (or later, by
+        `record_boot`, once start-up can no longer fail)."""
+        try:
+            latest = await self._store.latest()
+        except StoreUnavailable as err:
+            raise OSError(
+                f"cannot start: the revision store ({self._store.description}) is "
+                f"unavailable: {err.reason}"
+            ) from None
+        if latest is None:
+            self.revision = StoredRevision(
+                1, time.time(), "boot", "routes from the config file",
+                tuple(self._runtime.config.routes),
+            )  # fmt: skip
+            self._unrecorded = True
+            if record:
+                await self.record_boot()
+        else:
+            file_routes = list(self._runtime.config.routes)
+            # A stored table that no longer fits this config (a backend removed, say) stops
+            # start-up with ConfigError naming the revision: better than serving the boot file.
+            self._runtime.apply(self._validated(latest.routes, f"stored revision {latest.number}"))
+            self.revision = latest
+            declared.warn(file_routes, latest, source)
+        self.metrics.revision.set(self.revision.number)
+        self.metrics.store_up.set(1)
+        return self.revision
+
+    async def record_boot(self) -> None:
+        """Store the boot file's routes as revision 1 when `boot` found the store empty. Called
+        once every listener is bound: a `serve` that fails to start writes nothing."""
+        if not self._unrecorded:
+            return
+        async with self._lock:
+            first = self.revision
+            entry = audit.entry(
+                who="boot", method="Boot", revision=1, summary=first.summary,
+                before=[], after=first.routes,
+            )  # fmt: skip
             try:
-                latest = await self._store.latest()
-                if latest is None:
-                    first = StoredRevision(
-                        1, time.time(), "boot", "routes from the config file",
-                        tuple(self._runtime.config.routes),
-                    )  # fmt: skip
-                    if not record:
-                        self.revision = first
-                        break
-                    entry = audit.entry(
-                        who="boot", method="Boot", revision=1, summary=first.summary,
-                        before=[], after=first.routes,
-                    )  # fmt: skip
-                    try:
-                        await self._store.append(first, entry)
-                    except Conflict:
-                        continue  # another replica booted the store first: serve its table
-                    self.revision = first
-                    break
+                await self._store.append(first, entry)
+            except Conflict:
+                # Another replica booted the store first: serve its table.
+                self.revision = dataclasses.replace(first, number=0)
+                await self._sync_locked()
             except StoreUnavailable as err:
                 raise OSError(
                     f"cannot start: the revision store ({self._store.description}) is "
                     f"unavailable: {err.reason}"
                 ) from None
-            # A stored table that no longer fits this config (a backend removed, say) stops
-            # start-up with ConfigError naming the revision: better than serving the boot file.
-            self._runtime.apply(self._validated(latest.routes, f"stored revision {latest.number}"))
-            self.revision = latest
-            break
-        self.metrics.revision.set(self.revision.number)
-        self.metrics.store_up.set(1)
-        return self.revision
+            self._unrecorded = False
 
     def _validated(self, routes, source: str) -> config_pb2.GatewayConfig:
         candidate = config_pb2.GatewayConfig()
@@ -171,6 +194,19 @@ class RouteManager:
 
     def routes(self) -> list[config_pb2.Route]:
         return list(self._runtime.config.routes)
+
+    @property
+    def live(self) -> int:
+        """The revision a change would go on top of."""
+        return max(self.revision.number, self._head)
+
+    def checked(self, routes, method: str) -> list[config_pb2.Route]:
+        """`routes` validated (and defaulted) against the live config as a change would be, or
+        INVALID_ARGUMENT with every problem."""
+        try:
+            return list(self._validated(routes, method).routes)
+        except ConfigError as err:
+            raise rejected(err) from None
 
     def _swap(self, revision: StoredRevision, validated: config_pb2.GatewayConfig) -> None:
         self._runtime.apply(validated)
@@ -206,10 +242,7 @@ class RouteManager:
                 try:
                     validated = self._validated(routes, method)
                 except ConfigError as err:
-                    reasons = "; ".join(str(p) for p in err.problems)
-                    raise GatewayError(
-                        grpc.StatusCode.INVALID_ARGUMENT, f"change rejected: {reasons}"
-                    ) from None
+                    raise rejected(err) from None
                 revision = StoredRevision(
                     live + 1, time.time(), who, summary, tuple(validated.routes)
                 )

@@ -7,9 +7,10 @@ import time
 import grpc
 from google.protobuf import timestamp_pb2
 
+from gateway.controlplane.admin import declared
 from gateway.controlplane.admin.auth import current_principal
 from gateway.controlplane.admin.rollout import RolloutController
-from gateway.controlplane.admin.routes import RouteManager, find_route, unavailable
+from gateway.controlplane.admin.routes import RouteManager, find_route, stale, unavailable
 from gateway.controlplane.admin.view import GatewayView
 from gateway.controlplane.store.base import StoredRevision, StoreUnavailable
 from gateway.errors import GatewayError, invalid, shown
@@ -194,6 +195,38 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                     recent_error_ratio=ratio,
                     recent_p99_seconds=p99,
                 )
+        return reply
+
+    @_handled
+    async def ApplyRouteTable(self, request, context):
+        """The declared table replaces the live one whole (routes and variants added, removed,
+        changed), with the validation, audit and compare-and-swap of every change."""
+        routes = self._routes
+        if request.expected_revision and request.expected_revision != routes.live:
+            raise stale(request.expected_revision, routes.live)
+        live = routes.routes()
+        wanted = routes.checked(list(request.routes), "ApplyRouteTable")
+        what = declared.summary(live, wanted)
+        reply = admin_pb2.ApplyRouteTableResponse(
+            revision=revision_message(routes.revision),
+            changed=not declared.same(live, wanted),
+            summary=what,
+            diff=declared.diff(live, wanted, "live", request.source or "applied"),
+            dry_run=request.dry_run,
+        )
+        if request.dry_run or not reply.changed:
+            return reply
+
+        def replace(table) -> None:
+            del table[:]
+            table.extend(request.routes)
+
+        source = f" {request.source}" if request.source else ""
+        revision = await routes.change(
+            who=_who(), method="ApplyRouteTable", summary=f"apply{source}: {what}",
+            mutate=replace, expected_revision=request.expected_revision,
+        )  # fmt: skip
+        reply.revision.CopyFrom(revision_message(revision))
         return reply
 
     @_handled

@@ -20,6 +20,14 @@ class Decision:
     reasons: tuple[str, ...] = ()  # why the gateway (path "gateway"), or notes (path "envoy")
 
 
+def identifies(callers: config_pb2.Callers) -> bool:
+    """Whether a caller's credentials change how the gateway answers it (with anonymous
+    callers only, Envoy and the gateway treat every call alike on a route without rules)."""
+    return bool(callers.jwt) or callers.HasField("client_cert") or (
+        callers.ByteSize() > 0 and not callers.allow_anonymous
+    )
+
+
 def decide(config: config_pb2.GatewayConfig) -> tuple[Decision, ...]:
     """Per route: can Envoy serve it alone? The reasons name each feature that needs Python."""
     backends = {b.name: b for b in config.backends}
@@ -37,6 +45,9 @@ def decide_route(route, config, backends, forced) -> Decision:
         if layer.active(layer_settings):
             declared.append(layer.envoy(layer_settings, route))
     reasons = ["listed in envoy.gateway_routes"] if route.model in forced else []
+    if identifies(config.callers):
+        # Gateway-wide, not a route's: Envoy would serve a call the gateway must identify first.
+        reasons.append("callers: the gateway identifies every caller (docs/security.md)")
     reasons += [reason for d in declared for reason in d.hand_over]
     if reasons:
         return Decision(route.model, "gateway", tuple(reasons))

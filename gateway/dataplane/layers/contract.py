@@ -38,6 +38,8 @@ class LayerEnv:
     down: Callable[[], frozenset] = frozenset
     # Another route's own compiled chain (compiled on first use and kept on the route).
     route_service: Callable[[RoutePlan], InferService] = lambda plan: None
+    # Whether the call's caller may call that route (its authorization rules; layers/access).
+    may_call: Callable[[RoutePlan, Any], bool] = lambda plan, call: True
 
 
 def _no_problems(policy, at, route, models) -> Iterator[tuple[str, str]]:

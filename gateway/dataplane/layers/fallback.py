@@ -121,10 +121,14 @@ class FallbackState:
     metrics: FallbackMetrics
     down: Callable[[], frozenset]
     route_service: Callable[[RoutePlan], InferService]
+    # Whether the caller may call a model it would fall back to (layers/access).
+    may_call: Callable[[RoutePlan, InferCall], bool] = lambda plan, call: True
 
 
 def state(env: LayerEnv) -> FallbackState:
-    return FallbackState(env.table, FallbackMetrics(env.registry), env.down, env.route_service)
+    return FallbackState(
+        env.table, FallbackMetrics(env.registry), env.down, env.route_service, env.may_call
+    )
 
 
 # The models whose fallback chains the current call is in: a fallback to another model runs that
@@ -165,8 +169,8 @@ def fallback(steps: tuple, shared: FallbackState) -> Layer:
                     # Another model: its own route's chain (its retries, batching, cache, ...
                     # read its plan), routed as the routing layer routes, drains included.
                     plan = table().get(step.model)
-                    if plan is None or plan.model in visited:
-                        continue
+                    if plan is None or plan.model in visited or not shared.may_call(plan, call):
+                        continue  # (a model the caller may not call is not its fallback either)
                     service = shared.route_service(plan)
                     target = plan.resolve("", call.route_key, shared.down())
                 if target is None or target == call.target:
