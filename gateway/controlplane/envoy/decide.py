@@ -23,8 +23,10 @@ class Decision:
 def identifies(callers: config_pb2.Callers) -> bool:
     """Whether a caller's credentials change how the gateway answers it (with anonymous
     callers only, Envoy and the gateway treat every call alike on a route without rules)."""
-    return bool(callers.jwt) or callers.HasField("client_cert") or (
-        callers.ByteSize() > 0 and not callers.allow_anonymous
+    return (
+        bool(callers.jwt)
+        or callers.HasField("client_cert")
+        or (callers.ByteSize() > 0 and not callers.allow_anonymous)
     )
 
 
