@@ -71,10 +71,10 @@ ROUTES = [
     {"model": "half_down",
      "variants": [variant("up", version="1", weight=50),
                   variant("down", backend="dead", backend_version="2", version="2", weight=50)]},
-    # demo_flaky fails about 1 call in 5 (INTERNAL): six tries make a failure ~1 in 15,000
+    # demo_flaky fails about 1 call in 5 (INTERNAL): ten tries make a failure ~1 in 10 million
     {"model": "retried",
      "variants": [variant("only", backend="triton-flaky", backend_model="demo_flaky", version="1")],
-     "policy": {"retry": {"max_attempts": 6, "retry_on": ["INTERNAL", "UNAVAILABLE"],
+     "policy": {"retry": {"max_attempts": 10, "retry_on": ["INTERNAL", "UNAVAILABLE"],
                           "base_delay": "0.001s", "max_delay": "0.005s", "budget_ratio": 1.0,
                           "budget_min_per_second": 1000}}},
     {"model": "flaky_bare",
@@ -83,7 +83,8 @@ ROUTES = [
      "variants": [variant("s", backend="triton-short", backend_model="demo_sleep", backend_version=None)]},
     {"model": "shadowed",
      "variants": [variant("v1", version="1"), variant("v2", backend_version="2", version="2", weight=0)],
-     "policy": {"shadow": {"variant": "v2", "fraction": 1.0}}},
+     # (max_concurrency: a stream sends its 10 calls at once; the default 8 would drop two)
+     "policy": {"shadow": {"variant": "v2", "fraction": 1.0, "max_concurrency": 32}}},
     # one per path, each on a backend of its own: a breaker's state is per backend (and Envoy's
     # per cluster), so each path must open its own
     *({"model": f"breakable_{path}",

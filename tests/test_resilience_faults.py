@@ -186,7 +186,11 @@ async def test_resets_retries_budget_and_breaker_transitions(proxy):
             gw.address, lambda: linear_request(), concurrency=2, duration=1.0, timeout=5
         )
         assert healed.outcomes[-1].code == "OK"
-        assert sum(o.code == "OK" for o in healed.outcomes) >= len(healed.outcomes) - 2
+        # Once the trial call passed, calls go through (before it, the client channel may still
+        # be in its reconnect backoff after the resets: longer on a loaded machine).
+        codes = [o.code for o in healed.outcomes]
+        after_trial = codes[codes.index("OK") :]
+        assert after_trial.count("OK") >= len(after_trial) - 2, codes
         samples = scrape(gw.metrics_url)
         assert metric(samples, "tensorgate_breaker_state", backend="flaky") == 0
         for state in ("open", "half-open", "closed"):
