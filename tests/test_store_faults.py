@@ -12,8 +12,6 @@ real `tensorgate` processes, the CLI as a user runs it.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import json
 import os
 import re
 import subprocess
@@ -27,7 +25,7 @@ import yaml
 
 from tensorgate.admin.v1 import admin_pb2
 from tensorgate.store.v1 import store_pb2
-from tests.backends.etcd import EtcdServer
+from tests.backends.etcd import cluster_of, leader_of, start_all
 from tests.backends.triton import REPO_ROOT, free_port
 from tests.gateway_process import ADMIN_TOKEN, TENSORGATE, GatewayProcess
 from tests.loadgen import Results, run_load
@@ -37,55 +35,15 @@ from tests.test_store_etcd import ADMIN, PREFIX, Replica, fleet_config
 CLI_ENV = {**os.environ, "TENSORGATE_ADMIN_TOKEN": ADMIN_TOKEN}
 
 
-class Member(EtcdServer):
-    """One member of a 3-member cluster on 127.0.0.1. A long election timeout (5 s): a leader
-    whose followers die stays leader long enough to accept a write it cannot commit."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__()
-        self.member = name
-        self.cluster = ""  # set once every member has its ports
-
-    def _command(self) -> tuple[list[str], dict[str, str]]:
-        cmd, env = super()._command()
-        replaced = ("--name=", "--initial-cluster=", "--heartbeat-interval=", "--election-timeout=")
-        cmd = [a for a in cmd if not a.startswith(replaced)]
-        cmd += [
-            f"--name={self.member}",
-            f"--initial-cluster={self.cluster}",
-            "--heartbeat-interval=100",
-            "--election-timeout=5000",
-        ]
-        return cmd, env
-
-
-def start_all(members) -> None:
-    """Members start concurrently (each waits until the cluster has a leader)."""
-    with concurrent.futures.ThreadPoolExecutor(len(members)) as pool:
-        for future in [pool.submit(m.start) for m in members]:
-            future.result()
-
-
 @pytest.fixture
 def cluster():
-    members = [Member(f"m{i}") for i in range(3)]
-    spec = ",".join(f"{m.member}=http://127.0.0.1:{m.peer_port}" for m in members)
-    for m in members:
-        m.cluster = spec
+    members = cluster_of(3)
     try:
         start_all(members)
         yield members
     finally:
         for m in members:
             m.wipe()
-
-
-def leader_of(members) -> Member:
-    status = json.loads(members[0].etcdctl("endpoint", "status", "--cluster", "-w", "json"))
-    leader = status[0]["Status"]["leader"]
-    (member,) = [m for m in members for s in status
-                 if s["Status"]["header"]["member_id"] == leader and s["Endpoint"] == m.url]  # fmt: skip
-    return member
 
 
 def admin_cli(address: str, *args: str) -> subprocess.Popen:

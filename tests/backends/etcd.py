@@ -24,6 +24,7 @@ Command line (foreground until Ctrl-C / SIGTERM):
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import shutil
@@ -167,6 +168,58 @@ class EtcdServer(BackendProcess):
         tb: TracebackType | None,
     ) -> None:
         self.wipe()
+
+
+class EtcdMember(EtcdServer):
+    """One member of a multi-member cluster on 127.0.0.1. Set ``cluster`` (the
+    ``--initial-cluster`` value naming every member's peer URL) before start(); ``cluster_of``
+    does it. Defaults to a long election timeout (5 s): a leader whose followers die stays
+    leader long enough to accept a write it cannot commit (tests/test_store_faults.py)."""
+
+    def __init__(self, name: str, election_timeout_ms: int = 5000) -> None:
+        super().__init__()
+        self.member = name
+        self.election_timeout_ms = election_timeout_ms
+        self.cluster = ""  # set once every member has its ports
+
+    def _command(self) -> tuple[list[str], dict[str, str]]:
+        cmd, env = super()._command()
+        replaced = ("--name=", "--initial-cluster=", "--heartbeat-interval=", "--election-timeout=")
+        cmd = [a for a in cmd if not a.startswith(replaced)]
+        cmd += [
+            f"--name={self.member}",
+            f"--initial-cluster={self.cluster}",
+            "--heartbeat-interval=100",
+            f"--election-timeout={self.election_timeout_ms}",
+        ]
+        return cmd, env
+
+
+def cluster_of(count: int = 3, election_timeout_ms: int = 5000) -> list[EtcdMember]:
+    """``count`` members (m0, m1, ...) that know each other, not started (start_all)."""
+    members = [EtcdMember(f"m{i}", election_timeout_ms) for i in range(count)]
+    spec = ",".join(f"{m.member}=http://127.0.0.1:{m.peer_port}" for m in members)
+    for m in members:
+        m.cluster = spec
+    return members
+
+
+def start_all(members: Sequence[EtcdServer]) -> None:
+    """Members start concurrently (each waits until the cluster has a leader)."""
+    with concurrent.futures.ThreadPoolExecutor(len(members)) as pool:
+        for future in [pool.submit(m.start) for m in members]:
+            future.result()
+
+
+def leader_of(members: Sequence[EtcdServer], ask: EtcdServer | None = None) -> EtcdServer:
+    """The member that is the leader, asked of ``ask`` (default: the first member)."""
+    status = json.loads(
+        (ask or members[0]).etcdctl("endpoint", "status", "--cluster", "-w", "json")
+    )
+    leader = status[0]["Status"]["leader"]
+    (member,) = [m for m in members for s in status
+                 if s["Status"]["header"]["member_id"] == leader and s["Endpoint"] == m.url]  # fmt: skip
+    return member
 
 
 def main(argv: Sequence[str] | None = None) -> int:
