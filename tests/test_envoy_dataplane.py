@@ -235,6 +235,25 @@ def test_compile_is_deterministic_and_a_weight_change_only_changes_the_weights_l
     assert [t for t in types if a.version(t) != build(0).version(t)] == [RUNTIME]
 
 
+def test_an_ejected_host_returns_after_the_breakers_open_duration():
+    # Envoy multiplies the ejection time by the host's recent ejections up to max_ejection_time;
+    # the gateway's breaker admits a trial after open_duration every time. With a cap of 300 s
+    # a recovered backend stayed refused through Envoy for seconds (the chaos run).
+    config = {
+        "listeners": {"xds": "127.0.0.1:18000"},
+        "backends": [{**triton_backend("127.0.0.1:1"),
+                      "circuit_breaker": {"consecutive_failures": 3, "open_duration": "2s"}}],
+        "routes": linear_routes()[:1],
+    }  # fmt: skip
+    clusters = compile_config(from_dict(config)).by_type[CLUSTER]
+    guarded = [c for c in clusters.values() if c.HasField("outlier_detection")]
+    assert guarded
+    for cluster in guarded:
+        od = cluster.outlier_detection
+        assert od.base_ejection_time.ToTimedelta().total_seconds() == 2.0
+        assert od.max_ejection_time.ToTimedelta().total_seconds() == 2.0
+
+
 def _taking_traffic(resources, route) -> list[str]:
     """The clusters a compiled route sends calls to: its cluster, or its weighted clusters whose
     weight in the runtime layer is not 0."""
