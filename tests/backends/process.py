@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import random
 import shutil
 import signal
 import socket
@@ -26,8 +27,24 @@ from typing import IO, Self
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+# Below Linux's ephemeral range (32768-60999): an outgoing connection never takes one of these
+# as its source port, so a server killed and restarted on the same port (etcd, Triton, Redis in
+# the fault tests) finds it free again. A port the kernel hands out (bind to 0) could be taken
+# meanwhile by any client's connection: the chaos run's Triton once failed to restart that way.
+_PORTS = range(20000, 32768)
+
+
 def free_port() -> int:
-    """A currently free loopback TCP port (racy by nature, good enough for tests)."""
+    """A currently free loopback TCP port outside the ephemeral range (racy by nature between
+    two tests that pick the same one before either binds: rare among 12,768, good enough)."""
+    for _ in range(200):
+        port = random.choice(_PORTS)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
