@@ -8,7 +8,6 @@ from __future__ import annotations
 from tritonclient.grpc import service_pb2 as oip
 
 from gateway.dataplane.identity import ANONYMOUS, Caller
-from gateway.dataplane.layers.access import route_access
 from gateway.dataplane.layers.validation import MAX_VERSION_BYTES, check_name
 from gateway.dataplane.pipeline import InferCall, InferService
 from gateway.dataplane.streaming import StreamRelay
@@ -47,11 +46,7 @@ class DataPlane:
         plan = self._runtime.table.get(name)
         if not gate.enabled:
             return plan
-        if plan is None:
-            raise gate.deny(caller, name)
-        if plan.access is None:
-            plan.access = route_access(plan.route)
-        gate.authorize(plan.access, InferCall(oip.ModelInferRequest(), name, "", caller=caller))
+        gate.authorized(plan, InferCall(oip.ModelInferRequest(), name, "", caller=caller))
         return plan
 
     async def model_ready(self, name: str, version: str, caller=ANONYMOUS) -> bool:

@@ -66,7 +66,6 @@ import grpc
 from tritonclient.grpc import service_pb2 as oip
 
 from gateway.dataplane.identity import ANONYMOUS, Caller
-from gateway.dataplane.layers.access import route_access
 from gateway.dataplane.layers.validation import check_structure
 from gateway.dataplane.pipeline import InferCall, InferService
 from gateway.errors import GatewayError, shown
@@ -295,16 +294,9 @@ class StreamRelay:
     def _authorized(self, request: oip.ModelInferRequest):
         """The route's access rules once this stream's caller may send `request` (the same
         refusal as ModelInfer's, before anything reveals whether the model exists)."""
-        gate = self._runtime.gate
-        plan = self._runtime.table.get(request.model_name)
-        if plan is None:
-            raise gate.deny(self._caller, request.model_name)
-        if plan.access is None:
-            plan.access = route_access(plan.route)
         call = InferCall(request, request.model_name, request.model_version, self._route_key,
                          caller=self._caller)  # fmt: skip
-        gate.authorize(plan.access, call)
-        return plan.access
+        return self._runtime.gate.authorized(self._runtime.table.get(request.model_name), call)
 
     async def _decoupled(self, adapter, target) -> bool:
         """Whether the model answers 0..N times (its description, shared with the schema layer);

@@ -99,6 +99,14 @@ def route_access(route: config_pb2.Route) -> RouteAccess:
     return RouteAccess(rules, limits)
 
 
+def access_of(plan) -> RouteAccess:
+    """A route's rules and limits, compiled on first use and kept on its plan (a new route
+    table compiles afresh)."""
+    if plan.access is None:
+        plan.access = route_access(plan.route)
+    return plan.access
+
+
 class AccessMetrics:
     def __init__(self, registry: prom.CollectorRegistry) -> None:
         self.calls = prom.Counter(
@@ -178,14 +186,21 @@ class Gate:
                 caller, call.model, "choose a variant by route key on model", matched[0].name
             )
 
+    def authorized(self, plan, call: InferCall) -> RouteAccess:
+        """`plan`'s rules once `call` passes them; for no plan (an unknown model) the same
+        refusal as for a forbidden one."""
+        if plan is None:
+            raise self.deny(call.caller, call.model)
+        access = access_of(plan)
+        self.authorize(access, call)
+        return access
+
     def may_call(self, plan, call: InferCall) -> bool:
         """Whether the call's caller may call `plan`'s model unpinned (a fallback to it)."""
         if not self.enabled:
             return True
-        if plan.access is None:
-            plan.access = route_access(plan.route)
         try:
-            self.authorize(plan.access, InferCall(call.request, plan.model, "", caller=call.caller))
+            self.authorized(plan, InferCall(call.request, plan.model, "", caller=call.caller))
         except GatewayError:
             return False
         return True
@@ -277,9 +292,7 @@ def access(gate: Gate, table: Callable[[], object]) -> Layer:
             if plan is None:
                 gate.metrics.calls.labels(caller_label, UNKNOWN_MODEL, "PERMISSION_DENIED").inc()
                 raise gate.deny(call.caller, call.model)
-            rules = plan.access
-            if rules is None:
-                rules = plan.access = route_access(plan.route)
+            rules = access_of(plan)
             try:
                 gate.authorize(rules, call)
                 entered = await gate.admit(rules, call) if rules.limits else ()
