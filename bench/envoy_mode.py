@@ -276,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "machine": machine,
             "source": source_state(),
             "settings": leg_settings(args, names),
-            "gateway_config": gateway.controlplane.config,
+            "gateway_config": gateway.config,
             "summary": rows,
             "ratios": ratios,
             "runs": runs,

@@ -739,7 +739,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "settings": {
                 **leg_settings(args, names),
                 "targets": {t.name: {"model": t.model, "version": t.version} for t in targets},
-                "gateway_config": gateway.controlplane.config if gateway else None,
+                "gateway_config": gateway.config if gateway else None,
             },
             "summary": rows,
             "ratios": ratios,

@@ -229,6 +229,9 @@ class Gateway:
         self.admin_server: grpc.aio.Server | None = None
         self.admin_front = None  # the admin listener's TCP front (admin/front.py), without TLS
         self.port = 0
+        self.rest = None  # the KServe v2 REST listener (listeners.rest): gateway/dataplane/rest/
+        self.jobs = None  # asynchronous inference (config.jobs): gateway/jobs/
+        self.rest_port = 0
         self.admin_port = 0
         self.metrics_port = 0
         self._metrics_server = None
@@ -250,6 +253,7 @@ class Gateway:
         """The revision store and what follows it: the route table (booted from the store's
         latest revision), drains, and the rollouts (driven here when the admin API is)."""
         from gateway.controlplane.admin.rollout import RolloutController
+        from gateway.controlplane.admin.rollout_smoke import SmokeGate
         from gateway.controlplane.admin.routes import RouteManager
 
         config = self.config
@@ -269,7 +273,7 @@ class Gateway:
         lease_ttl = seconds(config.store.etcd.lease_ttl) if config.store.HasField("etcd") else 10
         self._rollouts = RolloutController(
             manager, self.store, self.runtime.recent, replica, uuid.uuid4().hex,
-            lease_ttl=lease_ttl, metrics=self.runtime.metrics,
+            lease_ttl=lease_ttl, metrics=self.runtime.metrics, smoke=SmokeGate(self.runtime),
         )  # fmt: skip
         self._rollouts.run(drive=self.listeners.admin != "off", publish=shared)
         self._follow = asyncio.create_task(manager.follow(), name="store-follow")
@@ -290,24 +294,37 @@ class Gateway:
                 ("grpc.so_reuseport", int(self.reuse_port)),
             ]
         )
-        servicer = InferenceServicer(DataPlane(self.runtime, self.runtime.request_path()))
+        plane = DataPlane(self.runtime, self.runtime.request_path())
+        servicer = InferenceServicer(plane)
         # Every service is registered through the intake: undecodable bodies, the in-flight
         # byte budget and the shutdown gate are handled before any handler
         # (gateway/dataplane/intake.py).
         registrar = self.intake.register(self.server)
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, registrar)
         health_pb2_grpc.add_HealthServicer_to_server(self.runtime.readiness.servicer, registrar)
-        reflection.enable(
-            (
-                OIP_SERVICE,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            registrar,
-        )
+        services = [
+            OIP_SERVICE,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ]
+        if config.HasField("jobs"):
+            from gateway.jobs import JobsService
+
+            self.jobs = JobsService(
+                config.jobs, plane, self.runtime.metrics.registry, self._state_dir
+            )
+            self.jobs.register(registrar)
+            services.append(JobsService.SERVICE_NAME)
+        reflection.enable(tuple(services), registrar)
         address = listeners.data_plane
         tls = listeners.data_plane_tls if listeners.HasField("data_plane_tls") else None
         self.port = _bind(self.server, address, "listeners.data_plane", tls)
+        if listeners.rest != "off":
+            from gateway.dataplane.rest import rest_server
+
+            self.rest = rest_server(plane, self.intake, listeners.rest, tls, self.reuse_port,
+                                    jobs=self.jobs)  # fmt: skip
+            self.rest_port = await self.rest.start()
         if listeners.admin != "off":
             self.admin_server = self._admin_server()
             if self.admin_front is not None:
@@ -321,6 +338,8 @@ class Gateway:
         if self.admin_server is not None:
             await self.admin_server.start()
         await self.runtime.readiness.start()
+        if self.jobs is not None:
+            await self.jobs.start()
         if listeners.xds != "off":
             from gateway.controlplane.envoy.control import ControlPlane
 
@@ -334,6 +353,8 @@ class Gateway:
             if self.route_manager is not None:
                 self.route_manager.on_change.append(self.control_plane.update)
         host = address.rpartition(":")[0]
+        if self.rest is not None:
+            log.info("KServe v2 REST on %s:%d", listeners.rest.rpartition(":")[0], self.rest_port)
         log.info(
             "tensorgate %s serving Open Inference Protocol on %s:%d, metrics on %s; "
             "route table revision %d from the revision store (%s), store identity %s",
@@ -418,6 +439,10 @@ class Gateway:
         if self.control_plane is not None:
             await self.control_plane.stop()  # Envoys keep serving their last config
         left = grace - (asyncio.get_running_loop().time() - started)
+        if self.jobs is not None:
+            await self.jobs.close(max(left, 0.0))
+        if self.rest is not None:
+            await self.rest.stop(max(left, 0.1))
         await self.server.stop(max(left, 0.0))
         await self.runtime.readiness.stop()
         await self.runtime.close()

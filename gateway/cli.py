@@ -5,6 +5,7 @@ backend (Triton, any OIP server, TF Serving, TorchServe) and which model version
   tensorgate check-config -c gateway.yaml --probe   validate a config, and its backends' models
   tensorgate serve -c gateway.yaml                  run the gateway
   tensorgate admin routes                           operate a running gateway (admin API)
+  tensorgate smoke -c gateway.yaml                  run the config's smoke examples against it
 
 README.md and docs/ in the source tree say more; every command has --help."""
 
@@ -134,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument(
         "--output", "-o", required=True, metavar="FILE", help="reference file to write"
     )
+    from gateway.controlplane import smoke
+
+    smoke.add_parser(sub, command)
     from gateway.controlplane.admin import cli as admin_cli
 
     admin_cli.add_parser(sub)
@@ -154,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "drift":
         return _drift_baseline(args)
+
+    if args.command == "smoke":
+        from gateway.controlplane import smoke
+
+        return smoke.main(args)
 
     if args.command == "envoy-bootstrap":
         return _envoy_bootstrap(args)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import traceback
+
 import grpc
 
 # Caller-controlled strings (model, tensor and parameter names, versions) are quoted in error
@@ -81,3 +83,20 @@ NEVER_RETRY = frozenset(
         grpc.StatusCode.OK,
     }
 )
+
+
+def settled(raised: BaseException, answer: GatewayError | None = None) -> tuple:
+    """(code, message, target that failed or None) to answer `raised` (or `answer`) with, after
+    clearing the locals of every frame its traceback holds. Otherwise an exception kept in a
+    layer's local (fallback's primary error, hedge's errors) closes a cycle through its own
+    traceback (exception -> frames -> request), and a rejected 40 MiB request stays resident
+    until the cycle collector happens to run. Plain values, not the exception, for the same
+    reason (a local holding it would close a cycle through the caller's frame); and a gRPC abort
+    is raised outside the `except` block so the abort exception has no __context__ to hold
+    either."""
+    answer = answer or raised
+    error: BaseException | None = raised
+    while error is not None:
+        traceback.clear_frames(error.__traceback__)
+        error = error.__context__
+    return answer.code, answer.message, getattr(answer, "target", None)

@@ -152,6 +152,8 @@ class Supervisor:
         metrics = None
         try:
             check_free(self.address, "listeners.data_plane")
+            if listeners.rest != "off":  # every worker binds it with SO_REUSEPORT too
+                check_free(listeners.rest, "listeners.rest")
             if listeners.metrics != "off":
                 metrics = serve_aggregate(listeners.metrics, self)
             try:

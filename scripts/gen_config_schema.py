@@ -43,6 +43,9 @@ def schema() -> dict:
             if full == "google.protobuf.Duration":
                 return {"type": "string", "pattern": r"^-?[0-9]+(\.[0-9]{1,9})?s$",
                         "description": 'a duration in seconds, e.g. "30s", "1.5s"'}  # fmt: skip
+            if full == "google.protobuf.ListValue":  # SmokeTensor.data: KServe v2 JSON `data`
+                return {"type": "array", "description": "values, flat or nested: numbers, "
+                        "true/false, text or {b64: ...}"}  # fmt: skip
             return {"$ref": f"#/$defs/{message(field.message_type)}"}
         if field.enum_type is not None:
             values = [v.name for v in field.enum_type.values]

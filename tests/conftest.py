@@ -27,8 +27,8 @@ def torchserve():
 
 @pytest.fixture(scope="session")
 def triton():
-    """One real Triton for the session (start and stop cost ~5 s each)."""
-    with TritonServer(DEMO_MODELS) as server:
+    """One real Triton for the session (start and stop cost ~5 s each), gRPC and HTTP/REST."""
+    with TritonServer(DEMO_MODELS, http=True) as server:
         yield server
 
 

@@ -44,10 +44,12 @@ class GatewayProcess:
         env: dict | None = None,
         directory: str | None = None,
         workers: int = 1,
+        rest: bool = False,
     ) -> None:
         """`admin`: also serve the admin API with two tokens (ADMIN_TOKEN, READ_TOKEN) from a
         tokens file. `directory`: reuse a config/state directory (to restart a gateway).
-        `workers`: `serve --workers N` (start() then also waits until all N are up)."""
+        `workers`: `serve --workers N` (start() then also waits until all N are up). `rest`:
+        also serve the KServe v2 REST listener (`rest_address`, `rest_url`)."""
         self.config = dict(config)
         self.workers = workers
         self.port = free_port()
@@ -55,9 +57,12 @@ class GatewayProcess:
         listeners = dict(self.config.get("listeners", {}))
         listeners.setdefault("data_plane", f"127.0.0.1:{self.port}")
         listeners.setdefault("metrics", f"127.0.0.1:{self.metrics_port}")
+        self.rest_port = _another_port(self.port, self.metrics_port) if rest else 0
+        if rest:
+            listeners.setdefault("rest", f"127.0.0.1:{self.rest_port}")
         self._dir = directory or tempfile.mkdtemp(prefix="tensorgate-test-")
         if admin:
-            admin_port = _another_port(self.port, self.metrics_port)
+            admin_port = _another_port(self.port, self.metrics_port, self.rest_port)
             listeners.setdefault("admin", f"127.0.0.1:{admin_port}")
             tokens = Path(self._dir) / "tokens.yaml"
             tokens.write_text(
@@ -72,6 +77,8 @@ class GatewayProcess:
         self.config["listeners"] = listeners
         self.address = listeners["data_plane"]
         self.admin_address = listeners.get("admin")
+        self.rest_address = listeners.get("rest")
+        self.rest_url = f"http://{self.rest_address}" if self.rest_address else None
         self.metrics_url = f"http://{listeners['metrics']}/metrics"
         self.directory = self._dir
         self._env = env

@@ -5,6 +5,7 @@ format, and the same error codes, whichever backend serves them."""
 from __future__ import annotations
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2 as oip
@@ -44,7 +45,7 @@ def gateway(triton, tfserving, torchserve):
         ],
         "lifecycle": {"health_check_interval": "1s", "shutdown_grace": "1s"},
     }  # fmt: skip
-    with GatewayProcess(config) as gw:
+    with GatewayProcess(config, rest=True) as gw:
         yield gw
 
 
@@ -77,6 +78,26 @@ def test_identical_outputs_for_batch_sizes_1_to_64(stub):
             answers.append(response.raw_output_contents[0])
         assert answers[0] == answers[1] == answers[2], batch
         assert np.frombuffer(answers[0], np.float32).reshape(batch, 3).tolist() == expected.tolist()
+
+
+def test_rest_gives_every_backend_the_same_answers_as_grpc(gateway, stub):
+    """TorchServe and TF Serving over REST: the REST listener hands the call to the same
+    adapters, which translate after it."""
+    rng = np.random.default_rng(11)
+    for batch in (1, 3, 17):
+        x = rng.integers(-50, 50, size=(batch, 4)).astype(np.float32)
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [batch, 4],
+                            "data": x.reshape(-1).tolist()}]}  # fmt: skip
+        for model in ROUTES:
+            reply = httpx.post(f"{gateway.rest_url}/v2/models/{model}/infer", json=body, timeout=30)
+            assert reply.status_code == 200, (model, reply.text)
+            (out,) = reply.json()["outputs"]
+            assert (out["name"], out["datatype"], out["shape"]) == ("y", "FP32", [batch, 3])
+            grpc_answer = stub.ModelInfer(request_for(model, x)).raw_output_contents[0]
+            assert np.array(out["data"], np.float32).tobytes() == grpc_answer, model
+        bad = httpx.post(f"{gateway.rest_url}/v2/models/on-torchserve/infer", timeout=30,
+                         json={"inputs": [{**body["inputs"][0], "name": "z"}]})  # fmt: skip
+        assert bad.status_code == 400 and "z" in bad.json()["error"]
 
 
 def test_mixed_route_answers_consistently(stub):

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
@@ -74,10 +75,11 @@ def alive(pids: dict[int, str], session: int, triton_port: int) -> dict[int, str
     ids=["ctrl-c", "ctrl-c-twice", "sigterm"],
 )
 def test_demo_stops_everything(signals, tmp_path):
-    port, metrics_port, triton_port = free_port(), free_port(), free_port()
+    port, metrics_port, triton_port, rest_port = free_port(), free_port(), free_port(), free_port()
     env = {
         **os.environ,
         "TENSORGATE_DEMO_PORT": str(port),
+        "TENSORGATE_DEMO_REST_PORT": str(rest_port),
         "TENSORGATE_DEMO_METRICS_PORT": str(metrics_port),
         "TENSORGATE_DEMO_TRITON_PORT": str(triton_port),
     }
@@ -105,6 +107,15 @@ def test_demo_stops_everything(signals, tmp_path):
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
             assert stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=5).ready
+        # The banner's REST call, on the REST port it was given
+        assert f"127.0.0.1:{rest_port}/v2/models/linear/versions/1/infer" in text
+        reply = httpx.post(
+            f"http://127.0.0.1:{rest_port}/v2/models/linear/versions/1/infer",
+            json={"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 4],
+                              "data": [1, 2, 3, 4]}]},
+            timeout=10,
+        )  # fmt: skip
+        assert reply.json()["outputs"][0]["data"] == [4.0, 8.0, 12.0], reply.text
 
         started = descendants(demo.pid)
         kinds = " | ".join(started.values())

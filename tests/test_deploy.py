@@ -224,6 +224,8 @@ def gateway(triton):
             }
         ],
         "lifecycle": {"health_check_interval": "1s", "shutdown_grace": "2s"},
+        # The Jobs API on: its metrics are exported too (the rules and dashboard read them).
+        "jobs": {"embedded": {"path": f"{tempfile.mkdtemp(prefix='tensorgate-jobs-')}/jobs.sqlite3"}},
     }  # fmt: skip
     with GatewayProcess(config) as gw:
         yield gw
@@ -354,9 +356,11 @@ def gateway_registry():
 
     async def build():
         from gateway.controlplane.admin.routes import StoreMetrics
+        from gateway.jobs.metrics import JobMetrics
 
         runtime = Runtime(config)
         StoreMetrics(runtime.metrics.registry)  # what `serve` adds: the revision store's gauges
+        JobMetrics(runtime.metrics.registry)  # ... and the Jobs API's, with `jobs` configured
         await runtime.close()
         return runtime.metrics.registry
 

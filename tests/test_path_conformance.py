@@ -1,7 +1,8 @@
 """One route policy, every request path: each scenario is a route plus calls plus what a caller
 sees (answer, status, trailers, metrics), run against every path that serves it: the unary Python
-path (ModelInfer on the gateway), ModelStreamInfer on the gateway, and Envoy mode (a real Envoy
-fed by the gateway over xDS). All against one real Triton.
+path (ModelInfer on the gateway), ModelStreamInfer on the gateway, Envoy mode (a real Envoy
+fed by the gateway over xDS), and the KServe v2 REST listener (JSON bodies over HTTP/1.1). All
+against one real Triton.
 
 Where a path cannot apply a policy itself it must hand the call to one that does (Envoy mode
 hands the route to the Python data plane; the stream relay runs the message through the unary
@@ -12,13 +13,16 @@ path: version 1 of demo_linear answers Y_V1, version 2 Y_V2.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
+import httpx
 import pytest
 from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc
 
+from adapters.codecs.oip import input_array
 from tensorgate.admin.v1 import admin_pb2, admin_pb2_grpc
 from tests.backends.process import free_port
 from tests.builders import oip_stub, triton_backend, variant
@@ -28,7 +32,11 @@ from tests.oip import Y_V1, Y_V2, linear_request, output, sleep_request
 from tests.test_envoy_dataplane import envoy_in_front
 
 ADMIN = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
-PATHS = ("unary", "stream", "envoy")
+PATHS = ("unary", "stream", "envoy", "rest")
+# The gRPC code a REST status stands for (gateway/dataplane/rest/app.py maps the other way).
+CODE_OF_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
+                  404: "NOT_FOUND", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL",
+                  501: "UNIMPLEMENTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}  # fmt: skip
 
 STATIC = {"outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [1, 3],
                        "fp_values": [0.5, 0.5, 0.5]}]}  # fmt: skip
@@ -89,7 +97,7 @@ ROUTES = [
     # per cluster), so each path must open its own
     *({"model": f"breakable_{path}",
        "variants": [variant("only", backend=f"triton-brk-{path}", backend_model="demo_fail", version="1")]}
-      for path in ("unary", "stream", "envoy")),
+      for path in PATHS),
     {"model": "drainable",
      "variants": [variant("x", version="1", weight=50),
                   variant("y", backend="triton-b", backend_version="2", version="2", weight=50)]},
@@ -119,7 +127,7 @@ def _config(triton: str, xds: int, listen: int) -> dict:
 @pytest.fixture(scope="module")
 def stack(triton):
     xds, listen = free_port(), free_port()
-    gateway = GatewayProcess(_config(triton.address, xds, listen), admin=True)
+    gateway = GatewayProcess(_config(triton.address, xds, listen), admin=True, rest=True)
     with envoy_in_front(gateway, "envoy-conformance", 45) as envoy:
         yield gateway, envoy, f"127.0.0.1:{listen}"
 
@@ -195,9 +203,42 @@ class Caller:
         return [answers.get(f"c{i}", Outcome("MISSING")) for i in range(len(requests))]
 
 
+class RestCaller:
+    """Calls the REST listener with the v2 JSON form of each request."""
+
+    def __init__(self, gateway) -> None:
+        self.client = httpx.Client(base_url=gateway.rest_url, timeout=30)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __call__(self, requests, metadata=(), timeout=10.0, concurrent=False) -> list[Outcome]:
+        if concurrent:
+            with ThreadPoolExecutor(len(requests)) as pool:
+                return list(pool.map(lambda r: self._one(r, metadata, timeout), requests))
+        return [self._one(r, metadata, timeout) for r in requests]
+
+    def _one(self, request, metadata, timeout) -> Outcome:
+        version = f"/versions/{request.model_version}" if request.model_version else ""
+        body = {"inputs": [
+            {"name": t.name, "datatype": t.datatype, "shape": list(t.shape),
+             "data": input_array(request, i).reshape(-1).tolist()}
+            for i, t in enumerate(request.inputs)]}  # fmt: skip
+        headers = {**dict(metadata), "x-tensorgate-timeout-ms": str(int(timeout * 1000))}
+        reply = self.client.post(f"/v2/models/{request.model_name}{version}/infer", json=body,
+                                 headers=headers)  # fmt: skip
+        if reply.status_code != 200:
+            return Outcome(CODE_OF_STATUS.get(reply.status_code, "UNKNOWN"),
+                           reply.json()["error"], trailers=dict(reply.headers))  # fmt: skip
+        document = reply.json()
+        return Outcome("OK", "", [float(v) for v in document["outputs"][0]["data"]],
+                       document["model_name"], document["model_version"],
+                       dict(reply.headers))  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def callers(stack):
-    made = {path: Caller(path, stack) for path in PATHS}
+    made = {path: RestCaller(stack[0]) if path == "rest" else Caller(path, stack) for path in PATHS}
     yield made
     for caller in made.values():
         caller.close()

@@ -278,3 +278,50 @@ async def test_two_processes_with_one_replica_name_do_not_both_drive(triton, etc
             weights = {v.name: v.weight for v in table.routes[0].variants}
             assert weights == {"stable": 0, "canary": 100}
             assert rollout.state == admin_pb2.Rollout.STATE_PROMOTED
+
+
+async def test_a_rollback_left_half_done_is_finished_by_the_next_driver(triton, etcd):
+    """Found by the 30-minute chaos run (seed 33): the driver saved a rollout as rolled back,
+    then lost the store (etcd's leader killed) before it wrote the original weights back; only
+    running rollouts were adopted, so the route stayed on the canary under a rollout that said
+    "rolled back". Here the store holds exactly what that driver left: the record ended with
+    its restore pending, the weights still at the last step. The next driver writes them back,
+    once, and clears the mark."""
+    from google.protobuf import timestamp_pb2
+
+    started = timestamp_pb2.Timestamp()
+    started.GetCurrentTime()
+    record = store_pb2.RolloutRecord(
+        rollout=admin_pb2.Rollout(
+            model="linear", canary="canary", baseline="stable", steps=[10, 50, 100], step=2,
+            percent=100, state=admin_pb2.Rollout.STATE_ROLLED_BACK, started_at=started,
+            reason="step 100%: error ratio 0.300 > 2 x baseline 0.000 + 0.01",
+        ),
+        original_weights={"stable": 100, "canary": 0},
+        started_by="ops",
+        restore_pending=True,
+    )  # fmt: skip
+    async with aetcd.Client(etcd.host, etcd.port, timeout=5) as client:
+        await client.put(f"{PREFIX}/rollouts/linear".encode(), record.SerializeToString())
+    config = fleet_config(triton, etcd, "gw", stable=0, canary=100)
+    with GatewayProcess(config, admin=True) as gateway:
+        with grpc.insecure_channel(gateway.admin_address) as channel:
+            from tensorgate.admin.v1 import admin_pb2_grpc
+
+            stub = admin_pb2_grpc.AdminServiceStub(channel)
+            deadline = time.monotonic() + 20
+            while True:
+                table = stub.GetRouteTable(admin_pb2.GetRouteTableRequest(), metadata=ADMIN)
+                weights = {v.name: v.weight for v in table.routes[0].variants}
+                if weights == {"stable": 100, "canary": 0} or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
+            assert weights == {"stable": 100, "canary": 0}, gateway.log()
+            rollout = stub.GetRollout(admin_pb2.GetRolloutRequest(model="linear"), metadata=ADMIN)
+            assert rollout.rollout.state == admin_pb2.Rollout.STATE_ROLLED_BACK
+        await asyncio.sleep(1.0)  # a second driver pass must not write it again
+    summaries = [e.summary for e in await _audit(etcd) if e.method == "Rollout"]
+    assert summaries == ["rollout linear: canary rolled back"], summaries
+    async with aetcd.Client(etcd.host, etcd.port, timeout=5) as client:
+        stored = (await client.get(f"{PREFIX}/rollouts/linear".encode())).value
+    assert not store_pb2.RolloutRecord.FromString(stored).restore_pending

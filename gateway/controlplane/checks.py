@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from adapters import registry
 from gateway.addresses import address_problem, is_loopback, same_listener
+from gateway.controlplane.smoke_checks import problems as smoke_problems
 from gateway.dataplane.layers.access.checks import access_problems
 from gateway.durations import seconds
 from tensorgate.config.v1 import config_pb2
@@ -46,7 +47,7 @@ class ConfigError(Exception):
 
 def _check_listeners(listeners: config_pb2.Listeners, problems: list[Problem]) -> None:
     seen: dict[str, str] = {}
-    for field in ("data_plane", "metrics", "admin", "xds"):
+    for field in ("data_plane", "metrics", "admin", "xds", "rest"):
         value = getattr(listeners, field)
         if field != "data_plane" and value == "off":
             continue
@@ -121,6 +122,18 @@ def _check_backends(
             reason = address_problem(backend.address)
             if reason:
                 problems.append(Problem(f"{at}.address", reason))
+        if backend.rest_address:
+            reason = address_problem(backend.rest_address)
+            if reason:
+                problems.append(Problem(f"{at}.rest_address", reason))
+            elif backend.kind not in (config_pb2.BACKEND_KIND_TRITON, config_pb2.BACKEND_KIND_OIP):
+                problems.append(
+                    Problem(
+                        f"{at}.rest_address",
+                        "only Triton and OIP backends serve the KServe v2 REST protocol; the "
+                        "gateway's REST listener translates for the others",
+                    )
+                )
         if seconds(backend.per_try_timeout) <= 0:
             problems.append(Problem(f"{at}.per_try_timeout", "must be positive"))
         conn = backend.connection
@@ -294,6 +307,22 @@ def _check_envoy(config: config_pb2.GatewayConfig, problems: list[Problem]) -> N
         reason = address_problem(getattr(envoy, field))
         if reason:
             problems.append(Problem(f"envoy.{field}", reason))
+    if envoy.rest_listen != "off":
+        reason = address_problem(envoy.rest_listen)
+        if reason:
+            problems.append(Problem("envoy.rest_listen", reason))
+        if config.listeners.rest == "off":
+            problems.append(
+                Problem(
+                    "envoy.rest_listen",
+                    "needs listeners.rest: Envoy hands the REST calls it cannot serve itself to "
+                    "the gateway's REST listener",
+                )
+            )
+        elif address_problem(envoy.gateway_rest_address):
+            problems.append(
+                Problem("envoy.gateway_rest_address", address_problem(envoy.gateway_rest_address))
+            )
     _check_gateway_tls(config, problems)
     mtls = _check_xds_tls(envoy.xds_tls, problems)
     xds = config.listeners.xds
@@ -455,6 +484,7 @@ def check(config: config_pb2.GatewayConfig) -> list[Problem]:
     _check_admin_transport(config, problems)
     backends = _check_backends(config.backends, problems)
     _check_routes(config.routes, backends, problems)
+    problems.extend(Problem(path, reason) for path, reason in smoke_problems(config))
     _check_settings(config, problems)
     _check_envoy(config, problems)
     problems.extend(Problem(path, reason) for path, reason in access_problems(config))

@@ -19,6 +19,7 @@ from gateway.addresses import address_problem, is_loopback
 from gateway.controlplane import schema
 from gateway.controlplane.checks import ConfigError, Problem, check, warnings
 from gateway.durations import seconds
+from gateway.jobs.settings import check_jobs, jobs_defaults
 from tensorgate.config.v1 import config_pb2
 
 # What callers of the config module use from its parts.
@@ -84,6 +85,9 @@ def load_file(path: str | pathlib.Path, *, environment: bool = False) -> config_
     state_dir = config.admin.state_dir
     if state_dir and not pathlib.Path(state_dir).is_absolute():
         config.admin.state_dir = str(pathlib.Path(path).resolve().parent / state_dir)
+    queue = config.jobs.embedded.path
+    if queue and not pathlib.Path(queue).is_absolute():
+        config.jobs.embedded.path = str(pathlib.Path(path).resolve().parent / queue)
     if environment:
         from gateway.controlplane import environment as machine
 
@@ -185,9 +189,18 @@ def validate(
     checked.CopyFrom(config)
     _apply_defaults(checked)
     problems.extend(check(checked))
+    problems.extend(Problem(path, reason) for path, reason in check_jobs(checked))
     if problems:
         raise ConfigError(source, problems)
     return checked
+
+
+def _loopback_for_any(address: str) -> str:
+    """A listener's address as a local client reaches it: 127.0.0.1 in place of any-address."""
+    host, _, port = address.rpartition(":")
+    if host in ("0.0.0.0", "[::]", "::"):
+        host = "127.0.0.1"
+    return f"{host}:{port}"
 
 
 def _apply_defaults(config: config_pb2.GatewayConfig) -> None:
@@ -199,15 +212,18 @@ def _apply_defaults(config: config_pb2.GatewayConfig) -> None:
         config.listeners.admin = "off"
     if not config.listeners.xds:
         config.listeners.xds = "off"
+    if not config.listeners.rest:
+        config.listeners.rest = "off"
     if config.listeners.xds != "off":
         envoy = config.envoy
         if not envoy.listen:
             envoy.listen = DEFAULT_ENVOY_LISTEN
         if not envoy.gateway_address:
-            host, _, port = config.listeners.data_plane.rpartition(":")
-            if host in ("0.0.0.0", "[::]", "::"):
-                host = "127.0.0.1"
-            envoy.gateway_address = f"{host}:{port}"
+            envoy.gateway_address = _loopback_for_any(config.listeners.data_plane)
+        if not envoy.rest_listen:
+            envoy.rest_listen = "off"
+        if not envoy.gateway_rest_address and config.listeners.rest != "off":
+            envoy.gateway_rest_address = _loopback_for_any(config.listeners.rest)
         if not envoy.max_body_bytes:
             envoy.max_body_bytes = DEFAULT_ENVOY_MAX_BODY_BYTES
     if config.store.WhichOneof("kind") is None:
@@ -227,6 +243,7 @@ def _apply_defaults(config: config_pb2.GatewayConfig) -> None:
         d.route_key_header = DEFAULT_ROUTE_KEY_HEADER
     if not config.limits.max_request_bytes:
         config.limits.max_request_bytes = DEFAULT_MAX_REQUEST_BYTES
+    jobs_defaults(config)  # after limits: the payload limit defaults within max_request_bytes
     if not config.limits.max_inputs:
         config.limits.max_inputs = DEFAULT_MAX_INPUTS
     if not config.limits.max_in_flight_bytes:

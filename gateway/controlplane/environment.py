@@ -10,6 +10,7 @@ import pathlib
 
 from gateway.controlplane.admin.auth import AuthConfigError, load_tokens, token_hint
 from gateway.controlplane.checks import Problem, pem_problem
+from gateway.jobs.settings import jobs_environment
 from tensorgate.config.v1 import config_pb2
 
 
@@ -32,6 +33,7 @@ def problems(config: config_pb2.GatewayConfig) -> list[Problem]:
             found.append(
                 Problem("observability.logging.file", f"cannot write to directory {directory}")
             )
+    found.extend(Problem(path, reason) for path, reason in jobs_environment(config))
     return found
 
 

@@ -176,6 +176,10 @@ def _value_problems(value, field: FieldDescriptor, path: str) -> Iterator[tuple[
                     ),
                 )
             return
+        if message.full_name == "google.protobuf.ListValue":
+            if not isinstance(value, list):
+                yield path, f"must be a list of values, not {_kind(value)}"
+            return
         if message.full_name.startswith("google.protobuf."):
             return  # other well-known types: left to the parser
         yield from problems(value, message, path)

@@ -57,6 +57,19 @@ def _access(route: config_pb2.Route, backends: Backends) -> OnEnvoy:
     return OnEnvoy()
 
 
+def _rest_address(route: config_pb2.Route, backends: Backends) -> OnEnvoy:
+    """gRPC: not used. REST (envoy.rest_listen): Envoy calls a variant's backend at its
+    rest_address; a route with a variant whose backend has none is handed to the gateway's REST
+    listener"""
+    return OnEnvoy()
+
+
+def _off_the_path(route: config_pb2.Route, backends: Backends) -> OnEnvoy:
+    """not used: run by the control plane (tensorgate smoke, rollouts before each weight step),
+    never on the request path"""
+    return OnEnvoy()
+
+
 def _translated(how: str) -> Callable[[config_pb2.Route, Backends], OnEnvoy]:
     def declared(route: config_pb2.Route, backends: Backends) -> OnEnvoy:
         return OnEnvoy()
@@ -119,6 +132,22 @@ COMPONENTS = (
         _translated("the cluster's circuit_breakers"),
         "not applied: the stream's own bounds hold (docs/streaming.md)",
     ),
+    # Where a backend serves KServe v2 REST: only Envoy mode's REST listener calls it there (the
+    # Python REST listener calls every backend through its adapter, as gRPC does).
+    Component(
+        "rest_address",
+        ("Backend.rest_address",),
+        _rest_address,
+        "not used (streams are gRPC only)",
+    ),
+    # Known requests and answers (docs/smoke.md): `tensorgate smoke` and rollouts send them as
+    # calls of their own; nothing on the request path reads them, so no path hands over.
+    Component(
+        "smoke",
+        ("Route.smoke", "Variant.smoke"),
+        _off_the_path,
+        "not used (run by the control plane, not on the request path)",
+    ),
     # Who may call, and how much (layers/access, before routing).
     Component(
         "access",
@@ -138,17 +167,18 @@ def path_matrix() -> str:
     """docs/architecture.md's table of what each request path does with each part of a route's
     config, from the declarations (tests/test_policy_coverage.py checks the doc carries it)."""
     rows = [
-        "| part | config fields | ModelInfer | ModelStreamInfer, decoupled model | Envoy mode |",
-        "|---|---|---|---|---|",
+        "| part | config fields | ModelInfer | REST infer (KServe v2) | ModelStreamInfer, "
+        "decoupled model | Envoy mode |",
+        "|---|---|---|---|---|---|",
     ]
     for layer in route_layers():
         rows.append(
-            f"| {layer.name} (layer) | {', '.join(layer.fields)} | applied | "
+            f"| {layer.name} (layer) | {', '.join(layer.fields)} | applied | applied | "
             f"{layer.decoupled} | {_said(layer.envoy)} |"
         )
     for component in COMPONENTS:
         rows.append(
-            f"| {component.name} | {', '.join(component.fields)} | applied | "
+            f"| {component.name} | {', '.join(component.fields)} | applied | applied | "
             f"{component.decoupled} | {_said(component.envoy)} |"
         )
     return "\n".join(rows) + "\n"

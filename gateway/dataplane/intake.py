@@ -297,6 +297,34 @@ class Intake:
             response_serializer=handler.response_serializer,
         )
 
+    # -- the REST front door ---------------------------------------------------------------------
+
+    @property
+    def max_request_bytes(self) -> int:
+        return self._max_request
+
+    def admit(self, size: int) -> _Rejected | None:
+        """A REST call whose body has `size` bytes (gateway/dataplane/rest/): why it must not
+        run (shutting down, over the memory budget), or None; an admitted call counts as in
+        flight, for drains and the budget, until `release(size)`."""
+        self._last_arrival = time.monotonic()
+        if not self._accepting:
+            return _SHUTTING_DOWN
+        if size > self._max_request:
+            return self._oversized(size)
+        if self.bytes_in_flight + size > self._budget:
+            return self._over_budget(size)
+        self.bytes_in_flight += size
+        self.calls_in_flight += 1
+        self._idle.clear()
+        return None
+
+    def release(self, size: int) -> None:
+        self.bytes_in_flight -= size
+        self.calls_in_flight -= 1
+        if not self.calls_in_flight:
+            self._idle.set()
+
     # -- shutdown -------------------------------------------------------------------------------
 
     def close(self) -> None:

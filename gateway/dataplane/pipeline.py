@@ -35,7 +35,17 @@ class InferCall:
     frozen dataclass: it is built several times per call, and a frozen dataclass's __init__
     (object.__setattr__ per field) costs about four times as much."""
 
-    __slots__ = ("caller", "deadline", "model", "plan", "request", "route_key", "target", "version")
+    __slots__ = (
+        "caller",
+        "deadline",
+        "model",
+        "plan",
+        "protocol",
+        "request",
+        "route_key",
+        "target",
+        "version",
+    )
 
     def __init__(
         self,
@@ -47,6 +57,7 @@ class InferCall:
         plan: RoutePlan | None = None,  # the route, set by the routing layer
         target: Target | None = None,  # the variant this call is for (routing, retry, ...)
         caller: Caller = ANONYMOUS,  # who is calling (gateway/dataplane/identity.py)
+        protocol: str = "grpc",  # the front door it came through: "grpc" or "rest" (metrics)
     ) -> None:
         self.request = request
         self.model = model
@@ -56,6 +67,7 @@ class InferCall:
         self.plan = plan
         self.target = target
         self.caller = caller
+        self.protocol = protocol
 
     def remaining(self) -> float | None:
         """Seconds left before the caller's deadline, or None when it set none."""
@@ -74,6 +86,7 @@ class InferCall:
             plan or self.plan,
             target,
             self.caller,
+            self.protocol,
         )
 
     def until(self, deadline: float | None) -> InferCall:
@@ -87,6 +100,7 @@ class InferCall:
             self.plan,
             self.target,
             self.caller,
+            self.protocol,
         )
 
 

@@ -5,15 +5,50 @@ once."""
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
+
+import grpc
 from tritonclient.grpc import service_pb2 as oip
 
 from gateway.dataplane.identity import ANONYMOUS, Caller
 from gateway.dataplane.layers.validation import MAX_VERSION_BYTES, check_name
-from gateway.dataplane.pipeline import InferCall, InferService
+from gateway.dataplane.pipeline import InferCall, InferResult, InferService
 from gateway.dataplane.streaming import StreamRelay
-from gateway.errors import GatewayError, invalid
+from gateway.errors import GatewayError, invalid, settled, shown
+from gateway.observability import logs, tracing
+
+log = logging.getLogger(__name__)
 
 METADATA_TIMEOUT_S = 10.0
+DEGRADED_HEADER = "x-tensorgate-degraded"
+_INTERNAL = GatewayError(grpc.StatusCode.INTERNAL, "internal gateway error")
+
+
+class Answer:
+    """One inference call's outcome as either front door writes it: the result (None when it
+    failed), the status, and the headers (gRPC trailers, REST response headers): the variant's
+    identity, the request id, a degraded answer's reason, what the layers had to say."""
+
+    __slots__ = ("code", "headers", "message", "result")
+
+    def __init__(self, result, code, message: str, headers: tuple) -> None:
+        self.result: InferResult | None = result
+        self.code: grpc.StatusCode = code
+        self.message = message
+        self.headers = headers
+
+
+def metadata_values(metadata, route_key_header: str) -> tuple[str | None, str | None]:
+    """(route key, caller's request id) from the call's metadata, in one pass."""
+    route_key = request_id = None
+    for key, value in metadata or ():
+        if key == route_key_header:
+            route_key = value or None
+        elif key == logs.REQUEST_ID:
+            request_id = value
+    return route_key, request_id
 
 
 class DataPlane:
@@ -29,6 +64,67 @@ class DataPlane:
     def route_key_header(self) -> str:
         return self._runtime.route_key_header
 
+    async def answer(
+        self,
+        request: oip.ModelInferRequest,
+        model: str,
+        version: str,
+        metadata,
+        deadline: float | None,
+        identify: Callable[[], Caller],
+        protocol: str = "grpc",
+    ) -> Answer:
+        """One inference call through the request path, with its access log line and trace
+        span: what ModelInfer and the REST listener's infer both do. `identify()` finds the
+        caller (raising UNAUTHENTICATED), inside the call so its refusal is logged like any."""
+        started = time.perf_counter()
+        route_key, sent_id = metadata_values(metadata, self._runtime.route_key_header)
+        fields = logs.CallFields(logs.request_id(sent_id), model)
+        token = logs.current.set(fields)
+        try:
+            with tracing.server_span(metadata, model, version) as span:
+                extra = ()
+                try:
+                    caller = identify()
+                    fields.caller = caller.id
+                    call = InferCall(request, model, version, route_key, deadline,
+                                     caller=caller, protocol=protocol)  # fmt: skip
+                    result = await self.infer(call)
+                except GatewayError as err:
+                    extra = err.trailers
+                    code, message, failed = settled(err)
+                except Exception as err:
+                    # A bug of ours must not reach the caller with a stack trace in it.
+                    log.exception("inference call failed for model %s", shown(model))
+                    code, message, failed = settled(err, _INTERNAL)
+                else:
+                    target = result.target
+                    fields.variant, fields.backend, fields.code = (
+                        target.variant, target.backend, "OK",
+                    )  # fmt: skip
+                    tracing.finish(span, code="OK", variant=target.variant, backend=target.backend,
+                                   caller=fields.caller)  # fmt: skip
+                    headers = (*target.trailers, (logs.REQUEST_ID, fields.request_id))
+                    if result.degraded:
+                        headers += ((DEGRADED_HEADER, result.degraded),)
+                    if result.trailers:
+                        headers += result.trailers
+                    return Answer(result, grpc.StatusCode.OK, "", headers)
+                fields.code = code.name
+                headers = ((logs.REQUEST_ID, fields.request_id), *extra)
+                if failed is not None:
+                    fields.variant, fields.backend = failed.variant, failed.backend
+                    headers = (*failed.trailers, *headers)
+                tracing.finish(span, code=code.name, variant=fields.variant,
+                               backend=fields.backend, message=message,
+                               caller=fields.caller)  # fmt: skip
+                return Answer(None, code, message, headers)
+        finally:
+            if logs.sampled():
+                fields.duration_ms = (time.perf_counter() - started) * 1000
+                logs.access(fields)
+            logs.current.reset(token)
+
     def stream(self, route_key: str | None, timeout: float | None, caller=ANONYMOUS) -> StreamRelay:
         return StreamRelay(self._runtime, route_key, timeout, self.infer, caller)
 
@@ -38,6 +134,14 @@ class DataPlane:
         if not identifier.enabled:
             return ANONYMOUS
         return identifier.identify(context.invocation_metadata(), _Peer(context))
+
+    def identify_from(self, headers, peer=None) -> Caller:
+        """The caller of a REST call: its headers as (lower-case name, value) pairs, and its
+        TLS client certificate as gRPC's auth context names it (or None)."""
+        identifier = self._runtime.identifier
+        if not identifier.enabled:
+            return ANONYMOUS
+        return identifier.identify(headers, peer)
 
     def _visible(self, name: str, caller: Caller):
         """The route for `name` when `caller` may call it; the same PERMISSION_DENIED as a
@@ -74,6 +178,11 @@ class DataPlane:
         plan = self._runtime.table.plan(name)
         target = plan.primary(version)
         return plan, target, self._runtime.adapters[target.backend]
+
+    def known(self, name: str, version: str, caller=ANONYMOUS) -> None:
+        """NOT_FOUND naming what is routed unless `name` (and `version`) are; PERMISSION_DENIED
+        for a model the caller may not call, as for any call."""
+        self._primary(name, version, caller)
 
     async def metadata(self, name: str, version: str, timeout: float, caller=ANONYMOUS):
         """(ModelMetadataResponse in public names, the variant's trailers)."""

@@ -23,16 +23,17 @@ LATENCY_BUCKETS = (
 class GatewayMetrics:
     def __init__(self, registry: prom.CollectorRegistry | None = None) -> None:
         self.registry = registry or prom.CollectorRegistry()
-        labels = ("model", "variant", "backend", "code")
+        labels = ("model", "variant", "backend", "code", "protocol")
         self.requests = prom.Counter(
             "tensorgate_requests",
-            "ModelInfer calls answered, by public model, variant, backend and gRPC code.",
+            "Inference calls answered, by public model, variant, backend, gRPC code (REST calls "
+            "too: the code their HTTP status maps from) and protocol (grpc, rest).",
             labels,
             registry=self.registry,
         )
         self.latency = prom.Histogram(
             "tensorgate_request_duration_seconds",
-            "ModelInfer latency seen by the gateway, from receipt to answer.",
+            "Inference latency seen by the gateway, from receipt to answer (grpc, rest).",
             labels,
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
@@ -140,8 +141,16 @@ class GatewayMetrics:
         self.rollout_percent.labels(rollout.model, rollout.canary).set(rollout.percent)
         self.rollout_step.labels(rollout.model, rollout.canary).set(rollout.step)
 
-    def observe(self, model: str, variant: str, backend: str, code: str, seconds: float) -> None:
-        key = (model, variant, backend, code)
+    def observe(
+        self,
+        model: str,
+        variant: str,
+        backend: str,
+        code: str,
+        seconds: float,
+        protocol: str = "grpc",
+    ) -> None:
+        key = (model, variant, backend, code, protocol)
         children = self._outcomes.get(key)
         if children is None:
             children = (self.requests.labels(*key), self.latency.labels(*key))

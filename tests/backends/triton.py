@@ -77,17 +77,27 @@ class TritonServer(BackendProcess):
         grpc_port: int | None = None,
         extra_args: Sequence[str] = (),
         startup_timeout: float = 90.0,
+        http: bool | int = False,
     ) -> None:
+        """`http`: also serve Triton's KServe v2 HTTP/REST endpoint (on `http_port`; a port
+        number to choose it)."""
         self.model_repository = Path(model_repository).resolve()
         if not self.model_repository.is_dir():
             raise FileNotFoundError(f"model repository {self.model_repository} does not exist")
         self.grpc_port = grpc_port if grpc_port is not None else free_port()
         self.extra_args = list(extra_args)
+        self.http_port = (free_port() if http is True else http) if http else None
         super().__init__("tritonserver-", "tritonserver.log", startup_timeout)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_address(self) -> str:
+        if self.http_port is None:
+            raise RuntimeError("this TritonServer was started without http=True")
+        return f"127.0.0.1:{self.http_port}"
 
     def start(self):
         # The python backend's shared-memory regions outlive a tritonserver that exits on its
@@ -106,7 +116,11 @@ class TritonServer(BackendProcess):
             f"--backend-directory={backends}",
             "--grpc-address=127.0.0.1",  # binds 0.0.0.0 by default
             f"--grpc-port={self.grpc_port}",
-            "--allow-http=false",
+            *(
+                ("--allow-http=false",)
+                if self.http_port is None
+                else ("--http-address=127.0.0.1", f"--http-port={self.http_port}")
+            ),
             "--allow-metrics=false",
             "--allow-gpu-metrics=false",
             "--pinned-memory-pool-byte-size=0",
@@ -162,12 +176,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run a real tritonserver in the foreground.")
     parser.add_argument("--models", required=True, help="model repository directory")
     parser.add_argument("--port", type=int, default=None, help="gRPC port (default: a free one)")
+    parser.add_argument("--http-port", type=int, default=None, help="also serve HTTP/REST here")
     args = parser.parse_args(argv)
 
-    server = TritonServer(args.models, grpc_port=args.port)
+    server = TritonServer(args.models, grpc_port=args.port, http=args.http_port or False)
 
     def ready(startup_seconds: float) -> None:
-        print(f"triton ready on {server.address}", flush=True)
+        http = f", HTTP/REST on {server.http_address}" if server.http_port else ""
+        print(f"triton ready on {server.address}{http}", flush=True)
         print(f"log: {server.log_path}", file=sys.stderr, flush=True)
 
     return run_in_foreground(server, ready)

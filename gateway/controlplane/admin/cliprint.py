@@ -160,6 +160,13 @@ def print_rollout(rollout) -> None:
             f"p99 {a.baseline_p99_seconds * 1000:.1f} ms  "
             f"{'pass' if a.passed else 'FAIL'}"
         )
+    if rollout.HasField("smoke"):  # the canary's smoke examples, last run (docs/smoke.md)
+        run = rollout.smoke
+        failed = len(run.failures)
+        verdict = f"{failed} of {run.examples} FAILED" if failed else f"{run.examples} passed"
+        print(f"  smoke examples before {run.percent}%: {verdict}")
+        for failure in run.failures:
+            print(f"    {failure.example}: {failure.problem}")
     if rollout.reason:
         print(f"  {rollout.reason}")
     sys.stdout.flush()

@@ -2,9 +2,11 @@
 
 Each step moves the canary's share of the (canary + baseline) traffic up, as a normal revision,
 holds it for a minimum time and number of canary calls, then compares the canary with the
-baseline over that step: error ratio (backend-side failures) and p99 latency. A canary that does
-worse by more than the configured factors is rolled back to the weights it started from, by
-itself, with the reason recorded; one that passes every step is promoted to 100%.
+baseline over that step: error ratio (backend-side failures) and p99 latency. Before each step
+moves traffic, the canary's smoke examples (config: Route.smoke, Variant.smoke) are sent to it
+(rollout_smoke.py). A canary that fails an example, or does worse by more than the configured
+factors, is rolled back to the weights it started from, by itself, with the reason recorded
+(in the rollout and in the audit log); one that passes every step is promoted to 100%.
 
 A rollout's state (step, when it started, the analyses so far, the weights to restore) lives in
 the store as a RolloutRecord, rewritten after every step. Any replica answers Start, Get and
@@ -14,10 +16,11 @@ dies, another takes the lease within its TTL and resumes each rollout from its p
 the lease, checked in the same etcd transaction as the write (route revisions included), so a
 deposed driver cannot write over its successor. The driver's identity is unique per process
 (the replica name plus a random suffix), so two processes given the same `store.etcd.replica`
-cannot both hold the lease. A rollout that has ended is never undone by its driver: only an
-abort restores weights. The analysis sums the counts
-every replica publishes to the store (gateway/observability/stats.py `window`), not one replica's
-traffic.
+cannot both hold the lease. A promoted rollout is never undone. A rollback or abort is recorded
+with `restore_pending` in the same write that ends it, and cleared once the weights are back: a
+driver that dies or loses the store between the two leaves the mark, and the next driver writes
+the weights back (docs/reliability.md, Findings 3). The analysis sums the counts every replica
+publishes to the store (gateway/observability/stats.py `window`), not one replica's traffic.
 """
 
 from __future__ import annotations
@@ -30,7 +33,10 @@ import time
 import grpc
 from google.protobuf import timestamp_pb2
 
+from gateway.controlplane.admin.rollout_analysis import analyse
 from gateway.controlplane.admin.rollout_request import checked_steps, step_progress
+from gateway.controlplane.admin.rollout_restore import Deposed, clear_pending, restore_weights
+from gateway.controlplane.admin.rollout_smoke import SmokeGate, failure_reason
 from gateway.controlplane.admin.routes import RouteManager, find_route, unavailable
 from gateway.controlplane.store.base import (
     Conflict,
@@ -54,10 +60,6 @@ def _age(stamp: timestamp_pb2.Timestamp) -> float:
     return max(0.0, time.time() - stamp.ToNanoseconds() / 1e9)
 
 
-class Deposed(Exception):
-    """This replica no longer holds the driver lease."""
-
-
 class Stopped(Exception):
     """The rollout left RUNNING elsewhere (aborted through another replica)."""
 
@@ -74,8 +76,11 @@ class RolloutController:
         poll: float = 0.2,
         lease_ttl: float = 10.0,
         metrics=None,
+        smoke: SmokeGate | None = None,
     ) -> None:
+        """`smoke`: runs the canary's smoke examples before each weight step (None: none run)."""
         self._routes = routes
+        self._smoke = smoke
         self._store = store
         self._stats = stats
         self.replica = replica
@@ -120,6 +125,12 @@ class RolloutController:
                 f"a rollout of {shown(running.rollout.canary)} for model {shown(request.model)} "
                 "is already running",
             )
+        if running is not None and running.restore_pending:
+            raise GatewayError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the last rollout of {shown(request.model)} ended but its weights are not "
+                "written back yet (the driver does it within seconds): retry",
+            )
         route = find_route(self._routes.routes(), request.model)
         steps = checked_steps(request, route)
         rollout = Rollout(
@@ -159,12 +170,14 @@ class RolloutController:
             await asyncio.gather(task, return_exceptions=True)
         # The driver (maybe another replica) sees the record leave RUNNING and stops.
         self._end(record, Rollout.STATE_ABORTED, f"aborted by {who}: {reason or 'no reason given'}")
+        record.restore_pending = True
         try:
             await self._store.put_rollout(record)
         except StoreUnavailable as err:
             raise unavailable(self._store, err) from None
         self._show(record.rollout)
-        await self._restore(record, who)
+        await restore_weights(self._routes, record, who)
+        await clear_pending(self._store, record, as_driver="")
         return record.rollout
 
     # --- driving (the lease holder) ------------------------------------------------------------
@@ -249,12 +262,19 @@ class RolloutController:
             if task is not None and task.done():
                 del self._tasks[model]
                 task = None
-            if record.rollout.state == Rollout.STATE_RUNNING and task is None:
+            if task is not None:
+                continue
+            if record.rollout.state == Rollout.STATE_RUNNING:
                 log.info("rollouts: %s drives %s/%s from step %d", self.identity, model,
                          record.rollout.canary, record.rollout.step)  # fmt: skip
-                self._tasks[model] = asyncio.create_task(
-                    self._drive(model), name=f"rollout-{model}"
-                )
+                work = self._drive(model)
+            elif record.restore_pending:
+                log.warning("rollouts: %s writes back the weights of %s/%s (%s)", self.identity,
+                            model, record.rollout.canary, record.rollout.reason)  # fmt: skip
+                work = self._complete_restore(record)
+            else:
+                continue
+            self._tasks[model] = asyncio.create_task(work, name=f"rollout-{model}")
 
     async def _save(self, record: store_pb2.RolloutRecord) -> None:
         """Persist progress, only while this replica is still the driver and the rollout is
@@ -312,35 +332,6 @@ class RolloutController:
                 raise Deposed from None
         rollout.percent = percent
 
-    async def _restore(
-        self, record: store_pb2.RolloutRecord, who: str, *, as_driver: str = ""
-    ) -> None:
-        """The weights from before the rollout, as a new revision; with `as_driver` only while
-        this process holds the lease (Deposed otherwise)."""
-        original = dict(record.original_weights)
-        route = find_route(self._routes.routes(), record.rollout.model)
-        if all(original.get(v.name, v.weight) == v.weight for v in route.variants):
-            record.rollout.percent = 0
-            return  # already restored (by the replica that aborted, or a previous driver)
-
-        def mutate(routes) -> None:
-            route = find_route(routes, record.rollout.model)
-            for variant in route.variants:
-                if variant.name in original:
-                    variant.weight = original[variant.name]
-
-        try:
-            await self._routes.change(
-                who=f"rollout:{who}",
-                method="Rollout",
-                summary=f"rollout {record.rollout.model}: {record.rollout.canary} rolled back",
-                mutate=mutate,
-                as_driver=as_driver,
-            )
-        except NotDriver:
-            raise Deposed from None
-        record.rollout.percent = 0
-
     def _end(self, record: store_pb2.RolloutRecord, state, reason: str) -> None:
         rollout = record.rollout
         rollout.state = state
@@ -350,12 +341,44 @@ class RolloutController:
         log.log(level, "rollout of %s/%s: %s (%s)", rollout.model, rollout.canary,
                 Rollout.State.Name(state), reason)  # fmt: skip
 
-    async def _finish(self, record, state, reason: str, *, restore: bool) -> None:
-        # Recorded first: once the record has left RUNNING no driver touches the weights again.
+    async def _finish(self, record, state, reason: str, *, restore: bool, why: str = "") -> None:
+        # Recorded first: once the record has left RUNNING no driver moves it a step again; a
+        # restore still to do is marked in the same write (finished by the next driver).
         self._end(record, state, reason)
+        record.restore_pending = restore
         await self._save(record)
         if restore:
-            await self._restore(record, record.started_by, as_driver=self.identity)
+            await restore_weights(
+                self._routes, record, record.started_by, as_driver=self.identity, why=why
+            )
+            await clear_pending(self._store, record, as_driver=self.identity)
+
+    async def _complete_restore(self, record: store_pb2.RolloutRecord) -> None:
+        try:
+            await restore_weights(self._routes, record, record.started_by, as_driver=self.identity)
+            await clear_pending(self._store, record, as_driver=self.identity)
+        except (Deposed, StoreUnavailable, GatewayError) as err:
+            log.warning("rollouts: weights of %s not written back yet (%s); retrying",
+                        record.rollout.model, type(err).__name__)  # fmt: skip
+        finally:
+            if self._tasks.get(record.rollout.model) is asyncio.current_task():
+                del self._tasks[record.rollout.model]
+
+    async def _smoke_passes(self, record: store_pb2.RolloutRecord, percent: int) -> bool:
+        """The canary's smoke examples before a step: False (rolled back) when one fails."""
+        rollout = record.rollout
+        run = None
+        if self._smoke is not None:
+            run = await self._smoke.run(rollout.model, rollout.canary, percent)
+        if run is None:
+            return True
+        rollout.smoke.CopyFrom(run)
+        if not run.failures:
+            return True
+        reason = failure_reason(run)
+        why = reason.removesuffix("; rolled back")  # the revision's summary says "rolled back"
+        await self._finish(record, Rollout.STATE_ROLLED_BACK, reason, restore=True, why=why)
+        return False
 
     async def _drive(self, model: str) -> None:
         try:
@@ -397,7 +420,9 @@ class RolloutController:
                 or current.rollout.started_at != record.rollout.started_at
             ):
                 return
-            await self._restore(current, current.started_by, as_driver=self.identity)
+            await restore_weights(
+                self._routes, current, current.started_by, as_driver=self.identity
+            )
         except (Deposed, StoreUnavailable, GatewayError) as err:
             log.warning("rollouts: %s: not restoring %s after its abort (%s)", self.identity,
                         model, type(err).__name__)  # fmt: skip
@@ -407,14 +432,13 @@ class RolloutController:
         min_duration = seconds(request.min_step_duration, 30.0)
         max_duration = seconds(request.max_step_duration, 10 * min_duration)
         min_requests = request.min_requests or 100
-        error_factor = request.max_error_ratio_factor or 2.0
-        slack = request.error_ratio_slack or 0.01
-        p99_factor = request.max_p99_factor or 2.0
         first = rollout.step
         for index in range(first, len(rollout.steps)):
             percent = rollout.steps[index]
             resumed = index == first and record.HasField("step_started_at")
             if not resumed:
+                if not await self._smoke_passes(record, percent):
+                    return
                 if index == 0:
                     # Idle replicas publish counts every 30 s; they see the rollout and publish
                     # every second within one: then the window's start is current everywhere.
@@ -445,37 +469,7 @@ class RolloutController:
                     )
                     return
             baseline = window(start, counts, rollout.model, rollout.baseline)
-            last = record.last_baseline
-            if baseline[0] == 0 and last.baseline_requests:
-                # at 100% the baseline gets no calls: compare with the last step's
-                baseline = (
-                    last.baseline_requests,
-                    last.baseline_error_ratio,
-                    last.baseline_p99_seconds,
-                )
-            failed = []
-            if canary[1] > baseline[1] * error_factor + slack:
-                failed.append(
-                    f"error ratio {canary[1]:.3f} > {error_factor:g} x baseline "
-                    f"{baseline[1]:.3f} + {slack:g}"
-                )
-            if baseline[0] and canary[2] > baseline[2] * p99_factor:
-                failed.append(
-                    f"p99 {canary[2] * 1000:.1f} ms > {p99_factor:g} x baseline "
-                    f"{baseline[2] * 1000:.1f} ms"
-                )
-            analysis = rollout.analyses.add(
-                percent=percent,
-                canary_requests=canary[0],
-                canary_error_ratio=canary[1],
-                canary_p99_seconds=canary[2],
-                baseline_requests=baseline[0],
-                baseline_error_ratio=baseline[1],
-                baseline_p99_seconds=baseline[2],
-                passed=not failed,
-            )
-            if baseline[0]:
-                record.last_baseline.CopyFrom(analysis)
+            failed = analyse(record, percent, canary, baseline)
             if failed:
                 await self._finish(
                     record,

@@ -47,7 +47,7 @@ def observe(metrics: GatewayMetrics, known_model, recent: RecentStats | None = N
                 seconds = time.perf_counter() - start
                 variant = target.variant if target else ""
                 backend = target.backend if target else ""
-                metrics.observe(model, variant, backend, code, seconds)
+                metrics.observe(model, variant, backend, code, seconds, call.protocol)
                 if recent is not None and model != UNROUTED:
                     recent.record_call(
                         model,
