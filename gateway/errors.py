@@ -55,6 +55,26 @@ def not_found(message: str) -> GatewayError:
     return GatewayError(grpc.StatusCode.NOT_FOUND, message)
 
 
+# A gRPC code as an HTTP status, for every REST surface (the KServe v2 listener, /v2/jobs, the
+# admin API over HTTP): the v2 protocol's and Triton's mapping, with 429 and 504 where HTTP has a
+# closer word than 400/500. Anything else is 500.
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
 # Outcomes that say the backend (not the request) is in trouble: they count against breakers and
 # are what fallback rescues. Caller errors (INVALID_ARGUMENT, NOT_FOUND, ...) never are.
 BACKEND_FAILURES = frozenset(

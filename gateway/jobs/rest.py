@@ -18,19 +18,8 @@ import urllib.parse
 import grpc
 from google.protobuf import json_format
 
-from gateway.errors import GatewayError, invalid, settled
+from gateway.errors import HTTP_STATUS, GatewayError, invalid, settled
 from tensorgate.jobs.v1 import jobs_pb2
-
-# The REST listener's gRPC -> HTTP mapping, for the codes the Jobs API answers.
-STATUS_OF = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-}
 
 
 def _dict(message) -> dict:
@@ -64,7 +53,7 @@ async def answer(
         return await _route(service, method, [p for p in parts if p], body, caller, query)
     except GatewayError as err:
         code, message, _ = settled(err)
-    return STATUS_OF.get(code, 500), {"error": message}
+    return HTTP_STATUS.get(code, 500), {"error": message}
 
 
 async def _route(service, method, parts, body, caller, query) -> tuple[int, dict]:

@@ -260,6 +260,7 @@ def build() -> dict:
         for tail, operation_id, summary, ok in model_routes:
             paths[base + tail] = {"get": _op(operation_id + name, summary, "model", ok, params)}
         paths[base + "/infer"] = {"post": _infer(name, params)}
+    paths.update(_jobs(components))
     schemas = {**dict(sorted(components.schemas.items())), **V2_SCHEMAS}
     responses = {str(status): _json(_schema("v2.Error"), text) for status, text in ERRORS.items()}
     responses["415"] = _json(_schema("v2.Error"), UNSUPPORTED_ENCODING)
@@ -282,6 +283,11 @@ def build() -> dict:
             {"name": "server", "description": "The gateway itself."},
             {"name": "health", "description": "Liveness and readiness probes."},
             {"name": "repository", "description": "The models behind the gateway."},
+            {
+                "name": "jobs",
+                "description": "Asynchronous inference (docs/jobs.md): served when "
+                "the gateway has `jobs` configured, 404 otherwise.",
+            },
         ],
         # Anonymous unless the gateway identifies callers (callers.jwt): then a bearer JWT.
         "security": [{}, {"bearer": []}],
@@ -360,3 +366,40 @@ def _infer(name: str, params: list[dict]) -> dict:
         },
     }
     return operation
+
+
+def _jobs(components) -> dict[str, dict]:
+    """/v2/jobs (gateway/jobs/rest.py): bodies are tensorgate.jobs.v1's messages by the proto3
+    JSON mapping, as over gRPC."""
+    from tensorgate.jobs.v1 import jobs_pb2
+
+    def message(m, text: str) -> dict:
+        return _json(components.ref(m.DESCRIPTOR), text)
+
+    job_id = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+    summary = "Submit a job: its id at once (200 when the idempotency key named an existing job)."
+    submit = _op("jobSubmit", summary, "jobs", message(jobs_pb2.SubmitResponse, "The job."))
+    submit["responses"]["201"] = message(jobs_pb2.SubmitResponse, "The job, created.")
+    submit["responses"]["415"] = {"$ref": "#/components/responses/415"}
+    submit["requestBody"] = {
+        "required": True,
+        "content": {"application/json": {"schema": components.ref(
+            jobs_pb2.SubmitRequest.DESCRIPTOR)}},
+    }  # fmt: skip
+    query = [
+        {"name": name, "in": "query", "required": False, "schema": schema}
+        for name, schema in (("model", {"type": "string"}), ("state", {"type": "string"}),
+                             ("page_size", {"type": "integer", "minimum": 0}),
+                             ("page_token", {"type": "string"}))
+    ]  # fmt: skip
+    listed = _op("jobList", "The caller's jobs, by model and state, a page at a time.", "jobs",
+                 message(jobs_pb2.ListResponse, "A page of jobs."), query)  # fmt: skip
+    job = message(jobs_pb2.Job, "The job.")
+    cancel = _op("jobCancel", "Cancel a queued or running job.", "jobs", job, [job_id])
+    cancel["responses"]["415"] = {"$ref": "#/components/responses/415"}
+    get = _op("jobGet", "A job: its state, and its result once done.", "jobs", job, [job_id])
+    return {
+        "/v2/jobs": {"post": submit, "get": listed},
+        "/v2/jobs/{id}": {"get": get},
+        "/v2/jobs/{id}/cancel": {"post": cancel},
+    }

@@ -19,26 +19,15 @@ import grpc
 from google.protobuf import json_format, message_factory
 
 from gateway.controlplane.admin.auth import READ_ONLY_METHODS
+from gateway.errors import HTTP_STATUS
 
 PREFIX = "/admin/v1/"
 MAX_BODY = 4 << 20
 # Longer than any admin call takes (a store write with its retries), short enough that a wedged
 # server does not hold a connection for ever.
 CALL_TIMEOUT = 60.0
-_HTTP_STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.OUT_OF_RANGE: 400,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.ABORTED: 409,
-    grpc.StatusCode.FAILED_PRECONDITION: 409,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.UNIMPLEMENTED: 501,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-}
+# A stale expected_revision (FAILED_PRECONDITION) is a conflict with the stored table here.
+_HTTP_STATUS = {**HTTP_STATUS, grpc.StatusCode.FAILED_PRECONDITION: 409}
 JSON = "application/json"
 
 

@@ -5,7 +5,7 @@ the same question the matching RPC asks, and writes the v2 answer. Inference goe
 `DataPlane.answer`, so a REST call passes exactly the layers, checks, logs and metrics a
 ModelInfer call does (labelled protocol="rest"); the body is bounded and counted by the same
 intake (size limit before it is read, the memory bulkhead, the shutdown gate). A GatewayError's
-gRPC code becomes the HTTP status the v2 protocol uses (STATUS_OF); the body is always
+gRPC code becomes the HTTP status the v2 protocol uses (errors.HTTP_STATUS); the body is always
 `{"error": "<message>"}`, never a stack trace.
 """
 
@@ -22,27 +22,10 @@ import grpc
 import gateway
 from gateway.dataplane.plane import METADATA_TIMEOUT_S, DataPlane
 from gateway.dataplane.rest import codec
-from gateway.errors import GatewayError, invalid, settled, shown
+from gateway.errors import HTTP_STATUS, GatewayError, invalid, settled, shown
 
 log = logging.getLogger(__name__)
 
-# gRPC code -> HTTP status (the v2 REST protocol's and Triton's mapping; 429 and 504 where HTTP
-# has a closer word than 400/500).
-STATUS_OF = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.FAILED_PRECONDITION: 400,
-    grpc.StatusCode.OUT_OF_RANGE: 400,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.ABORTED: 409,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.CANCELLED: 499,
-    grpc.StatusCode.UNIMPLEMENTED: 501,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-}
 # The caller's deadline, in milliseconds (gRPC callers send grpc-timeout; HTTP has no standard
 # header for it). Without it the route's timeout applies, as for a gRPC call with no deadline.
 TIMEOUT_HEADER = "x-tensorgate-timeout-ms"
@@ -100,7 +83,7 @@ class RestApp:
             kind = _JSON
         except GatewayError as err:
             code, message, _ = settled(err)
-            status, body, kind, extra = STATUS_OF.get(code, 500), _error(message), _JSON, ()
+            status, body, kind, extra = HTTP_STATUS.get(code, 500), _error(message), _JSON, ()
         except Exception:
             log.exception("REST %s %s failed", method, shown(scope["path"]))
             status, body, kind, extra = 500, _error("internal gateway error"), _JSON, ()
@@ -198,7 +181,7 @@ class RestApp:
             if size is not None:
                 intake.release(size)
         if answer.result is None:
-            status = STATUS_OF.get(answer.code, 500)
+            status = HTTP_STATUS.get(answer.code, 500)
             return status, _error(answer.message), _JSON, answer.headers
         payload, head_length = codec.infer_response(answer.result.response, binary)
         if head_length is None:
