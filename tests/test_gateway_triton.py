@@ -369,15 +369,15 @@ def test_metrics_by_model_variant_backend_code(gateway, stub):
         stub.ModelInfer(linear_request(model="nope"))
     text = urllib.request.urlopen(gateway.metrics_url, timeout=5).read().decode()
     assert (
-        'tensorgate_requests_total{backend="triton-a",code="OK",model="linear",variant="canary"}'
+        'tensorgate_requests_total{backend="triton-a",code="OK",model="linear",protocol="grpc",variant="canary"}'
         in text
     )
     assert (
-        'tensorgate_requests_total{backend="",code="NOT_FOUND",model="_unrouted",variant=""}'
+        'tensorgate_requests_total{backend="",code="NOT_FOUND",model="_unrouted",protocol="grpc",variant=""}'
         in text
     )
     assert (
-        'tensorgate_request_duration_seconds_bucket{backend="triton-a",code="OK",le="0.005",model="linear",variant="canary"}'
+        'tensorgate_request_duration_seconds_bucket{backend="triton-a",code="OK",le="0.005",model="linear",protocol="grpc",variant="canary"}'
         in text
     )
     assert 'tensorgate_requests_in_flight{model="linear"} 0.0' in text

@@ -103,7 +103,7 @@ def test_decoupled_responses_in_order_with_public_names(gateway):
     assert (linear.model_name, linear.model_version) == ("linear", "7")
     # counted per request, when its final response came
     samples = scrape(gateway.metrics_url)
-    labels = {"variant": "only", "backend": "triton-a", "code": "OK"}
+    labels = {"variant": "only", "backend": "triton-a", "code": "OK", "protocol": "grpc"}
     assert metric(samples, "tensorgate_requests_total", model="repeat", **labels) >= 2
 
 

@@ -232,7 +232,7 @@ def _stock_stream(address: str, model: str, count: int, n: int, timeout: float) 
 def test_stock_tritonclient_on_a_decoupled_model_ends_cleanly(gateway, triton):
     """5 x repeat [n=2]: 10 answers and a clean end, counted OK, and the same answers as Triton
     gives directly: same count, same contents, no parameter Triton did not send."""
-    labels = {"model": "repeat", "variant": "only", "backend": "triton-a"}
+    labels = {"model": "repeat", "variant": "only", "backend": "triton-a", "protocol": "grpc"}
     before = scrape(gateway.metrics_url)
     via_gateway = _stock_stream(gateway.address, "repeat", 5, 2, timeout=30)
     direct = _stock_stream(triton.address, "demo_repeat", 5, 2, timeout=30)
@@ -327,7 +327,7 @@ def test_a_drained_backend_gets_no_stream_traffic(triton):
     assert len(replies) == 200
     assert {r.infer_response.model_version for r in replies} == {"2"}
     assert {tuple(output(r.infer_response)) for r in replies} == {tuple(Y_V2)}
-    common = {"model": "linear", "code": "OK"}
+    common = {"model": "linear", "code": "OK", "protocol": "grpc"}
     assert metric(samples, "tensorgate_requests_total", variant="on-a", backend="a", **common) == 0
     assert (
         metric(samples, "tensorgate_requests_total", variant="on-b", backend="b", **common) == 200
