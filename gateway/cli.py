@@ -224,11 +224,23 @@ def _check_config(parser: argparse.ArgumentParser, args) -> int:
 
 
 def _print_paths(config) -> None:
-    """Envoy mode: which data plane answers each route, and why."""
-    from gateway.controlplane.envoy.decide import decide
+    """Envoy mode: which data plane answers each route, and why (gRPC, and REST with
+    envoy.rest_listen)."""
+    from gateway.controlplane.envoy.decide import decide, decide_rest
 
     print(f"Envoy mode: xDS on {config.listeners.xds}, Envoys listen on {config.envoy.listen}")
-    for decision in decide(config):
+    _print_decisions(decide(config))
+    rest = decide_rest(config)
+    if rest:
+        print(
+            f"Envoy REST: Envoys listen on {config.envoy.rest_listen}, hand the rest to "
+            f"{config.envoy.gateway_rest_address}"
+        )
+        _print_decisions(rest)
+
+
+def _print_decisions(decisions) -> None:
+    for decision in decisions:
         where = "envoy  " if decision.path == "envoy" else "gateway"
         print(f"  {where} {decision.model}")
         for reason in decision.reasons:

@@ -122,18 +122,12 @@ def _check_backends(
             reason = address_problem(backend.address)
             if reason:
                 problems.append(Problem(f"{at}.address", reason))
-        if backend.rest_address:
-            reason = address_problem(backend.rest_address)
-            if reason:
-                problems.append(Problem(f"{at}.rest_address", reason))
-            elif backend.kind not in (config_pb2.BACKEND_KIND_TRITON, config_pb2.BACKEND_KIND_OIP):
-                problems.append(
-                    Problem(
-                        f"{at}.rest_address",
-                        "only Triton and OIP backends serve the KServe v2 REST protocol; the "
-                        "gateway's REST listener translates for the others",
-                    )
-                )
+        rest_kinds = (config_pb2.BACKEND_KIND_TRITON, config_pb2.BACKEND_KIND_OIP)
+        if backend.rest_address and address_problem(backend.rest_address):
+            problems.append(Problem(f"{at}.rest_address", address_problem(backend.rest_address)))
+        elif backend.rest_address and backend.kind not in rest_kinds:
+            why = "only Triton and OIP backends serve KServe v2 REST (the REST listener translates)"
+            problems.append(Problem(f"{at}.rest_address", why))
         if seconds(backend.per_try_timeout) <= 0:
             problems.append(Problem(f"{at}.per_try_timeout", "must be positive"))
         conn = backend.connection
@@ -309,6 +303,8 @@ def _check_envoy(config: config_pb2.GatewayConfig, problems: list[Problem]) -> N
             problems.append(Problem(f"envoy.{field}", reason))
     if envoy.rest_listen != "off":
         reason = address_problem(envoy.rest_listen)
+        if not reason and envoy.rest_listen == envoy.listen:
+            reason = "is envoy.listen too: Envoy's REST and gRPC listeners need ports of their own"
         if reason:
             problems.append(Problem("envoy.rest_listen", reason))
         if config.listeners.rest == "off":

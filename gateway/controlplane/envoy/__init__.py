@@ -4,5 +4,8 @@
   which path, and why).
 - ads.py: the Aggregated Discovery Service Envoys connect to (versioned, ordered pushes).
 - bootstrap.py: the Envoy bootstrap that points an Envoy at the control plane.
-- lua/: the filters Envoy runs (model from the request body; per-variant rename and trailers).
+- rest.py: the KServe v2 REST listener (envoy.rest_listen): exact-path routes to the backends'
+  REST ports, everything else to the gateway's REST listener.
+- lua/: the filters Envoy runs (model from the request body; per-variant rename and trailers;
+  the REST body check and path rewrite).
 """

@@ -98,8 +98,10 @@ def build_cluster(
     buffer_limit: int = 0,
     stat_name: str = "",
     eds_name: str = "",
+    http1: bool = False,
 ) -> tuple[cluster_pb2.Cluster, endpoint_pb2.ClusterLoadAssignment | None]:
-    """An HTTP/2 cluster of one address: EDS for an IP (endpoints pushed over ADS, one
+    """An HTTP/2 cluster of one address (HTTP/1.1 with `http1`: REST backends such as Triton's
+    HTTP endpoint speak nothing else): EDS for an IP (endpoints pushed over ADS, one
     ClusterLoadAssignment per backend, `eds_name`, shared by every variant cluster on it: a few
     EDS resources however many routes), STRICT_DNS for a host name (Envoy resolves it)."""
     cluster = cluster_pb2.Cluster(
@@ -121,14 +123,22 @@ def build_cluster(
     else:
         cluster.type = cluster_pb2.Cluster.STRICT_DNS
         cluster.load_assignment.CopyFrom(assignment)
-    options = http_protocol_options_pb2.HttpProtocolOptions()
-    options.explicit_http_config.http2_protocol_options.CopyFrom(http2())
+    options = protocol_options(http1)
     if upstream_lua is not None:
         add_upstream_lua(options, upstream_lua)
     cluster.typed_extension_protocol_options[_HTTP_OPTIONS].CopyFrom(packed(options))
     # An ejected (breaker-open) variant must get no calls: never "panic" back onto it.
     cluster.common_lb_config.healthy_panic_threshold.value = 0
     return cluster, endpoints
+
+
+def protocol_options(http1: bool = False) -> http_protocol_options_pb2.HttpProtocolOptions:
+    options = http_protocol_options_pb2.HttpProtocolOptions()
+    if http1:
+        options.explicit_http_config.http_protocol_options.SetInParent()
+    else:
+        options.explicit_http_config.http2_protocol_options.CopyFrom(http2())
+    return options
 
 
 def add_upstream_lua(options: http_protocol_options_pb2.HttpProtocolOptions, lua: str) -> None:
@@ -180,14 +190,15 @@ def outlier_breaker(cluster: cluster_pb2.Cluster, backend: config_pb2.Backend, c
 
 
 def upstream_tls(
-    server_name: str, ca_file: str, cert_file: str = "", key_file: str = ""
+    server_name: str, ca_file: str, cert_file: str = "", key_file: str = "", alpn: str = "h2"
 ) -> base_pb2.TransportSocket:
     """Envoy's TLS to an upstream: its certificate chain checked against `ca_file` and its
     subject alternative names against `server_name`; a client certificate when given."""
     context = tls_pb2.UpstreamTlsContext()
     common = context.common_tls_context
-    # HTTP/2 announced in the handshake, as gRPC's own clients do.
-    common.alpn_protocols.append("h2")
+    # The protocol announced in the handshake: h2 as gRPC's own clients do (http/1.1 to a REST
+    # listener).
+    common.alpn_protocols.append(alpn)
     if cert_file:
         certificate = common.tls_certificates.add()
         certificate.certificate_chain.filename = cert_file
@@ -208,7 +219,7 @@ def upstream_tls(
 
 
 def build_aggregate(
-    name: str, members: list[str], lua: str | None, buffer_limit: int
+    name: str, members: list[str], lua: str | None, buffer_limit: int, http1: bool = False
 ) -> cluster_pb2.Cluster:
     """Priority i is members[i]: retries walk down it (previous_priorities), and so does load
     while a member's hosts are ejected. Requests run the upstream filter of members[0]'s variant
@@ -225,9 +236,9 @@ def build_aggregate(
         )
     )
     if lua is not None:
-        cluster.per_connection_buffer_limit_bytes.value = buffer_limit
-        options = http_protocol_options_pb2.HttpProtocolOptions()
-        options.explicit_http_config.http2_protocol_options.CopyFrom(http2())
+        if buffer_limit:
+            cluster.per_connection_buffer_limit_bytes.value = buffer_limit
+        options = protocol_options(http1)
         add_upstream_lua(options, lua)
         cluster.typed_extension_protocol_options[_HTTP_OPTIONS].CopyFrom(packed(options))
     return cluster

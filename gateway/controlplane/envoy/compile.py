@@ -15,6 +15,10 @@ Each route takes one of two paths, decided here (`decide`) and printed by `check
   `tensorgate_gateway`): whatever Envoy cannot express (backend translation, static answers,
   schema validation, hedging, shadow comparison, ...). Unknown models and versions and every RPC
   other than ModelInfer (metadata, readiness) go there too, so callers get the gateway's answers.
+
+With envoy.rest_listen, each route is decided a second time for KServe v2 REST
+(`decide_rest_route`) and, when Envoy serves it, gets REST clusters and routes too (rest.py),
+on a second listener whose other calls go to the gateway's REST listener.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from gateway.controlplane.envoy.clusters import (
     upstream_tls,
     variant_lua,
 )
-from gateway.controlplane.envoy.decide import Decision, decide_route
+from gateway.controlplane.envoy.decide import Decision, decide_rest_route, decide_route, rest_on
 from gateway.controlplane.envoy.listener import (
     build_gateway_route,
     build_listener,
@@ -50,6 +54,8 @@ from gateway.controlplane.envoy.resources import (
     GATEWAY_CLUSTER,
     LISTENER,
     LISTENER_NAME,
+    REST_LISTENER_NAME,
+    REST_ROUTE_NAME,
     ROUTE,
     ROUTE_HEADER,
     ROUTE_NAME,
@@ -61,6 +67,12 @@ from gateway.controlplane.envoy.resources import (
     split_address,
     variant_cluster,
 )
+from gateway.controlplane.envoy.rest import (
+    build_rest_listener,
+    compile_rest_route,
+    route_configuration,
+)
+from gateway.controlplane.envoy.rest import gateway_cluster as rest_gateway_cluster
 from gateway.dataplane.layers.chain import route_settings
 from gateway.durations import seconds
 from tensorgate.config.v1 import config_pb2
@@ -72,6 +84,7 @@ class Resources:
 
     by_type: dict[str, dict[str, message.Message]] = field(default_factory=dict)
     decisions: tuple[Decision, ...] = ()
+    rest_decisions: tuple[Decision, ...] = ()  # empty when envoy.rest_listen is off
 
     def version(self, type_url: str) -> str:
         """A content hash of one type's resources: equal resources, equal version."""
@@ -107,6 +120,8 @@ class _Compiled:
     endpoints: dict
     routes: list  # its Envoy routes, each named by its key in the match table
     picks: list  # [(route name, pinned, [(cluster, variant name)])] of its weighted routes
+    rest_decision: Decision | None = None
+    rest_routes: list = field(default_factory=list)  # [(exact path, Envoy route)]
 
 
 class Compiler:
@@ -138,7 +153,7 @@ class Compiler:
         by_model: dict[str, _Compiled] = {}
         used: list[_Compiled] = []
         weights: dict[str, float] = {}
-        decisions = []
+        decisions, rest_decisions = [], []
         for route in sorted(config.routes, key=lambda r: r.model):
             shape = _shape(route)
             route_key = shape.SerializeToString(deterministic=True)
@@ -152,11 +167,14 @@ class Compiler:
             by_model[route.model] = compiled
             used.append(compiled)
             decisions.append(compiled.decision)
+            if compiled.rest_decision is not None:
+                rest_decisions.append(compiled.rest_decision)
             if compiled.picks:
                 weights.update(_weights(route, compiled.picks, _down(route, down)))
         self._cache, self._by_model = cache, by_model
         order = {r.model: i for i, r in enumerate(config.routes)}
         decisions.sort(key=lambda d: order[d.model])
+        rest_decisions.sort(key=lambda d: order[d.model])
         identity = tuple(id(c) for c in used)
         if self._assembled is not None and self._assembled[0] == identity:
             structure = self._assembled[1].by_type  # same routes: same messages, same versions
@@ -173,6 +191,7 @@ class Compiler:
                 ROUTE: structure[ROUTE],
             },
             tuple(decisions),
+            tuple(rest_decisions),
         )
         self._assembled = (identity, resources)
         return resources
@@ -182,11 +201,17 @@ def _same(a: _Compiled, b: _Compiled) -> bool:
     def serialized(c: _Compiled):
         return (
             [m.SerializeToString(deterministic=True) for m in c.routes],
+            [(p, m.SerializeToString(deterministic=True)) for p, m in c.rest_routes],
             {n: m.SerializeToString(deterministic=True) for n, m in c.clusters.items()},
             {n: m.SerializeToString(deterministic=True) for n, m in c.endpoints.items()},
         )
 
-    return a.decision == b.decision and a.picks == b.picks and serialized(a) == serialized(b)
+    return (
+        a.decision == b.decision
+        and a.rest_decision == b.rest_decision
+        and a.picks == b.picks
+        and serialized(a) == serialized(b)
+    )
 
 
 def _shape(route: config_pb2.Route) -> config_pb2.Route:
@@ -232,10 +257,11 @@ def _weights(route: config_pb2.Route, picks, avoided: frozenset[str]) -> dict[st
 
 def _compile_route(route, config, backends, forced) -> _Compiled:
     decision = decide_route(route, config, backends, forced)
+    rest = decide_rest_route(route, config, backends, decision) if rest_on(config) else None
     clusters: dict[str, cluster_pb2.Cluster] = {}
     endpoints: dict[str, endpoint_pb2.ClusterLoadAssignment] = {}
     if decision.path != "envoy":
-        return _Compiled(decision, clusters, endpoints, [], [])
+        return _Compiled(decision, clusters, endpoints, [], [], rest)
     settings = route_settings(route, config.defaults.route_policy)
     for variant in route.variants:
         backend = backends[variant.backend]
@@ -272,7 +298,15 @@ def _compile_route(route, config, backends, forced) -> _Compiled:
                 config.envoy.max_body_bytes,
             )
     routes, picks = build_routes(route, settings, config, bool(fallback))
-    return _Compiled(decision, clusters, endpoints, routes, picks)
+    rest_routes = []
+    if rest is not None and rest.path == "envoy":
+        more_clusters, more_endpoints, rest_routes, more_picks = compile_rest_route(
+            route, settings, config, backends
+        )
+        clusters.update(more_clusters)
+        endpoints.update(more_endpoints)
+        picks = picks + more_picks
+    return _Compiled(decision, clusters, endpoints, routes, picks, rest, rest_routes)
 
 
 def _assemble(config, compiled: list[_Compiled]) -> Resources:
@@ -310,12 +344,17 @@ def _assemble(config, compiled: list[_Compiled]) -> Resources:
             route_components_pb2.VirtualHost(name="tensorgate", domains=["*"], matcher=table)
         ],
     )
-    listener = build_listener(config)
+    listeners = {LISTENER_NAME: build_listener(config)}
+    route_configs = {ROUTE_NAME: route_config}
+    if rest_on(config):
+        cluster, assignment = rest_gateway_cluster(config)
+        clusters[cluster.name] = cluster
+        if assignment is not None:
+            endpoints[cluster.name] = assignment
+        listeners[REST_LISTENER_NAME] = build_rest_listener(config)
+        route_configs[REST_ROUTE_NAME] = route_configuration(
+            [pair for one in compiled for pair in one.rest_routes]
+        )
     return Resources(
-        {
-            CLUSTER: clusters,
-            ENDPOINT: endpoints,
-            LISTENER: {LISTENER_NAME: listener},
-            ROUTE: {ROUTE_NAME: route_config},
-        }
+        {CLUSTER: clusters, ENDPOINT: endpoints, LISTENER: listeners, ROUTE: route_configs}
     )

@@ -61,21 +61,30 @@ def on_route(route: route_components_pb2.Route) -> matcher_pb2.Matcher.OnMatch:
 
 def routes_of(config: route_pb2.RouteConfiguration) -> list[route_components_pb2.Route]:
     """The Envoy routes in a route configuration's match table: per model (by name) its pinned
-    versions, then its unpinned route; the gateway route last."""
-
-    def order(key: str):
-        model, _, version = key.partition("@")
-        return (model, 0 if version else 1, int(version) if version.isdigit() else 0, version)
-
-    out = []
+    versions, then its unpinned route; the gateway route last. Nested tables (the REST
+    listener's: hand-over header, then path) are walked in place."""
+    out: list[route_components_pb2.Route] = []
     for host in config.virtual_hosts:
-        table = host.matcher.matcher_tree.exact_match_map.map
-        for key in sorted(table, key=order):
-            out.append(route_components_pb2.Route())
-            table[key].action.typed_config.Unpack(out[-1])
-        out.append(route_components_pb2.Route())
-        host.matcher.on_no_match.action.typed_config.Unpack(out[-1])
+        _walk(host.matcher, out)
     return out
+
+
+def _order(key: str):
+    model, _, version = key.partition("@")
+    return (model, 0 if version else 1, int(version) if version.isdigit() else 0, version)
+
+
+def _walk(table: matcher_pb2.Matcher, out: list) -> None:
+    entries = table.matcher_tree.exact_match_map.map
+    chosen = [entries[key] for key in sorted(entries, key=_order)]
+    if table.HasField("on_no_match"):
+        chosen.append(table.on_no_match)
+    for on_match in chosen:
+        if on_match.HasField("matcher"):
+            _walk(on_match.matcher, out)
+        else:
+            out.append(route_components_pb2.Route())
+            on_match.action.typed_config.Unpack(out[-1])
 
 
 def build_routes(route, settings, config, has_fallback: bool):

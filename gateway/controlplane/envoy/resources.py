@@ -47,6 +47,23 @@ ROUTE_NAME = "tensorgate"
 GATEWAY_CLUSTER = "tensorgate_gateway"
 
 
+# The KServe v2 REST listener (envoy.rest_listen; gateway/controlplane/envoy/rest.py), its route
+# configuration, and the cluster of the gateway's REST listener (envoy.gateway_rest_address).
+REST_LISTENER_NAME = "tensorgate_rest"
+
+
+REST_ROUTE_NAME = "tensorgate_rest"
+
+
+REST_GATEWAY_CLUSTER = "tensorgate_gateway_rest"
+
+
+# Set by the REST listener's Lua filter (rest.lua) on a call it will not let Envoy serve: the
+# route table then sends it to the gateway. A caller may send it too; it only ever hands a call
+# to the gateway, which answers anything.
+REST_HAND_OVER_HEADER = "x-tensorgate-rest-gateway"
+
+
 VARIANT_HEADER = VARIANT_TRAILER  # the same trailers as the Python data plane
 
 
@@ -89,6 +106,23 @@ def variant_cluster(model: str, variant: str) -> str:
 
 def aggregate_cluster(model: str, variant: str) -> str:
     return f"tga|{model}|{variant}"
+
+
+def rest_cluster(model: str, variant: str) -> str:
+    return f"tgr|{model}|{variant}"
+
+
+def rest_aggregate_cluster(model: str, variant: str) -> str:
+    return f"tgra|{model}|{variant}"
+
+
+def infer_path(model: str, version: str = "") -> str:
+    """The KServe v2 REST inference path of a model (and version). Model names and versions are
+    URL-safe as checked (letters, digits, `_.-`; decimal versions), so this is the path a client
+    sends, byte for byte."""
+    if version:
+        return f"/v2/models/{model}/versions/{version}/infer"
+    return f"/v2/models/{model}/infer"
 
 
 def envoy_stat_name(name: str) -> str:
