@@ -242,3 +242,14 @@ def build_aggregate(
         add_upstream_lua(options, lua)
         cluster.typed_extension_protocol_options[_HTTP_OPTIONS].CopyFrom(packed(options))
     return cluster
+
+
+def route_limits(cluster: cluster_pb2.Cluster, variant: config_pb2.Variant, settings) -> None:
+    """What a route's policy bounds on its variant's cluster (both listeners): the retry budget
+    when it retries, and the shadow's concurrency on the shadow variant's cluster."""
+    if settings.retry.max_attempts > 1:
+        budget = cluster.circuit_breakers.thresholds[0].retry_budget
+        budget.budget_percent.value = settings.retry.budget_ratio * 100
+        budget.min_retry_concurrency.value = int(settings.retry.budget_min_per_second)
+    if settings.shadow is not None and variant.name == settings.shadow.variant:
+        cluster.circuit_breakers.thresholds[0].max_requests.value = settings.shadow.max_concurrency

@@ -36,6 +36,7 @@ from gateway.controlplane.envoy.clusters import (
     build_aggregate,
     build_cluster,
     outlier_breaker,
+    route_limits,
     upstream_tls,
     variant_lua,
 )
@@ -277,13 +278,7 @@ def _compile_route(route, config, backends, forced) -> _Compiled:
             buffer_limit=config.envoy.max_body_bytes if lua else 0,
         )
         outlier_breaker(cluster, backend, config)
-        if settings.retry.max_attempts > 1:
-            budget = cluster.circuit_breakers.thresholds[0].retry_budget
-            budget.budget_percent.value = settings.retry.budget_ratio * 100
-            budget.min_retry_concurrency.value = int(settings.retry.budget_min_per_second)
-        if settings.shadow is not None and variant.name == settings.shadow.variant:
-            shadow_limit = cluster.circuit_breakers.thresholds[0]
-            shadow_limit.max_requests.value = settings.shadow.max_concurrency
+        route_limits(cluster, variant, settings)
         clusters[name] = cluster
         if assignment is not None:
             endpoints[assignment.cluster_name] = assignment

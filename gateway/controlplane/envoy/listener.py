@@ -168,42 +168,12 @@ def build_route(name, members, route, settings, config) -> route_components_pb2.
     timeout = duration(settings.timeout or 0.0)
     action.timeout.CopyFrom(timeout)
     action.max_stream_duration.grpc_timeout_header_max.CopyFrom(timeout)
-    retry = settings.retry
-    backends = {b.name: b for b in config.backends}
-    per_try = max(seconds(b.per_try_timeout) for b in (backends[v.backend] for v in route.variants))
-    fallback = [s for s in settings.fallback if s.WhichOneof("step") == "variant"]
-    retries = retry.max_attempts - 1
-    if fallback:
-        retries = max(retries, len(fallback))
-    if retries > 0:
-        policy = action.retry_policy
-        words: list[str] = []
-        for code in sorted(c.name for c in retry.retry_on):
-            words.extend(w for w in ENVOY_RETRY_ON[code] if w not in words)
-        policy.retry_on = ",".join(words)
-        policy.num_retries.value = retries
-        policy.per_try_timeout.CopyFrom(duration(per_try))
-        policy.retry_back_off.base_interval.CopyFrom(duration(max(retry.base_delay, 0.001)))
-        policy.retry_back_off.max_interval.CopyFrom(
-            duration(max(retry.max_delay, retry.base_delay, 0.001))
-        )
-        if fallback:
-            # Each retry moves one priority down the aggregate cluster: the next fallback variant.
-            policy.retry_priority.name = "envoy.retry_priorities.previous_priorities"
-            policy.retry_priority.typed_config.CopyFrom(
-                packed(previous_priorities_config_pb2.PreviousPrioritiesConfig(update_frequency=1))
-            )
+    words: list[str] = []
+    for code in sorted(c.name for c in settings.retry.retry_on):
+        words.extend(w for w in ENVOY_RETRY_ON[code] if w not in words)
+    add_retries(action, route, settings, config, ",".join(words))
     if settings.shadow is not None:
-        mirror = action.request_mirror_policies.add(
-            cluster=variant_cluster(route.model, settings.shadow.variant),
-            disable_shadow_host_suffix_append=True,
-        )
-        mirror.runtime_fraction.default_value.CopyFrom(
-            percent_pb2.FractionalPercent(
-                numerator=round(settings.shadow.fraction * 1_000_000),
-                denominator=percent_pb2.FractionalPercent.MILLION,
-            )
-        )
+        add_mirror(action, settings, variant_cluster(route.model, settings.shadow.variant))
     return route_components_pb2.Route(
         name=name,
         match=_ANY,
@@ -288,3 +258,46 @@ def build_listener(config: config_pb2.GatewayConfig) -> listener_pb2.Listener:
         ],
     )
     return listener
+
+
+def add_retries(action, route, settings, config, retry_on: str, statuses=()) -> None:
+    """The route's retry policy (both listeners; `retry_on` and `statuses` in the listener's
+    protocol): attempts, or one per fallback variant when more, each try bounded by the slowest
+    variant backend's per_try_timeout, and with fallback each retry one priority further down
+    the aggregate cluster (the next fallback variant)."""
+    retry = settings.retry
+    backends = {b.name: b for b in config.backends}
+    per_try = max(seconds(backends[v.backend].per_try_timeout) for v in route.variants)
+    fallback = [s for s in settings.fallback if s.WhichOneof("step") == "variant"]
+    retries = retry.max_attempts - 1
+    if fallback:
+        retries = max(retries, len(fallback))
+    if retries <= 0:
+        return
+    policy = action.retry_policy
+    policy.retry_on = retry_on
+    policy.retriable_status_codes.extend(statuses)
+    policy.num_retries.value = retries
+    policy.per_try_timeout.CopyFrom(duration(per_try))
+    policy.retry_back_off.base_interval.CopyFrom(duration(max(retry.base_delay, 0.001)))
+    policy.retry_back_off.max_interval.CopyFrom(
+        duration(max(retry.max_delay, retry.base_delay, 0.001))
+    )
+    if fallback:
+        policy.retry_priority.name = "envoy.retry_priorities.previous_priorities"
+        policy.retry_priority.typed_config.CopyFrom(
+            packed(previous_priorities_config_pb2.PreviousPrioritiesConfig(update_frequency=1))
+        )
+
+
+def add_mirror(action, settings, cluster: str) -> None:
+    """The route's shadow: a mirror of `settings.shadow.fraction` of its calls to `cluster`."""
+    mirror = action.request_mirror_policies.add(
+        cluster=cluster, disable_shadow_host_suffix_append=True
+    )
+    mirror.runtime_fraction.default_value.CopyFrom(
+        percent_pb2.FractionalPercent(
+            numerator=round(settings.shadow.fraction * 1_000_000),
+            denominator=percent_pb2.FractionalPercent.MILLION,
+        )
+    )

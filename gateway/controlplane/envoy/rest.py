@@ -29,11 +29,7 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
-from envoy.extensions.retry.priority.previous_priorities.v3 import (
-    previous_priorities_config_pb2,
-)
 from envoy.type.matcher.v3 import regex_pb2
-from envoy.type.v3 import percent_pb2
 from xds.type.matcher.v3 import matcher_pb2
 
 from gateway.controlplane.envoy.clusters import (
@@ -41,10 +37,17 @@ from gateway.controlplane.envoy.clusters import (
     build_cluster,
     http2,
     outlier_breaker,
+    route_limits,
     upstream_tls,
 )
 from gateway.controlplane.envoy.decide import REST_RETRY_ON
-from gateway.controlplane.envoy.listener import header_input, identity_headers, on_route
+from gateway.controlplane.envoy.listener import (
+    add_mirror,
+    add_retries,
+    header_input,
+    identity_headers,
+    on_route,
+)
 from gateway.controlplane.envoy.resources import (
     REST_GATEWAY_CLUSTER,
     REST_HAND_OVER_HEADER,
@@ -137,14 +140,7 @@ def compile_rest_route(route, settings, config, backends):
             http1=True,
         )
         outlier_breaker(cluster, backend, config)
-        if settings.retry.max_attempts > 1:
-            budget = cluster.circuit_breakers.thresholds[0].retry_budget
-            budget.budget_percent.value = settings.retry.budget_ratio * 100
-            budget.min_retry_concurrency.value = int(settings.retry.budget_min_per_second)
-        if settings.shadow is not None and variant.name == settings.shadow.variant:
-            cluster.circuit_breakers.thresholds[
-                0
-            ].max_requests.value = settings.shadow.max_concurrency
+        route_limits(cluster, variant, settings)
         clusters[name] = cluster
         if assignment is not None:
             endpoints[assignment.cluster_name] = assignment
@@ -170,7 +166,7 @@ def compile_rest_route(route, settings, config, backends):
         paths = {backend_path[v.name] for v in group}
         incoming = infer_path(route.model, version or "")
         rewrite = paths.pop() if len(paths) == 1 and incoming not in paths else None
-        built = _route(name, members, route, settings, config, bool(fallback), rewrite)
+        built = _route(name, members, route, settings, config, rewrite)
         routes.append((incoming, built))
         if len(members) > 1:
             picks.append((name, version is not None, [(c, v.name) for c, v in members]))
@@ -188,7 +184,7 @@ def _retry_on(retry) -> tuple[str, list[int]]:
     return ",".join(words), sorted(codes)
 
 
-def _route(name, members, route, settings, config, has_fallback, rewrite):
+def _route(name, members, route, settings, config, rewrite):
     action = route_components_pb2.RouteAction()
     identity = []
     if len(members) == 1:
@@ -212,39 +208,9 @@ def _route(name, members, route, settings, config, has_fallback, rewrite):
     # The route's timeout, or none (Envoy's default of 15 s would otherwise apply); a caller's
     # own deadline takes the call to the gateway (HAND_OVER_HEADERS).
     action.timeout.CopyFrom(duration(settings.timeout or 0.0))
-    retry = settings.retry
-    backends = {b.name: b for b in config.backends}
-    per_try = max(seconds(backends[v.backend].per_try_timeout) for v in route.variants)
-    fallback = [s for s in settings.fallback if s.WhichOneof("step") == "variant"]
-    retries = retry.max_attempts - 1
-    if fallback:
-        retries = max(retries, len(fallback))
-    if retries > 0:
-        policy = action.retry_policy
-        policy.retry_on, statuses = _retry_on(retry)
-        policy.retriable_status_codes.extend(statuses)
-        policy.num_retries.value = retries
-        policy.per_try_timeout.CopyFrom(duration(per_try))
-        policy.retry_back_off.base_interval.CopyFrom(duration(max(retry.base_delay, 0.001)))
-        policy.retry_back_off.max_interval.CopyFrom(
-            duration(max(retry.max_delay, retry.base_delay, 0.001))
-        )
-        if has_fallback:
-            policy.retry_priority.name = "envoy.retry_priorities.previous_priorities"
-            policy.retry_priority.typed_config.CopyFrom(
-                packed(previous_priorities_config_pb2.PreviousPrioritiesConfig(update_frequency=1))
-            )
+    add_retries(action, route, settings, config, *_retry_on(settings.retry))
     if settings.shadow is not None:
-        mirror = action.request_mirror_policies.add(
-            cluster=rest_cluster(route.model, settings.shadow.variant),
-            disable_shadow_host_suffix_append=True,
-        )
-        mirror.runtime_fraction.default_value.CopyFrom(
-            percent_pb2.FractionalPercent(
-                numerator=round(settings.shadow.fraction * 1_000_000),
-                denominator=percent_pb2.FractionalPercent.MILLION,
-            )
-        )
+        add_mirror(action, settings, rest_cluster(route.model, settings.shadow.variant))
     return route_components_pb2.Route(
         name=name,
         match=_ANY,
