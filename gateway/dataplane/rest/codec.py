@@ -20,7 +20,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from tritonclient.grpc import service_pb2 as oip
 
-from adapters.codecs.oip import NUMPY_DTYPE, output_array, pack_bytes
+from adapters.codecs.oip import NUMPY_DTYPE, output_array, pack_bytes, to_raw
 from gateway.errors import invalid
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -156,7 +156,7 @@ def _raw(data, datatype: str, shape: list[int], where: str) -> bytes:
         info = np.iinfo(target)
         if array.min() < info.min or array.max() > info.max:
             raise invalid(f"{where}: a value is out of {datatype}'s range")
-    return np.ascontiguousarray(array, dtype=target).tobytes()
+    return to_raw(array, datatype)
 
 
 def _fits(kind: str, datatype: str) -> bool:
@@ -234,7 +234,7 @@ def infer_response(
         entry = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
         parameters = _parameter_values(tensor.parameters)
         if binary is True or tensor.name in binary:
-            blob = raw[i] if raw else _raw_of(response, i)
+            blob = raw[i] if raw else to_raw(output_array(response, i), tensor.datatype)
             parameters[BINARY_SIZE] = len(blob)
             blobs.append(blob)
         else:
@@ -252,13 +252,6 @@ def infer_response(
     if not blobs:
         return head, None
     return b"".join((head, *blobs)), len(head)
-
-
-def _raw_of(response: oip.ModelInferResponse, index: int) -> bytes:
-    array = output_array(response, index)
-    if response.outputs[index].datatype == "BYTES":
-        return pack_bytes(array.reshape(-1))
-    return np.ascontiguousarray(array).tobytes()
 
 
 def _json_data(array: np.ndarray, datatype: str) -> list:
