@@ -7,7 +7,9 @@ the gateway (asyncio), the same gateway under uvloop, and the bare Python proxy
 (bench/reference_proxy.py). One gateway config serves every route:
 
     linear            -> Triton demo_linear v1                      (no batching, no cache)
-    linear-batch      -> the same, Variant.batching (max_batch_size, max_queue_delay)
+    linear-batch      -> the same, Variant.batching (max_batch_size, max_queue_delay; the
+                         default dispatch: sent at once when the backend is free)
+    linear-batch-wait -> the same, dispatch BATCH_DISPATCH_WAIT_FOR_DELAY (every batch waits)
     linear-cache      -> the same, RoutePolicy.response_cache (every call after the first hits)
     ts-linear         -> TorchServe linear v1                       (no batching)
     ts-linear-batch   -> the same, batching (route schema max_batch_size)
@@ -15,8 +17,9 @@ the gateway (asyncio), the same gateway under uvloop, and the bare Python proxy
 Groups of targets are measured in mirrored order (each target twice per round, --duration split
 over its legs, each leg after its own warm-up), as bench.gateway_vs_direct does:
 
-    triton c=16: direct, gateway, gateway-batch, pyproxy, gateway-uvloop, gateway-cache
-    triton c=1 : direct, gateway, gateway-batch, gateway-cache
+    triton c=16: direct, gateway, gateway-batch, gateway-batch-wait, pyproxy, gateway-uvloop,
+                 gateway-cache
+    triton c=1 : direct, gateway, gateway-batch, gateway-batch-wait, gateway-cache
     torchserve c=16: ts-direct (HTTP, bench.http_loadgen), gateway-ts, gateway-ts-batch
 
 then one extra gateway leg at c=16 on `linear` under py-spy (--native) for the profile. Prints
@@ -137,6 +140,15 @@ def gateway_config(
         routes += [
             {"model": "linear", "variants": [triton_v1]},
             {"model": "linear-batch", "variants": [{**triton_v1, "batching": batching}]},
+            {
+                "model": "linear-batch-wait",
+                "variants": [
+                    {
+                        **triton_v1,
+                        "batching": {**batching, "dispatch": "BATCH_DISPATCH_WAIT_FOR_DELAY"},
+                    }
+                ],
+            },
             {
                 "model": "linear-cache",
                 "variants": [triton_v1],
@@ -568,6 +580,11 @@ def targets_met(runs: list[dict], merged: dict, have_ts: bool) -> list[dict]:
         if th and tb:
             out.append({"target": "(info) the same against a direct client on httpx (c=16)",
                         "value": ratio(tb.rps, th.rps), "met": None})  # fmt: skip
+    rt, batched = get("triton c=1", "gateway"), get("triton c=1", "gateway-batch")
+    if rt and batched:
+        extra = batched.percentile_ms(50) - rt.percentile_ms(50)
+        out.append({"target": "batched p50 within 0.1 ms of unbatched (c=1)",
+                    "value": round(extra, 3), "met": extra <= 0.1})  # fmt: skip
     for group in ("triton c=1", t16):
         rt, hit = get(group, "gateway"), get(group, "gateway-cache")
         if rt and hit:
@@ -703,7 +720,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         pyproxy = Leg(
             Target("pyproxy", proxy.address, BACKEND_MODEL, BACKEND_VERSION, proxy.pid), "triton"
         )
-        c16 = [direct, gw("gateway", "linear"), gw("gateway-batch", "linear-batch"), pyproxy]
+        c16 = [
+            direct,
+            gw("gateway", "linear"),
+            gw("gateway-batch", "linear-batch"),
+            gw("gateway-batch-wait", "linear-batch-wait"),
+            pyproxy,
+        ]
         if uv is not None:
             c16.append(gw("gateway-uvloop", "linear", uv))
         c16.append(gw("gateway-cache", "linear-cache"))
@@ -711,6 +734,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             direct,
             gw("gateway", "linear"),
             gw("gateway-batch", "linear-batch"),
+            gw("gateway-batch-wait", "linear-batch-wait"),
             gw("gateway-cache", "linear-cache"),
         ]
         groups: list[tuple[str, int, Sequence[Leg]]] = [

@@ -18,7 +18,7 @@ Paths (one `tensorgate serve` for the Python paths, one with listeners.xds for E
                    TorchServe route is handed to the Python gateway, so it would be `python`
     python         the Python gateway, plain route
     python-cache   + response_cache sized for ~1,000 answers (max_bytes, see --cache-entries)
-    python-batch   + Variant.batching (max_batch_size, max_queue_delay)
+    python-batch   + Variant.batching (max_batch_size, max_queue_delay, --batch-dispatch)
     python-both    + both
 
 For every (model, path, arrival pattern, popularity) of the plan, a ladder of offered rates
@@ -98,6 +98,7 @@ from tests.backends.triton import free_port
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 CACHE_HEADER = "x-tensorgate-cache"
 ENTRY_OVERHEAD = 256  # bytes the gateway's cache adds per entry (docs: response cache, max_bytes)
+DISPATCH = {"idle": "BATCH_DISPATCH_SEND_WHEN_IDLE", "delay": "BATCH_DISPATCH_WAIT_FOR_DELAY"}
 PATHS = ("direct", "envoy", "python", "python-cache", "python-batch", "python-both")
 ROUTE_SUFFIX = {
     "python": "",
@@ -903,6 +904,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cnn-max-batch", type=int, default=32)
     parser.add_argument("--cnn-batch-delay-ms", type=float, default=10.0)
     parser.add_argument(
+        "--batch-dispatch",
+        choices=sorted(DISPATCH),
+        default="idle",
+        help="Batching.dispatch: idle = send at once when the backend is free (the default), "
+        "delay = every batch waits for its max_queue_delay (Triton's rule)",
+    )
+    parser.add_argument(
         "--no-calibration", action="store_true", help="skip timing the models' forward passes"
     )
     parser.add_argument("--output-dir", type=Path, default=None)
@@ -937,6 +945,7 @@ def start_servers(args, models, paths, workdir: Path, workloads: dict) -> tuple[
         batching = {
             "max_batch_size": args.mlp_max_batch,
             "max_queue_delay": f"{args.mlp_batch_delay_ms / 1000:.6f}s",
+            "dispatch": DISPATCH[args.batch_dispatch],
         }
         cache_settings[MLP_MODEL] = {"cache": cache, "batching": batching}
         routes += gateway_routes(MLP_MODEL, "triton", MLP_MODEL, cache, batching, None)
@@ -963,6 +972,7 @@ def start_servers(args, models, paths, workdir: Path, workloads: dict) -> tuple[
         batching = {
             "max_batch_size": args.cnn_max_batch,
             "max_queue_delay": f"{args.cnn_batch_delay_ms / 1000:.6f}s",
+            "dispatch": DISPATCH[args.batch_dispatch],
         }
         cache_settings[CNN_MODEL] = {"cache": cache, "batching": batching}
         schema = {**CNN_SCHEMA, "max_batch_size": args.cnn_max_batch}

@@ -445,3 +445,101 @@ def test_settings_are_checked():
         Batcher(send, max_batch_size=4, max_queue_delay=-1)
     with pytest.raises(ValueError):
         Batcher(send, max_batch_size=4, max_queue_delay=0.01, max_queued=0)
+    with pytest.raises(ValueError):
+        Batcher(send, max_batch_size=4, max_queue_delay=0.01, max_in_flight=0)
+
+
+# -- adaptive dispatch (max_in_flight): idle callers never wait, batches grow with load -----------
+
+
+async def test_adaptive_a_call_to_an_idle_backend_goes_at_once_alone():
+    backend, recorder = Backend(), Recorder()
+    batcher = Batcher(
+        backend, max_batch_size=8, max_queue_delay=1.0, max_in_flight=1, on_batch=recorder
+    )
+    started = time.monotonic()
+    for k in range(3):  # one after another: each finds the backend idle
+        assert same(await batcher.submit(request(2, start=k)), model(request(2, start=k)))
+    assert time.monotonic() - started < SLACK  # the 1 s queue delay was never waited
+    assert backend.sizes == [2, 2, 2] and [size for size, _ in recorder.batches] == [2, 2, 2]
+    assert all(delays == [0.0] for _, delays in recorder.batches)
+    assert batcher.in_flight == 0 and batcher.queued == 0
+
+
+async def test_adaptive_calls_arriving_while_busy_go_together_when_the_backend_returns():
+    backend = Backend(delay=0.1)
+    batcher = Batcher(backend, max_batch_size=64, max_queue_delay=5.0, max_in_flight=1)
+    started = time.monotonic()
+    first = asyncio.ensure_future(batcher.submit(request(1, start=0)))
+    await asyncio.sleep(0.02)  # the first call is now at the backend
+    rest = [asyncio.ensure_future(batcher.submit(request(1, start=k))) for k in range(1, 6)]
+    await asyncio.sleep(0)
+    assert batcher.in_flight == 1 and batcher.queued == 5
+    answers = await asyncio.gather(first, *rest)
+    elapsed = time.monotonic() - started
+    # Two backend calls: the lone first one, then the five that queued behind it, sent when it
+    # returned (about 0.2 s in all), not when the 5 s queue delay ran out.
+    assert backend.sizes == [1, 5]
+    assert 0.2 - 0.01 <= elapsed < 0.2 + SLACK
+    for k, answer in enumerate(answers):
+        assert same(answer, model(request(1, start=k)))
+
+
+async def test_adaptive_allows_max_in_flight_calls_before_queueing():
+    backend = Backend(delay=0.1)
+    batcher = Batcher(backend, max_batch_size=64, max_queue_delay=5.0, max_in_flight=2)
+    tasks = [asyncio.ensure_future(batcher.submit(request(1, start=k))) for k in range(5)]
+    await asyncio.sleep(0.02)
+    assert batcher.in_flight == 2 and batcher.queued == 3
+    await asyncio.gather(*tasks)
+    assert backend.sizes == [1, 1, 3]
+
+
+async def test_adaptive_queue_delay_still_bounds_the_wait_behind_a_slow_backend():
+    backend = Backend(delay=0.5)
+    batcher = Batcher(backend, max_batch_size=64, max_queue_delay=0.05, max_in_flight=1)
+    first = asyncio.ensure_future(batcher.submit(request(1)))
+    await asyncio.sleep(0.01)
+    started = time.monotonic()
+    queued = asyncio.ensure_future(batcher.submit(request(1, start=1)))
+    await asyncio.sleep(0.05 + SLACK / 2)
+    # Sent at its delay although the backend was still busy with the first call.
+    assert len(backend.requests) == 2 and time.monotonic() - started < 0.5
+    await asyncio.gather(first, queued)
+
+
+async def test_adaptive_full_batches_still_leave_at_once():
+    backend = Backend(delay=0.1)
+    batcher = Batcher(backend, max_batch_size=4, max_queue_delay=5.0, max_in_flight=1)
+    tasks = [asyncio.ensure_future(batcher.submit(request(1, start=k))) for k in range(9)]
+    await asyncio.sleep(0.02)
+    # 1 alone, then two full batches of 4 sent over the in-flight bound (a full batch never waits)
+    assert backend.sizes == [1, 4, 4]
+    await asyncio.gather(*tasks)
+
+
+async def test_adaptive_a_cancelled_lone_call_frees_its_slot_and_the_queue_moves():
+    backend = Backend(delay=1.0)
+    batcher = Batcher(backend, max_batch_size=64, max_queue_delay=5.0, max_in_flight=1)
+    lone = asyncio.ensure_future(batcher.submit(request(1)))
+    await asyncio.sleep(0.01)
+    fast = Backend()
+    batcher._send = fast  # the next call's backend answers at once
+    queued = asyncio.ensure_future(batcher.submit(request(1, start=3)))
+    await asyncio.sleep(0.01)
+    assert batcher.queued == 1
+    lone.cancel()
+    assert same(await asyncio.wait_for(queued, 0.5), model(request(1, start=3)))
+    assert backend.cancelled == 1 and batcher.in_flight == 0 and fast.sizes == [1]
+
+
+async def test_adaptive_unbatchable_calls_count_as_in_flight():
+    backend = Backend(delay=0.1)
+    batcher = Batcher(backend, max_batch_size=2, max_queue_delay=5.0, max_in_flight=1)
+    big = asyncio.ensure_future(batcher.submit(request(3)))  # over max_batch_size: alone
+    await asyncio.sleep(0.01)
+    small = asyncio.ensure_future(batcher.submit(request(1)))
+    await asyncio.sleep(0.01)
+    assert batcher.in_flight == 1 and batcher.queued == 1  # waits behind the big one
+    await asyncio.gather(big, small)
+    assert backend.sizes == [3, 1]

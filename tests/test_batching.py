@@ -55,7 +55,10 @@ PREFIX = {"triton": "t", "tfserving": "f", "torchserve": "s"}
 COLUMNS = 3  # the non-batch dimension every call of a datatype shares
 CALLS = 6  # concurrent calls per datatype and content kind, batch sizes 1, 2, 3, 1, 2, 3
 BATCHING = {"max_batch_size": MAX_BATCH_SIZE, "max_queue_delay": "0.05s"}
-LONG_QUEUE = {"max_batch_size": MAX_BATCH_SIZE, "max_queue_delay": "0.2s"}
+# Tests of the queue itself (deadlines, limits, cancellation) need calls to wait in it whatever
+# the backend is doing: Triton's rule, not the adaptive default (tested on "adaptive").
+WAIT = {"dispatch": "BATCH_DISPATCH_WAIT_FOR_DELAY"}
+LONG_QUEUE = {"max_batch_size": MAX_BATCH_SIZE, "max_queue_delay": "0.2s", **WAIT}
 TIMEOUT = 20.0
 
 
@@ -132,17 +135,20 @@ def gateway(batch_triton, tfserving, torchserve, proxy):
         # max_batch_size 0 in Triton: batching is configured but cannot apply
         route("identity", "tb", "demo_identity", batching=LONG_QUEUE),
         route("slowq", "tb", "echo_fp32", batching=LONG_QUEUE, **triton_io),
-        route("sleep", "tb", "sleep_fp32", batching={"max_batch_size": 32, "max_queue_delay": "0.02s"}, **triton_io),
-        route("fail", "tb", "fail_fp32", policy={"retry": {"max_attempts": 1}}, **triton_io),
+        route("sleep", "tb", "sleep_fp32", batching={"max_batch_size": 32, "max_queue_delay": "0.02s", **WAIT}, **triton_io),
+        # The default dispatch, with a queue delay no test could miss.
+        route("adaptive", "tb", "sleep_fp32", batching={"max_batch_size": 32, "max_queue_delay": "1s"}, **triton_io),
+        route("fail", "tb", "fail_fp32", policy={"retry": {"max_attempts": 1}}, batching={**BATCHING, **WAIT}, **triton_io),
         route("limits", "tb", "echo_fp32", **triton_io, batching={
-            "max_batch_size": 4, "max_queue_delay": "0.2s", "preferred_batch_sizes": [3], "max_queued": 5}),
+            "max_batch_size": 4, "max_queue_delay": "0.2s", "preferred_batch_sizes": [3], "max_queued": 5,
+            **WAIT}),
         {"model": "failover", "variants": [
             variant("main", backend="tb-proxied", backend_model="echo_fp32", backend_version=None,
-                    batching=BATCHING, **triton_io),
+                    batching={**BATCHING, **WAIT}, **triton_io),
             # batching too, on a model version nothing else calls (its description is fetched
             # when the first fallbacks arrive, all at once)
-            variant("backup", backend="tb", backend_model="echo_fp32", weight=0, batching=BATCHING,
-                    **triton_io),
+            variant("backup", backend="tb", backend_model="echo_fp32", weight=0,
+                    batching={**BATCHING, **WAIT}, **triton_io),
          ], "policy": {"retry": {"max_attempts": 2, "budget_min_per_second": 100},
                        "fallback": [{"variant": "backup"}]}},
     ]  # fmt: skip
@@ -517,6 +523,39 @@ def test_batch_limits(stub, gateway):
     assert sorted(codes) == ["OK"] * 5 + ["RESOURCE_EXHAUSTED"] * 2, codes
     print(f"\npreferred size 3 sent after {preferred * 1000:.0f} ms (queue delay 200 ms)")
     assert preferred < 0.19
+
+
+def test_adaptive_dispatch_sends_idle_calls_at_once_and_batches_under_load(
+    stub, gateway, batch_triton
+):
+    """The default dispatch (BATCH_DISPATCH_SEND_WHEN_IDLE) with a 1 s queue delay: a call to an
+    idle backend is not delayed, and calls arriving while one is at the backend leave together
+    the moment it returns: Triton's own counters show the executions."""
+    before = scrape(gateway.metrics_url)
+    inferences, executions = triton_counts(batch_triton, "sleep_fp32")
+    started = time.monotonic()
+    for k in range(3):  # one at a time: each finds the backend idle
+        answer = stub.ModelInfer(fp32_request("adaptive", [[0.0, k]]), timeout=TIMEOUT)
+        assert oip_codec.output_array(answer, 0).tolist() == [[0.0, k]]
+    idle = (time.monotonic() - started) / 3
+    assert idle < 0.5, f"an idle call took {idle:.3f} s: it waited for company"
+    assert triton_counts(batch_triton, "sleep_fp32") == (inferences + 3, executions + 3)
+    # Under load: one call holds the backend for 0.5 s; five arriving meanwhile queue and go as
+    # one batch as soon as it returns (~0.5 s), before their 1 s delay (~1.1 s) ran out.
+    started = time.monotonic()
+    slow = stub.ModelInfer.future(fp32_request("adaptive", [[0.5, 0.0]]), timeout=TIMEOUT)
+    time.sleep(0.1)
+    queued = fire(stub, [fp32_request("adaptive", [[0.0, k]]) for k in range(5)])
+    answers = [oip_codec.output_array(f.result(), 0).tolist() for f in queued]
+    elapsed = time.monotonic() - started
+    assert slow.result() and answers == [[[0.0, k]] for k in range(5)]
+    assert triton_counts(batch_triton, "sleep_fp32") == (inferences + 9, executions + 5)
+    assert 0.5 <= elapsed < 0.95, f"{elapsed:.3f} s: the queued calls waited for their delay"
+    batches, rows, queued_calls = grew(before, scrape(gateway.metrics_url), "adaptive")
+    assert (batches, rows, queued_calls) == (5, 9, 9)
+    print(
+        f"\nadaptive: idle call {idle * 1000:.1f} ms; 5 queued behind a 0.5 s call: {elapsed:.2f} s"
+    )
 
 
 # -- 4. metrics ------------------------------------------------------------------------------------

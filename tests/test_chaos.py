@@ -10,6 +10,7 @@ run", says what each invariant measures and has a 30-minute run's report.
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import pytest
@@ -270,6 +271,60 @@ def test_resources_fail_on_growth_leaks_and_streams(samples, streams, words):
     verdict = _resources(samples, streams)
     assert not verdict.ok
     assert any(words in p for p in verdict.problems), verdict.problems
+
+
+# --- the harness's backend supervisor ----------------------------------------------------------
+
+
+class _Exited:
+    returncode = -6
+
+
+class _FakeTriton:
+    """Stands in for a Triton process: `crash()` makes it exit on its own."""
+
+    def __init__(self) -> None:
+        self.running = True
+        self._proc = _Exited()
+        self.starts = 0
+
+    def crash(self) -> None:
+        self.running = False
+
+    def kill(self) -> None:
+        self.running = False
+
+    def start(self) -> _FakeTriton:
+        self.starts += 1
+        self.running = True
+        return self
+
+
+async def test_a_backend_that_exits_on_its_own_is_restarted_and_its_time_down_counted():
+    """A Triton that crashes with no fault scheduled (Triton's python backend aborted after a
+    SIGSTOP/SIGCONT in a 30-minute run) is restarted within a poll, the time it was gone is a
+    down window named "crash" (the calls invariant excuses it: the backend really was down),
+    and a backend a fault is acting on (its lock held) is left alone."""
+    from bench.chaos import Chaos, Settings
+
+    chaos = Chaos(Settings(seed=1, duration=1.0), out=lambda _: None)
+    a, b = _FakeTriton(), _FakeTriton()
+    chaos.fleet.tritons = {"triton-a": a, "triton-b": b}
+    supervisor = asyncio.create_task(chaos.supervise_backends())
+    await asyncio.sleep(0.3)
+    a.crash()
+    async with chaos.backend_locks["triton-b"]:  # a scheduled kill holds b down on purpose
+        b.kill()
+        await asyncio.sleep(0.8)
+        assert b.starts == 0 and not b.running
+        b.start()
+    assert a.running and a.starts == 1
+    chaos.stop_observers.set()
+    await asyncio.wait_for(supervisor, 2)
+    assert [w.target for w in chaos.windows] == ["triton-a"]
+    assert chaos.windows[0].fault == "crash"
+    assert [(name, code) for name, _, code in chaos.crashes] == [("triton-a", -6)]
+    assert any("exited on its own (code -6)" in text for _, text in chaos.events)
 
 
 # --- the run ------------------------------------------------------------------------------------

@@ -58,6 +58,10 @@ def test_good_config_is_defaulted():
         (GOOD + "listeners: {data_plane: 'nohost'}\n", "listeners.data_plane: 'nohost' is not host:port"),
         (GOOD + "lifecycle: {shutdown_grace: 5}\n", "lifecycle.shutdown_grace: 5 is not a duration: write seconds with an s"),
         ("routes: [\n", "not valid YAML: line 2"),
+        (GOOD.replace("weight: 20}", "weight: 20, batching: {max_batch_size: 8, max_concurrent_batches: 2, dispatch: BATCH_DISPATCH_WAIT_FOR_DELAY}}"),
+         "routes[0].variants[1].batching.max_concurrent_batches: only applies with dispatch BATCH_DISPATCH_SEND_WHEN_IDLE"),
+        (GOOD.replace("weight: 20}", "weight: 20, batching: {max_batch_size: 8, dispatch: WHEN_IDLE}}"),
+         "routes[0].variants[1].batching.dispatch: 'WHEN_IDLE' is not a BatchDispatch (did you mean 'BATCH_DISPATCH_SEND_WHEN_IDLE'?"),
     ],
 )  # fmt: skip
 def test_invalid_configs_name_path_and_reason(text, expected):

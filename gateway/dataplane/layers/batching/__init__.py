@@ -38,6 +38,9 @@ class BatchSettings:
     max_queue_delay: float
     preferred_sizes: tuple[int, ...]
     max_queued: int
+    max_in_flight: (
+        int | None
+    )  # None: every batch waits for its delay (BATCH_DISPATCH_WAIT_FOR_DELAY)
 
 
 def settings(policy: config_pb2.RoutePolicy, route: config_pb2.Route) -> dict[str, BatchSettings]:
@@ -55,6 +58,11 @@ def settings(policy: config_pb2.RoutePolicy, route: config_pb2.Route) -> dict[st
                 ),
                 preferred_sizes=tuple(sorted(set(b.preferred_batch_sizes))),
                 max_queued=b.max_queued or DEFAULT_MAX_QUEUED,
+                max_in_flight=(
+                    None
+                    if b.dispatch == config_pb2.BATCH_DISPATCH_WAIT_FOR_DELAY
+                    else b.max_concurrent_batches or 1
+                ),
             )
     return by_variant
 
@@ -69,6 +77,11 @@ def check(
         b, vat = variant.batching, f"{route_at}.variants[{k}].batching"
         if b.HasField("max_queue_delay") and not 0 <= seconds(b.max_queue_delay) <= 1:
             yield f"{vat}.max_queue_delay", "must be between 0s and 1s"
+        if b.max_concurrent_batches and b.dispatch == config_pb2.BATCH_DISPATCH_WAIT_FOR_DELAY:
+            yield (
+                f"{vat}.max_concurrent_batches",
+                "only applies with dispatch BATCH_DISPATCH_SEND_WHEN_IDLE (the default)",
+            )
         for m, size in enumerate(b.preferred_batch_sizes):
             if not 0 < size <= b.max_batch_size:
                 yield (
@@ -128,6 +141,7 @@ def batching(by_variant: dict[str, BatchSettings], shared: BatchingState, plan: 
                 max_queue_delay=config.max_queue_delay,
                 preferred_sizes=config.preferred_sizes,
                 max_queued=config.max_queued,
+                max_in_flight=config.max_in_flight,
                 on_batch=on_batch,
             )
 

@@ -6,6 +6,15 @@ the sum of its batch sizes reaches `max_batch_size` or one of the preferred size
 request would not fit, or `max_queue_delay` after its first request was queued, whichever comes
 first. The answer is split back, and each caller gets its own slice.
 
+With `max_in_flight` (adaptive dispatch) the batcher also knows how busy the backend is: a call
+that finds fewer than `max_in_flight` of this variant's backend calls running and none queued is
+sent at once, alone (waiting would only add its delay: nothing can join it sooner than the
+backend could answer it); calls arriving while the backend is busy queue, and the oldest open
+batch leaves as soon as a call in flight returns. Batches then hold what arrived during one
+backend call, so they grow with load by themselves, and an idle caller pays nothing for
+batching. `max_queue_delay` stays the bound on any wait. Without it (Triton's rule) every batch
+waits for company until it is full or its delay runs out.
+
 What each caller keeps to itself:
 - Its deadline: a request whose deadline passes while queued leaves the batch at once with
   DEADLINE_EXCEEDED; the batch carries on without it.
@@ -88,6 +97,8 @@ class Batcher:
         occur and are ignored).
     max_queued: requests waiting in this batcher's queues at most; one more gets
         RESOURCE_EXHAUSTED at once (memory stays bounded whatever callers do).
+    max_in_flight: adaptive dispatch (module docstring): this many backend calls of this
+        batcher at once before calls wait for company. None: every batch waits for its delay.
     on_batch: called as each batch is sent, with its total size and its members' queue delays.
     """
 
@@ -99,6 +110,7 @@ class Batcher:
         max_queue_delay: float,
         preferred_sizes: Iterable[int] = (),
         max_queued: int = 1024,
+        max_in_flight: int | None = None,
         on_batch: OnBatch | None = None,
         key: Callable[[oip.ModelInferRequest], Hashable | None] = batch_key,
     ) -> None:
@@ -108,11 +120,15 @@ class Batcher:
             raise ValueError(f"max_queue_delay must not be negative, got {max_queue_delay}")
         if max_queued < 1:
             raise ValueError(f"max_queued must be at least 1, got {max_queued}")
+        if max_in_flight is not None and max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
         self._send = send
         self.max_batch_size = max_batch_size
         self.max_queue_delay = max_queue_delay
         self.preferred_sizes = frozenset(s for s in preferred_sizes if 0 < s <= max_batch_size)
         self.max_queued = max_queued
+        self.max_in_flight = max_in_flight
+        self._in_flight = 0  # this batcher's backend calls running (batches and lone calls)
         self._on_batch = on_batch
         self._key = key
         self._open: dict[Hashable, _Batch] = {}  # key -> the batch still taking members
@@ -124,6 +140,11 @@ class Batcher:
         """Requests waiting in open batches (not yet sent)."""
         return self._queued
 
+    @property
+    def in_flight(self) -> int:
+        """This batcher's backend calls running now."""
+        return self._in_flight
+
     async def submit(
         self, request: oip.ModelInferRequest, deadline: float | None = None
     ) -> oip.ModelInferResponse:
@@ -131,13 +152,22 @@ class Batcher:
         GatewayError its batch failed with. `deadline` is time.monotonic() based."""
         key = self._key(request)
         if key is None:  # no batch dimension, or not mergeable: as if there were no batcher
-            return await self._send(request, deadline)
+            return await self._alone(request, deadline)
         size = request.inputs[0].shape[0]
         if size > self.max_batch_size:  # too big to share a call: alone, unqueued
-            return await self._send(request, deadline)
+            return await self._alone(request, deadline)
         now = time.monotonic()
         if deadline is not None and deadline <= now:
             raise _deadline_error(0.0)
+        if (
+            self.max_in_flight is not None
+            and self._in_flight < self.max_in_flight
+            and key not in self._open
+        ):
+            # The backend has room and nobody is queued: waiting could only add delay.
+            if self._on_batch is not None:
+                self._report(size, [0.0])
+            return await self._alone(request, deadline)
         if self._queued >= self.max_queued:
             raise GatewayError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -166,6 +196,31 @@ class Batcher:
         finally:
             if member.future.cancelled():
                 self._leave(batch, member)
+
+    async def _alone(
+        self, request: oip.ModelInferRequest, deadline: float | None
+    ) -> oip.ModelInferResponse:
+        """One request sent as it is, from the caller's own task (its cancellation is the
+        call's), counted as a backend call in flight."""
+        self._in_flight += 1
+        try:
+            return await self._send(request, deadline)
+        finally:
+            self._in_flight -= 1
+            self._backend_free()
+
+    def _backend_free(self) -> None:
+        """A backend call returned: with adaptive dispatch, the oldest open batch goes now."""
+        while (
+            self.max_in_flight is not None and self._open and self._in_flight < self.max_in_flight
+        ):
+            self._dispatch(min(self._open.values(), key=_sent_by))
+
+    def _report(self, total: int, delays: list[float]) -> None:
+        try:
+            self._on_batch(total, delays)
+        except Exception:  # a metrics hook must not strand a batch already on its way
+            log.exception("batching: on_batch hook failed")
 
     def _arm(self, batch: _Batch, when: float, now: float) -> None:
         if batch.timer is not None:
@@ -251,13 +306,16 @@ class Batcher:
             deadline = max(deadline, member.deadline)
         task = asyncio.get_running_loop().create_task(self._run(members, deadline))
         batch.task = task
+        self._in_flight += 1
         self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
+        task.add_done_callback(self._sent)
         if self._on_batch is not None:
-            try:
-                self._on_batch(batch.total, [now - m.queued_at for m in members])
-            except Exception:  # a metrics hook must not strand a batch already on its way
-                log.exception("batching: on_batch hook failed")
+            self._report(batch.total, [now - m.queued_at for m in members])
+
+    def _sent(self, task: asyncio.Task) -> None:
+        self._sending.discard(task)
+        self._in_flight -= 1
+        self._backend_free()
 
     async def _run(self, members: list[_Member], deadline: float | None) -> None:
         try:
@@ -288,6 +346,10 @@ class Batcher:
         """Send every open batch now (e.g. before draining)."""
         for batch in list(self._open.values()):
             self._dispatch(batch)
+
+
+def _sent_by(batch: _Batch) -> float:
+    return batch.send_at
 
 
 def _deadline_error(queued: float) -> GatewayError:
