@@ -1,7 +1,8 @@
-"""Envoy mode at scale: a route table of N routes (default 10,000, two variants each) compiled,
-pushed over ADS to a real Envoy 1.40, then one weight changed a few times. Prints compile time,
-push sizes, and how long each took from the admin-side change to the Envoy's ACK (Envoy ACKs a
-response after applying it). No backend is called: this measures the control plane and Envoy's
+"""Envoy mode at scale: a route table of N routes (default 10,000, two variants each, on one
+backend) compiled, pushed over ADS to a real Envoy 1.40, then one weight changed a few times,
+then one model added. Prints compile time, push sizes, the Envoy's RSS, and how long each took
+from the admin-side change to the Envoy's ACK (Envoy ACKs a response after applying it). No
+backend is called: this measures the control plane and Envoy's
 config handling, plus the cost of selecting a route per call at that size: calls (one in
 flight) for the first and the last model of the table, whose backend address refuses
 connections, so Envoy answers each UNAVAILABLE itself after the Lua body read and the route
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -31,7 +33,14 @@ from gateway.controlplane.config import from_dict
 from gateway.controlplane.envoy import ads
 from gateway.controlplane.envoy.bootstrap import bootstrap, render
 from gateway.controlplane.envoy.compile import Compiler
-from gateway.controlplane.envoy.resources import CLUSTER, ROUTE, RUNTIME, WEIGHTS_LAYER
+from gateway.controlplane.envoy.resources import (
+    CLUSTER,
+    ROUTE,
+    RUNTIME,
+    WEIGHTS_LAYER,
+    shard_of,
+    shard_route_name,
+)
 from tests.backends.process import tool
 from tests.backends.triton import free_port
 
@@ -56,21 +65,19 @@ def config(routes: int, xds: int, listen: int, weight: int) -> dict:
     }  # fmt: skip
 
 
-RDS_APPLIED = "http.tensorgate.rds.tensorgate.update_success"
+# Route configurations applied, summed over the route table's shards (scoped routes).
+RDS_APPLIED = r"^http\.tensorgate\..*rds\.[^.]*\.update_success$"
 
 
-def counter(admin: int, name: str) -> int:
-    url = f"http://127.0.0.1:{admin}/stats?filter=^{name}$"
+def counter(admin: int, pattern: str) -> int:
+    """The sum of the counters whose names match `pattern` (Envoy's /stats filter, a regex)."""
+    url = f"http://127.0.0.1:{admin}/stats?filter={urllib.parse.quote(pattern)}"
     try:
         with urllib.request.urlopen(url, timeout=5) as reply:
             text = reply.read().decode()
     except OSError:
         return -1
-    for line in text.splitlines():
-        key, _, value = line.partition(": ")
-        if key == name:
-            return int(value)
-    return 0
+    return sum(int(line.partition(": ")[2] or 0) for line in text.splitlines() if ": " in line)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -138,6 +145,17 @@ class Acks:
             self.changed.clear()
             await asyncio.wait_for(self.changed.wait(), max(0.0, deadline - time.monotonic()))
 
+    async def wait_count(self, kind: str, what: str, after: float, n: int, timeout: float):
+        """Seconds from `after` to the n-th (kind, what) event (every shard of the route table
+        ACKed, for instance)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [at for at, k, w in self.events if at >= after and (k, w) == (kind, what)]
+            if len(found) >= n:
+                return found[n - 1] - after
+            self.changed.clear()
+            await asyncio.wait_for(self.changed.wait(), max(0.0, deadline - time.monotonic()))
+
     def count(self, kind: str, what: str, after: float) -> int:
         return sum(1 for at, k, w in self.events if at >= after and (k, w) == (kind, what))
 
@@ -166,7 +184,9 @@ async def run(routes: int, changes: int, settle: float) -> dict:
     )  # fmt: skip
     try:
         cds_s = await acks.wait("cds", "ack", t0, 300)
-        initial_s = await acks.wait("rds", "ack", t0, 300)
+        initial_s = await acks.wait_count(
+            "rds", "ack", t0, len(resources.by_type[ROUTE]), 300
+        )  # every shard
         await asyncio.sleep(settle)
         address = f"127.0.0.1:{listen}"
         selection = [
@@ -196,13 +216,21 @@ async def run(routes: int, changes: int, settle: float) -> dict:
         await asyncio.sleep(settle)
         reshaped = from_dict(config(routes + 1, port, listen, 50))
         t2 = time.monotonic()
-        xds.set_snapshot(compiler.compile(reshaped))
+        added = compiler.compile(reshaped)
+        added_compile_s = time.monotonic() - t2
+        xds.set_snapshot(added)
         reshape_s = await acks.wait("rds", "ack", t2, 120)
+        await asyncio.sleep(1)  # any further push it caused lands by now
+        shard = added.by_type[ROUTE][shard_route_name(shard_of(f"m{routes}"))]
+        pushed_after_add = {
+            kind: acks.count(kind, "push", t2) for kind in ("cds", "eds", "rtds", "srds", "rds")
+        }
         return {
             "routes": routes,
             "clusters": len(resources.by_type[CLUSTER]),
             "cds_bytes": sum(c.ByteSize() for c in resources.by_type[CLUSTER].values()),
-            "rds_bytes": resources.by_type[ROUTE]["tensorgate"].ByteSize(),
+            "rds_bytes": sum(c.ByteSize() for c in resources.by_type[ROUTE].values()),
+            "rds_shards": len(resources.by_type[ROUTE]),
             "rtds_bytes": rtds_bytes,
             "compile_s": round(compile_s, 3),
             "initial_cds_acked_s": round(cds_s, 3),
@@ -214,8 +242,12 @@ async def run(routes: int, changes: int, settle: float) -> dict:
             "change_compile_push_ack_s": [round(x, 3) for x in applied],
             "change_max_s": round(max(applied), 3),
             "rds_pushes_by_the_changes": rds_pushed,
+            "rds_applied_before_the_changes": rds_before,  # > 0: the counters are read
             "rds_applied_by_the_changes": rds_applied,
+            "model_added_compile_s": round(added_compile_s, 3),
             "model_added_compile_push_rds_ack_s": round(reshape_s, 3),
+            "model_added_rds_shard_bytes": shard.ByteSize(),
+            "model_added_pushes": pushed_after_add,
             "nacks": sum(xds.metrics.nacks.labels(k)._value.get() for k in ("cds", "rds", "rtds")),
             "envoy_rss_mb": rss_mb(envoy.pid),
         }  # fmt: skip

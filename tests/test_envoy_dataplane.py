@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +24,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+from envoy.config.route.v3 import route_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from prometheus_client import CollectorRegistry
 from tritonclient.grpc import service_pb2 as oip
@@ -30,17 +33,22 @@ from tritonclient.grpc import service_pb2_grpc
 from gateway.controlplane.config import ConfigError, from_dict
 from gateway.controlplane.envoy import ads
 from gateway.controlplane.envoy.bootstrap import bootstrap, render
-from gateway.controlplane.envoy.compile import compile_config
+from gateway.controlplane.envoy.compile import Compiler, compile_config
 from gateway.controlplane.envoy.control import ControlPlane
 from gateway.controlplane.envoy.decide import decide
-from gateway.controlplane.envoy.listener import routes_of
+from gateway.controlplane.envoy.listener import grpc_routes
 from gateway.controlplane.envoy.resources import (
     CLUSTER,
     ENDPOINT,
     LISTENER,
     ROUTE,
     RUNTIME,
+    SCOPED,
+    SHARDS,
     WEIGHTS_LAYER,
+    content_version,
+    shard_of,
+    shard_route_name,
 )
 from tensorgate.admin.v1 import admin_pb2, admin_pb2_grpc
 from tests.backends.process import BackendProcess, free_port, tool
@@ -197,19 +205,30 @@ def test_compile_decides_the_path_per_route_and_says_why():
     assert paths["hedged"][0] == "gateway" and "hedge" in paths["hedged"][1]
     resources = compile_config(config)
     clusters = resources.by_type[CLUSTER]
-    assert "tg|linear|stable" in clusters and "tg|torch|a" not in clusters
-    routes = routes_of(resources.by_type[ROUTE]["tensorgate"])
+    # one cluster per backend and slot (a route's first, second, ... variant on that backend)
+    assert sorted(clusters) == [
+        "tensorgate_gateway",
+        "tgb|triton-a|0|rb20-5",
+        "tgb|triton-a|1|rb20-5",
+    ]
+    routes = grpc_routes(resources.by_type[ROUTE])
     names = [r.name for r in routes]
     # pinned versions first, then unpinned, then everything else to the gateway
     assert names == ["linear@1", "linear@2", "linear", "gateway"]
     weighted = routes[2].route.weighted_clusters
-    assert [c.name for c in weighted.clusters] == ["tg|linear|stable", "tg|linear|canary"]
+    assert [c.name for c in weighted.clusters] == ["tgb|triton-a|0|rb20-5", "tgb|triton-a|1|rb20-5"]
+    # each entry tells the shared cluster's upstream filter what to write for its variant
+    assert [[(h.header.key, h.header.value) for h in c.request_headers_to_add]
+            for c in weighted.clusters] == [
+        [("x-tensorgate-rename", "demo_linear,1,linear,1")],
+        [("x-tensorgate-rename", "demo_linear,2,linear,2")],
+    ]  # fmt: skip
     # the weights are in the runtime layer the route names, not in the route
     assert weighted.runtime_key_prefix == "tgw.linear"
     layer = resources.by_type[RUNTIME][WEIGHTS_LAYER].layer
     assert {k: layer[k] for k in layer if k.startswith("tgw.linear.")} == {
-        "tgw.linear.tg|linear|stable": 80,
-        "tgw.linear.tg|linear|canary": 20,
+        "tgw.linear.tgb|triton-a|0|rb20-5": 80,
+        "tgw.linear.tgb|triton-a|1|rb20-5": 20,
     }
     assert weighted.use_hash_policy.value
     assert routes[2].route.hash_policy[0].header.header_name == "x-tensorgate-route-key"
@@ -227,12 +246,98 @@ def test_compile_is_deterministic_and_a_weight_change_only_changes_the_weights_l
         return compile_config(from_dict(config))
 
     a, b, c = build(20), build(20), build(30)
-    types = (CLUSTER, ENDPOINT, RUNTIME, LISTENER, ROUTE)
+    types = (CLUSTER, ENDPOINT, RUNTIME, LISTENER, SCOPED, ROUTE)
     for type_url in types:
         assert a.version(type_url) == b.version(type_url)
     assert [t for t in types if a.version(t) != c.version(t)] == [RUNTIME]
     # so does a variant leaving the split (a drain, a 100/0 flip)
     assert [t for t in types if a.version(t) != build(0).version(t)] == [RUNTIME]
+
+
+def test_clusters_are_per_backend_not_per_variant_and_a_new_model_is_a_route_change():
+    """Issue 24: at 10,000 routes of two variants, a cluster per variant cost each Envoy 1.6 GB.
+    Clusters are per backend (and slot: a route's first, second, ... variant on it), shared by
+    every route; the rename travels per call on the weighted cluster entry."""
+
+    def table(n):
+        def variant(name, version):
+            return {
+                "name": name,
+                "backend": "triton-a",
+                "backend_model": "demo_linear",
+                "backend_version": version,
+                "version": version,
+                "weight": 50,
+            }
+
+        return {
+            "listeners": {"xds": "127.0.0.1:18000"},
+            "backends": [triton_backend("127.0.0.1:1")],
+            "routes": [{"model": f"m{i}", "variants": [variant("a", "1"), variant("b", "2")]}
+                       for i in range(n)],
+        }  # fmt: skip
+
+    compiler = Compiler()
+    small, large = compile_config(from_dict(table(3))), compiler.compile(from_dict(table(300)))
+    expected = ["tensorgate_gateway", "tgb|triton-a|0|rb20-5", "tgb|triton-a|1|rb20-5"]
+    assert sorted(small.by_type[CLUSTER]) == sorted(large.by_type[CLUSTER]) == expected
+    assert sorted(large.by_type[ENDPOINT]) == ["tensorgate_gateway", "tge|triton-a"]
+    # one upstream filter per backend cluster, the same code for all: no names in it
+    lua = {
+        c.typed_extension_protocol_options[
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+        ].SerializeToString()
+        for n, c in large.by_type[CLUSTER].items()
+        if n.startswith("tgb|")
+    }
+    assert len(lua) == 1 and b"m299" not in lua.pop()
+    routes = {r.name: r for r in grpc_routes(large.by_type[ROUTE])}
+    renames = [
+        [h.header.value for h in c.request_headers_to_add]
+        for c in routes["m7"].route.weighted_clusters.clusters
+    ]
+    assert renames == [["demo_linear,1,m7,1"], ["demo_linear,2,m7,2"]]
+    assert [h.header.value for h in routes["m7@2"].request_headers_to_add] == ["demo_linear,2,m7,2"]
+    # a model added: the route table and the weights change, no cluster and no endpoint
+    more = compiler.compile(from_dict(table(301)))
+    changed = [
+        t for t in (CLUSTER, ENDPOINT, LISTENER, SCOPED) if more.version(t) != large.version(t)
+    ]
+    assert changed == []
+    # and of the route table, only the shard that holds the new model (scoped routes)
+    shards = [n for n, c in more.by_type[ROUTE].items() if c is not large.by_type[ROUTE][n]]
+    assert shards == [shard_route_name(shard_of("m300"))]
+    assert len(more.by_type[ROUTE]) == SHARDS
+
+
+def test_rename_values_say_only_what_must_be_rewritten():
+    config = from_dict(
+        {
+            "listeners": {"xds": "127.0.0.1:18000"},
+            "backends": [triton_backend("127.0.0.1:1")],
+            "routes": [
+                {"model": "same", "variants": [
+                    {"name": "a", "backend": "triton-a", "version": "3", "backend_version": "3",
+                     "weight": 1}]},
+                {"model": "odd", "variants": [
+                    {"name": "a", "backend": "triton-a", "backend_model": "x,y%z/é",
+                     "weight": 1}]},
+                {"model": "plain", "variants": [{"name": "a", "backend": "triton-a",
+                                                 "weight": 1}]},
+            ],
+        }
+    )  # fmt: skip
+    routes = {r.name: r for r in grpc_routes(compile_config(config).by_type[ROUTE])}
+
+    def rename(name):
+        return [h.header.value for h in routes[name].request_headers_to_add]
+
+    # public names are the backend's: a pinned call passes untouched, an unpinned one gets the
+    # version written, and no answer is rewritten
+    assert rename("same@3") == [] and rename("same") == ["same,3"]
+    # separators and anything beyond [A-Za-z0-9_.-] escaped
+    assert rename("odd") == ["x%2Cy%25z%2F%C3%A9,,odd,"]
+    assert rename("plain") == []
 
 
 def test_an_ejected_host_returns_after_the_breakers_open_duration():
@@ -290,9 +395,10 @@ def test_compile_fallback_variants_and_down_variants():
     )
     assert decide(ok)[0].path == "envoy"
     resources = compile_config(ok)
-    assert "tga|m|a" in resources.by_type[CLUSTER]
-    route = routes_of(resources.by_type[ROUTE]["tensorgate"])[0]
-    assert _taking_traffic(resources, route) == ["tga|m|a"]
+    chain = "tga|tgb|triton-a|0|rb20-5,tgb|triton-b|0|rb20-5"
+    assert chain in resources.by_type[CLUSTER]
+    route = grpc_routes(resources.by_type[ROUTE])[0]
+    assert _taking_traffic(resources, route) == [chain]
     assert (
         route.route.retry_policy.retry_priority.name == "envoy.retry_priorities.previous_priorities"
     )
@@ -310,12 +416,13 @@ def test_compile_fallback_variants_and_down_variants():
 
     def picked(down):
         resources = compile_config(two, down)
-        return _taking_traffic(resources, routes_of(resources.by_type[ROUTE]["tensorgate"])[0])
+        return _taking_traffic(resources, grpc_routes(resources.by_type[ROUTE])[0])
 
-    assert picked(frozenset()) == ["tg|m|a", "tg|m|b"]
-    assert picked(frozenset({("triton-a", "demo_linear", "1")})) == ["tg|m|b"]
+    a, b = "tgb|triton-a|0|rb20-5", "tgb|triton-b|0|rb20-5"
+    assert picked(frozenset()) == [a, b]
+    assert picked(frozenset({("triton-a", "demo_linear", "1")})) == [b]
     both = frozenset({("triton-a", "demo_linear", "1"), ("triton-b", "demo_linear", "1")})
-    assert picked(both) == ["tg|m|a", "tg|m|b"]
+    assert picked(both) == [a, b]
     # readiness moves weights only: the route table Envoys hold stays the same
     assert compile_config(two, frozenset({("triton-a", "demo_linear", "1")})).version(
         ROUTE
@@ -392,6 +499,12 @@ def test_compiling_a_large_table_does_not_stall_the_event_loop():
 # --- the ADS state machine: pure ---------------------------------------------------------------
 
 
+def ads_resource_name(resource) -> str:
+    config = route_pb2.RouteConfiguration()
+    resource.Unpack(config)
+    return config.name
+
+
 def _request(type_url, nonce="", names=(), error=None, version=""):
     request = discovery_pb2.DiscoveryRequest(
         type_url=type_url, response_nonce=nonce, resource_names=list(names), version_info=version
@@ -429,12 +542,25 @@ def test_ads_pushes_clusters_before_routes_and_never_resends_a_nack():
     third = server._due(stream)
     assert [r.type_url for r in third] == [LISTENER]
     server._handle(stream, _request(LISTENER, third[0].nonce))
-    server._handle(stream, _request(ROUTE, names=["tensorgate"]))
+    # the listener's scoped routes: the scopes (SRDS), then each scope's route table (RDS)
+    server._handle(stream, _request(SCOPED))
+    (srds,) = server._due(stream)
+    assert srds.type_url == SCOPED and len(srds.resources) == SHARDS
+    server._handle(stream, _request(SCOPED, srds.nonce))
+    shards = sorted(shard_route_name(k) for k in range(SHARDS))
+    server._handle(stream, _request(ROUTE, names=shards))
     rds = server._due(stream)
-    assert [r.type_url for r in rds] == [ROUTE]
-    # Envoy rejects the route table: counted, logged, and not sent again.
-    server._handle(stream, _request(ROUTE, rds[0].nonce, ["tensorgate"], error="bad route"))
-    assert server._due(stream) == []
+    assert [r.type_url for r in rds] == [ROUTE] and len(rds[0].resources) == 1
+    # Envoy rejects a route table: counted, logged, and not sent again; the others are sent,
+    # one per response
+    server._handle(stream, _request(ROUTE, rds[0].nonce, shards, error="bad route"))
+    sent = 0
+    while rds := server._due(stream):
+        (rds,) = rds
+        assert rds.type_url == ROUTE and len(rds.resources) == 1
+        server._handle(stream, _request(ROUTE, rds.nonce, shards))
+        sent += 1
+    assert sent == SHARDS - 1
     assert server.metrics.nacks.labels("rds")._value.get() == 1
     # A weight change is a new weights layer: sent, RTDS only.
     config["routes"][0]["variants"][1]["weight"] = 50
@@ -443,9 +569,23 @@ def test_ads_pushes_clusters_before_routes_and_never_resends_a_nack():
     assert rtds.type_url == RUNTIME
     server._handle(stream, _request(RUNTIME, rtds.nonce, [WEIGHTS_LAYER]))
     assert server._due(stream) == []
-    # A new route changes the route table: weights first, then the route table (the one
-    # Envoy rejected is never re-sent, this one is new).
+    # A new route on a backend Envoy has clusters for is a route change only: weights first,
+    # then the one route table shard that holds it.
     config["routes"].append(linear_routes()[1])
+    server.set_snapshot(compile_config(from_dict(config)))
+    (rtds,) = server._due(stream)
+    assert rtds.type_url == RUNTIME
+    server._handle(stream, _request(RUNTIME, rtds.nonce, [WEIGHTS_LAYER]))
+    (rds,) = server._due(stream)
+    assert rds.type_url == ROUTE
+    assert [ads_resource_name(r) for r in rds.resources] == [shard_route_name(shard_of("flip"))]
+    server._handle(stream, _request(ROUTE, rds.nonce, shards))
+    assert server._due(stream) == []
+    # A route on a new backend: its cluster first (with its endpoints), then the route table.
+    config["backends"].append(triton_backend("127.0.0.1:2", "triton-b"))
+    moved = linear_routes("triton-b")[2:3]
+    moved[0]["variants"][0]["backend"] = "triton-b"
+    config["routes"].extend(moved)
     server.set_snapshot(compile_config(from_dict(config)))
     cds, rtds = server._due(stream)
     assert (cds.type_url, rtds.type_url) == (CLUSTER, RUNTIME)
@@ -499,6 +639,11 @@ class Envoy(BackendProcess):
     def counter(self, name: str) -> int:
         return int(self.stats().get(name, "0") or 0)
 
+    def counters(self, pattern: str) -> int:
+        """The sum of the counters whose names match the regex `pattern`."""
+        found = re.compile(pattern)
+        return sum(int(v or 0) for k, v in self.stats().items() if found.search(k))
+
     def _wait_ready(self) -> None:
         def ready():
             try:
@@ -540,6 +685,11 @@ def envoy_in_front(gateway: GatewayProcess, node: str, base_id: int):
 
 
 MAX_BODY = 64 * 1024
+# The stack's backend clusters (resources.backend_cluster): triton-a's first and second slot
+# (a route's first and second variant on it), "dead" and "impatient"; rb20-5 is the default
+# retry budget's class.
+A0, A1 = "tgb|triton-a|0|rb20-5", "tgb|triton-a|1|rb20-5"
+DEAD, IMPATIENT = "tgb|dead|0|rb20-5", "tgb|impatient|0|rb20-5"
 
 
 @pytest.fixture(scope="module")
@@ -566,7 +716,7 @@ def test_stock_tritonclient_through_envoy_weights_80_20(stack):
     client = tc.InferenceServerClient(address)
     x = tc.InferInput("INPUT0", [1, 4], "FP32")
     x.set_data_from_numpy(np.array([X], dtype=np.float32))
-    before = envoy.counter("cluster.tg|linear|stable|triton-a.upstream_rq_total")
+    before = envoy.counter(f"cluster.{A0}.upstream_rq_total")
     counts = {"stable": 0, "canary": 0}
     for _ in range(2000):
         result = client.infer("linear", [x])
@@ -578,11 +728,26 @@ def test_stock_tritonclient_through_envoy_weights_80_20(stack):
     share = counts["stable"] / 2000 * 100
     assert 76 <= share <= 84, counts
     # Envoy answered them itself (variant clusters), not the Python gateway.
-    assert (
-        envoy.counter("cluster.tg|linear|stable|triton-a.upstream_rq_total") - before
-        == counts["stable"]
-    )
+    assert envoy.counter(f"cluster.{A0}.upstream_rq_total") - before == counts["stable"]
     assert envoy.counter("cluster.tensorgate_gateway.upstream_rq_total") == 0
+
+
+def test_envoy_holds_every_shard_of_the_route_table_at_its_content_version(stack):
+    """The route table is 64 route configurations (scoped routes), each sent alone with its own
+    content hash as version: what Envoy reports for each is what the control plane compiled
+    (the chaos benchmark's convergence check reads exactly this)."""
+    gateway, envoy, _ = stack
+    expected = compile_config(from_dict(gateway.config)).by_type[ROUTE]
+    dump = json.loads(envoy.admin("/config_dump?resource=dynamic_route_configs"))
+    held = {
+        c["route_config"]["name"]: c["version_info"] for c in dump["configs"] if "route_config" in c
+    }
+    shards = [shard_route_name(k) for k in range(SHARDS)]
+    assert {n: held.get(n) for n in shards} == {
+        n: content_version({n: expected[n]}) for n in shards
+    }
+    scopes = json.loads(envoy.admin("/config_dump?resource=dynamic_scoped_route_configs"))
+    assert scopes["configs"], scopes
 
 
 def test_pinned_versions_trailers_and_unknown_versions(stub):
@@ -603,7 +768,7 @@ def test_pinned_versions_trailers_and_unknown_versions(stub):
 def test_model_name_need_not_be_the_first_field(stack):
     _, envoy, address = stack
     names_last = b"\x12\x01" + b"2" + b"\x0a\x06" + b"linear"  # model_version, then model_name
-    before = envoy.counter("cluster.tg|linear|canary|triton-a.upstream_rq_total")
+    before = envoy.counter(f"cluster.{A1}.upstream_rq_total")
     with grpc.insecure_channel(address) as channel:
         infer = channel.unary_unary(
             INFER,
@@ -614,7 +779,7 @@ def test_model_name_need_not_be_the_first_field(stack):
         # them after 40 KB of tensor, where the body's read window has to move)
         response = infer(linear_request("", "").SerializeToString() + names_last, timeout=10)
     assert output(response) == Y_V2 and response.model_name == "linear"
-    assert envoy.counter("cluster.tg|linear|canary|triton-a.upstream_rq_total") == before + 1
+    assert envoy.counter(f"cluster.{A1}.upstream_rq_total") == before + 1
 
 
 def test_routing_headers_are_ignored_and_large_bodies_are_bounded(stack, stub):
@@ -630,13 +795,38 @@ def test_routing_headers_are_ignored_and_large_bodies_are_bounded(stack, stub):
     # A body over envoy.max_body_bytes: Envoy refuses at the bound instead of buffering it
     # (HTTP 413, gRPC UNKNOWN "Payload Too Large"), header or not.
     big = linear_request("demo_linear", "", x=[1.0] * (MAX_BODY // 2))
-    before = envoy.counter("cluster.tg|demo_linear|plain|triton-a.upstream_rq_total")
+    before = envoy.counter(f"cluster.{A0}.upstream_rq_total")
     for metadata in ((), (("x-tensorgate-model", "demo_linear"),)):
         with pytest.raises(grpc.RpcError) as err:
             call(stub, big, metadata=metadata)
         assert err.value.code() == grpc.StatusCode.UNKNOWN
         assert err.value.details() == "Payload Too Large"
-    assert envoy.counter("cluster.tg|demo_linear|plain|triton-a.upstream_rq_total") == before
+    assert envoy.counter(f"cluster.{A0}.upstream_rq_total") == before
+
+
+def test_a_callers_rename_header_has_no_effect(stub):
+    """x-tensorgate-rename tells a backend cluster's upstream filter what to ask the backend for;
+    only routes set it. A caller's is removed as the request arrives: sent on a route that
+    renames nothing (demo_linear, whose filter would otherwise apply it) or on one that does, it
+    never picks the model or version Triton runs, nor the names the answer shows."""
+    plain, trailers = call(stub, linear_request("demo_linear"))
+    assert trailers["x-tensorgate-variant"] == "plain"
+    ran = "1" if output(plain) == Y_V1 else "2"  # Triton's default version of demo_linear
+    other = {"1": "2", "2": "1"}[ran]
+    for value in (f"demo_linear,{other}", f"demo_linear,{other},linear,9"):
+        response, _ = call(
+            stub, linear_request("demo_linear"), metadata=(("x-tensorgate-rename", value),)
+        )
+        assert output(response) == output(plain)
+        assert (response.model_name, response.model_version) == (
+            plain.model_name,
+            plain.model_version,
+        )
+        response, _ = call(
+            stub, linear_request("linear", "1"), metadata=(("x-tensorgate-rename", value),)
+        )
+        assert output(response) == Y_V1
+        assert (response.model_name, response.model_version) == ("linear", "1")
 
 
 def test_sticky_route_key(stub):
@@ -662,21 +852,18 @@ def test_fallback_variant_retry_and_outlier_ejection(stack, stub):
         # route picked, not the fallback that answered.
         assert trailers["x-tensorgate-variant"] == "down"
     # The dead variant's breaker (outlier detection, 2 consecutive failures) opened.
-    assert (
-        envoy.counter("cluster.tg|guarded|down|dead.outlier_detection.ejections_enforced_total")
-        >= 1
-    )
-    assert envoy.counter("cluster.tg|guarded|down|dead.upstream_cx_connect_fail") >= 2
+    assert envoy.counter(f"cluster.{DEAD}.outlier_detection.ejections_enforced_total") >= 1
+    assert envoy.counter(f"cluster.{DEAD}.upstream_cx_connect_fail") >= 2
 
 
 def test_shadow_is_a_request_mirror(stack, stub):
     _, envoy, _ = stack
-    before = envoy.counter("cluster.tg|mirrored|copy|triton-a.upstream_rq_total")
+    before = envoy.counter("cluster.tgs|mirrored|copy|triton-a.upstream_rq_total")
     for _ in range(10):
         response, trailers = call(stub, linear_request("mirrored"))
         assert output(response) == Y_V1 and trailers["x-tensorgate-variant"] == "main"
     deadline = time.monotonic() + 5
-    while envoy.counter("cluster.tg|mirrored|copy|triton-a.upstream_rq_200") - before < 10:
+    while envoy.counter("cluster.tgs|mirrored|copy|triton-a.upstream_rq_200") - before < 10:
         assert time.monotonic() < deadline, "mirrored calls did not reach the shadow (renamed)"
         time.sleep(0.05)
 
@@ -693,8 +880,8 @@ def test_caller_deadline_is_honoured(stub):
 
 def test_per_try_timeout_and_retries(stack, stub):
     _, envoy, _ = stack
-    tries = envoy.counter("cluster.tg|slow|s|impatient.upstream_rq_per_try_timeout")
-    retries = envoy.counter("cluster.tg|slow|s|impatient.upstream_rq_retry")
+    tries = envoy.counter(f"cluster.{IMPATIENT}.upstream_rq_per_try_timeout")
+    retries = envoy.counter(f"cluster.{IMPATIENT}.upstream_rq_retry")
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as err:
         call(stub, sleep_request(0.8, "slow"), timeout=10)
@@ -702,8 +889,8 @@ def test_per_try_timeout_and_retries(stack, stub):
     # three tries of 0.3 s each, then Envoy gives up: no try ran to the 0.8 s the model sleeps
     assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
     assert 0.85 < elapsed < 1.6, elapsed
-    assert envoy.counter("cluster.tg|slow|s|impatient.upstream_rq_per_try_timeout") - tries == 3
-    assert envoy.counter("cluster.tg|slow|s|impatient.upstream_rq_retry") - retries == 2
+    assert envoy.counter(f"cluster.{IMPATIENT}.upstream_rq_per_try_timeout") - tries == 3
+    assert envoy.counter(f"cluster.{IMPATIENT}.upstream_rq_retry") - retries == 2
     time.sleep(0.8)  # the abandoned tries still hold demo_sleep's instances
     response, _ = call(stub, sleep_request(0.0, "slow"))
     assert output(response) == [0.0]
@@ -891,9 +1078,16 @@ def test_envoy_nack_is_counted_not_retried_and_the_last_good_config_stays(triton
         with grpc.insecure_channel(f"127.0.0.1:{listen}") as channel:
             stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
             assert output(call(stub, linear_request("linear", "1"))[0]) == Y_V1
-            # A cluster Envoy must refuse (negative connect timeout), with a new route table.
-            bad = compile_config(from_dict({**config, "routes": linear_routes()[:2]}))
-            bad.by_type[CLUSTER]["tg|flip|a"].connect_timeout.seconds = -1
+            # A cluster Envoy must refuse (negative connect timeout): a new backend's, which a
+            # new route needs.
+            flip = linear_routes("triton-b")[1]
+            more = {
+                **config,
+                "backends": [*config["backends"], triton_backend(triton.address, "triton-b")],
+                "routes": [*config["routes"], flip],
+            }
+            bad = compile_config(from_dict(more))
+            bad.by_type[CLUSTER]["tgb|triton-b|0|rb20-5"].connect_timeout.seconds = -1
             plane.push(bad)
             deadline = time.monotonic() + 10
             while plane.count(plane.xds.metrics.nacks, "cds") < 1:
@@ -909,7 +1103,7 @@ def test_envoy_nack_is_counted_not_retried_and_the_last_good_config_stays(triton
             with pytest.raises(grpc.RpcError):  # "flip" never reached this Envoy
                 call(stub, linear_request("flip"))
             # The next good snapshot is taken.
-            plane.push(compile_config(from_dict({**config, "routes": linear_routes()[:2]})))
+            plane.push(compile_config(from_dict(more)))
             deadline = time.monotonic() + 10
             while True:
                 try:
@@ -945,12 +1139,9 @@ def test_live_envoy_exports_the_series_the_recording_rules_read(stack, stub):
         call(stub, linear_request("linear", "9"))
     text = stack[1].admin("/stats/prometheus")
     rules = (PROM / "envoy.yaml").read_text()
-    ok = 'envoy_cluster_grpc_ModelInfer_0{envoy_grpc_bridge_method="GRPCInferenceService",envoy_grpc_bridge_service="inference",envoy_cluster_name="tg|linear|stable|triton-a"}'
+    ok = f'envoy_cluster_grpc_ModelInfer_0{{envoy_grpc_bridge_method="GRPCInferenceService",envoy_grpc_bridge_service="inference",envoy_cluster_name="{A0}"}}'
     assert ok in text
-    assert (
-        'envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name="tg|linear|stable|triton-a",le="0.5"}'
-        in text
-    )
+    assert f'envoy_cluster_upstream_rq_time_bucket{{envoy_cluster_name="{A0}",le="0.5"}}' in text
     assert "envoy_cluster_outlier_detection_ejections_active{" in text
     for name in (
         "envoy_cluster_grpc_ModelInfer_0",

@@ -45,6 +45,9 @@ ALLOWED_REQUEST_PARAMETERS = {
     "priority",
     "timeout",
 }
+# The routes' clusters: triton-a's first and second slot (a route's first and second variant on
+# it; resources.backend_cluster), shared by every route; rb20-5 is the default retry budget.
+A0, A1 = "tgb|triton-a|0|rb20-5", "tgb|triton-a|1|rb20-5"
 VICTIM = np.array([7, 7, 7, 7], dtype=np.int32)
 
 
@@ -413,7 +416,7 @@ def test_an_unpinned_call_runs_the_variants_version(stack, callers):
         + field(5, linear_input())
         + field(7, np.array(X, dtype=np.float32).tobytes())
     )
-    before = envoy.counter("cluster.tg|demo_linear|pinned|triton-a.upstream_rq_total")
+    before = envoy.counter(f"cluster.{A0}.upstream_rq_total")
     since = len(recorder.raw)
     for call in (to_envoy, to_gateway):
         code, response, details = send(call, body)
@@ -425,7 +428,7 @@ def test_an_unpinned_call_runs_the_variants_version(stack, callers):
     code, response, details = send(to_envoy, pinned)
     assert code == grpc.StatusCode.OK, details
     assert (output(response), response.model_version) == (Y_V1, "1")
-    assert envoy.counter("cluster.tg|demo_linear|pinned|triton-a.upstream_rq_total") == before + 2
+    assert envoy.counter(f"cluster.{A0}.upstream_rq_total") == before + 2
     check_what_triton_got(recorder, since, body)
     assert recorder.raw[-1][0] == pinned  # byte for byte
 
@@ -436,7 +439,7 @@ def test_names_after_a_large_tensor_and_bounded_ids(stack, callers):
     it, as it would directly."""
     recorder, _, envoy, _ = stack
     to_envoy, _ = callers
-    cluster = "cluster.tg|demo_identity|only|triton-a.upstream_rq_total"
+    cluster = f"cluster.{A0}.upstream_rq_total"
     values = np.arange(10_000, dtype=np.int32)
     tensor = field(5, field(1, b"INPUT0") + field(2, b"INT32") + field(3, varint(10_000)))
     body = tensor + field(7, values.tobytes()) + field(1, b"demo_identity")
@@ -578,7 +581,7 @@ def test_honest_bodies_are_still_served_by_envoy_itself(stack, callers):
     _, _, envoy, _ = stack
     to_envoy, _ = callers
     before_gateway = envoy.counter("cluster.tensorgate_gateway.upstream_rq_total")
-    cluster = "cluster.tg|linear|canary|triton-a.upstream_rq_total"
+    cluster = f"cluster.{A1}.upstream_rq_total"
     before = envoy.counter(cluster)
     request = oip.ModelInferRequest(model_name="linear", model_version="2", id="r-1")
     request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 4])

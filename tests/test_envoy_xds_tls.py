@@ -323,7 +323,7 @@ def test_envoys_without_a_certificate_the_ca_signed_get_nothing(plane, pki, tmp_
     for node in paths:
         assert f"xds: Envoy {node} connected" not in log  # no request read, so no ACK either
     for what in ("tensorgate_xds_acks_total", "tensorgate_xds_pushes_total"):
-        for kind in ("cds", "eds", "rtds", "lds", "rds"):
+        for kind in ("cds", "eds", "rtds", "lds", "srds", "rds"):
             assert metric(after, what, type=kind) == metric(before, what, type=kind), (what, kind)
     assert metric(after, "tensorgate_xds_connected_envoys") == metric(
         before, "tensorgate_xds_connected_envoys"

@@ -35,7 +35,6 @@ from gateway.controlplane.envoy.resources import (
     ROUTE,
     RUNTIME,
     WEIGHTS_LAYER,
-    lua_string,
 )
 from tensorgate.admin.v1 import admin_pb2, admin_pb2_grpc
 from tests.backends.process import free_port
@@ -113,7 +112,7 @@ def test_rest_off_compiles_no_rest_listener_and_no_decisions():
     resources = compile_config(from_dict(config))
     assert list(resources.by_type[LISTENER]) == ["tensorgate"]
     assert resources.rest_decisions == ()
-    assert not [c for c in resources.by_type[CLUSTER] if c.startswith("tgr|")]
+    assert not [c for c in resources.by_type[CLUSTER] if c.startswith("tgr")]
 
 
 def _weighted_config(stable: int) -> dict:
@@ -139,10 +138,10 @@ def test_one_weight_change_is_one_runtime_push_for_both_protocols():
     assert before.version(RUNTIME) != after.version(RUNTIME)
     layer = dict(after.by_type[RUNTIME][WEIGHTS_LAYER].layer)
     assert layer == {
-        "tgw.demo_linear.tg|demo_linear|v1": 30,
-        "tgw.demo_linear.tg|demo_linear|v2": 70,
-        "tgw.demo_linear.tgr|demo_linear|v1": 30,
-        "tgw.demo_linear.tgr|demo_linear|v2": 70,
+        "tgw.demo_linear.tgb|triton-a|0|rb20-5": 30,
+        "tgw.demo_linear.tgb|triton-a|1|rb20-5": 70,
+        "tgw.demo_linear.tgrb|triton-a|0|rb20-5|p": 30,
+        "tgw.demo_linear.tgrb|triton-a|1|rb20-5|p": 70,
     }
 
 
@@ -150,8 +149,8 @@ def test_a_variant_readiness_finds_down_leaves_the_rest_split_too():
     down = frozenset({("triton-a", "demo_linear", "2")})
     layer = dict(compile_config(from_dict(_weighted_config(80)), down).by_type[RUNTIME][
         WEIGHTS_LAYER].layer)  # fmt: skip
-    assert layer["tgw.demo_linear.tgr|demo_linear|v1"] == 80
-    assert layer["tgw.demo_linear.tgr|demo_linear|v2"] == 0
+    assert layer["tgw.demo_linear.tgrb|triton-a|0|rb20-5|p"] == 80
+    assert layer["tgw.demo_linear.tgrb|triton-a|1|rb20-5|p"] == 0
 
 
 def test_rest_routes_are_exact_paths_and_their_clusters_are_pushed_first():
@@ -164,17 +163,24 @@ def test_rest_routes_are_exact_paths_and_their_clusters_are_pushed_first():
         "/v2/models/demo_linear/versions/2/infer",
     ]
     # the ADS server holds routes back until the clusters they name are ACKed
-    assert {"tgr|demo_linear|v1", "tgr|demo_linear|v2", "tensorgate_gateway_rest"} <= (
+    assert {"tgrb|triton-a|0|rb20-5|p", "tgrb|triton-a|1|rb20-5|p", "tensorgate_gateway_rest"} <= (
         resources.cluster_names_referenced()
     )
     routes = {r.name: r for r in routes_of(resources.by_type[ROUTE][REST_ROUTE_NAME])}
     assert list(routes) == ["gateway", "demo_linear", "demo_linear@1", "demo_linear@2"]
     assert REST_LISTENER_NAME in resources.by_type[LISTENER]
-    # unpinned calls over two versions: each variant's cluster writes its own version in the path
+    # unpinned calls over two versions: each entry names its variant's path, which the shared
+    # backend cluster's filter writes (per backend, not per variant: no path in its code)
     assert not any(r.route.HasField("regex_rewrite") for r in routes.values())
-    for name, version in (("tgr|demo_linear|v1", "1"), ("tgr|demo_linear|v2", "2")):
-        written = lua_string(f"/v2/models/demo_linear/versions/{version}/infer")
-        assert written in _upstream_lua(resources.by_type[CLUSTER][name])
+    entries = routes["demo_linear"].route.weighted_clusters.clusters
+    assert [(e.name, [(h.header.key, h.header.value) for h in e.request_headers_to_add])
+            for e in entries] == [
+        ("tgrb|triton-a|0|rb20-5|p", [("x-tensorgate-rest-path", "/v2/models/demo_linear/versions/1/infer")]),
+        ("tgrb|triton-a|1|rb20-5|p", [("x-tensorgate-rest-path", "/v2/models/demo_linear/versions/2/infer")]),
+    ]  # fmt: skip
+    for name in ("tgrb|triton-a|0|rb20-5|p", "tgrb|triton-a|1|rb20-5|p"):
+        code = _upstream_lua(resources.by_type[CLUSTER][name])
+        assert "x-tensorgate-rest-path" in code and "demo_linear" not in code
     # one variant: the route writes it, the clusters need no filter
     single = _pure_config([{"model": "demo_linear", "variants": [variant("v1", version="1")]}])
     resources = compile_config(from_dict(single))
@@ -182,7 +188,7 @@ def test_rest_routes_are_exact_paths_and_their_clusters_are_pushed_first():
     rewrite = routes["demo_linear"].route.regex_rewrite.substitution
     assert rewrite == "/v2/models/demo_linear/versions/1/infer"
     assert not routes["demo_linear@1"].route.HasField("regex_rewrite")  # already the path
-    assert _upstream_lua(resources.by_type[CLUSTER]["tgr|demo_linear|v1"]) == ""
+    assert _upstream_lua(resources.by_type[CLUSTER]["tgrb|triton-a|0|rb20-5"]) == ""
 
 
 def _upstream_lua(cluster) -> str:
@@ -203,6 +209,9 @@ def _upstream_lua(cluster) -> str:
 # --- real Envoy, real Triton (HTTP on), the gateway's REST listener -----------------------------
 
 DEAD = "127.0.0.1:1"  # nothing listens there: connections are refused at once
+# demo_linear's v1 and v2 REST clusters: triton-a's first and second slot, the kind that writes
+# the path each route entry names (|p); rb20-5 is the default retry budget's class
+V1, V2 = "tgrb|triton-a|0|rb20-5|p", "tgrb|triton-a|1|rb20-5|p"
 MAX_BODY = 256 * 1024
 
 
@@ -332,7 +341,7 @@ def _rest_calls(gateway: GatewayProcess) -> float:
 
 
 def test_a_plain_route_is_served_by_envoy_alone(stack, client):
-    before_v1 = served_by_envoy(stack, "tgr|demo_linear|v1|triton-a")
+    before_v1 = served_by_envoy(stack, V1)
     before_gateway, before_rest = handed_over(stack), _rest_calls(stack.gateway)
     for _ in range(20):
         response = client.post(path("demo_linear", "1"), json=body())
@@ -341,7 +350,7 @@ def test_a_plain_route_is_served_by_envoy_alone(stack, client):
         assert (reply["model_name"], reply["model_version"]) == ("demo_linear", "1")
         assert response.headers["x-tensorgate-variant"] == "v1"
         assert response.headers["x-tensorgate-backend"] == "triton-a"
-    assert served_by_envoy(stack, "tgr|demo_linear|v1|triton-a") - before_v1 == 20
+    assert served_by_envoy(stack, V1) - before_v1 == 20
     assert handed_over(stack) == before_gateway
     assert _rest_calls(stack.gateway) == before_rest  # the gateway's REST listener saw none
 
@@ -366,9 +375,11 @@ def test_pinning_by_version_in_the_path(client):
 
 def test_one_admin_weight_change_moves_both_protocols_with_one_runtime_push(stack, client):
     envoy = stack.envoy
-    route_tables = ("http.tensorgate.rds.tensorgate.update_success",
-                    "http.tensorgate_rest.rds.tensorgate_rest.update_success")  # fmt: skip
-    tables_before = [envoy.counter(name) for name in route_tables]
+    # the gRPC listener's route table shards (scoped routes) and the REST listener's table
+    route_tables = (r"^http\.tensorgate\..*rds\.tensorgate_\d+\.update_success$",
+                    r"^http\.tensorgate_rest\.rds\.tensorgate_rest\.update_success$")  # fmt: skip
+    tables_before = [envoy.counters(pattern) for pattern in route_tables]
+    assert all(tables_before), tables_before  # the patterns name counters that exist
     pushes_before = envoy.counter("runtime.update_success")
 
     def set_weights(v1: int, v2: int) -> None:
@@ -394,7 +405,7 @@ def test_one_admin_weight_change_moves_both_protocols_with_one_runtime_push(stac
                             for _ in range(20)}  # fmt: skip
         assert grpc_outputs == {tuple(Y_V2)}
         assert envoy.counter("runtime.update_success") >= pushes_before + 1
-        assert [envoy.counter(name) for name in route_tables] == tables_before  # no new routes
+        assert [envoy.counters(p) for p in route_tables] == tables_before  # no new routes
     finally:
         set_weights(80, 20)
     deadline = time.monotonic() + 2
@@ -421,11 +432,11 @@ def test_stock_tritonclient_http_with_binary_tensors_is_served_by_envoy(stack):
     tensor = triton_http.InferInput("INPUT0", [1, 4], "FP32")
     tensor.set_data_from_numpy(np.array([X], dtype=np.float32), binary_data=True)
     wanted = triton_http.InferRequestedOutput("OUTPUT0", binary_data=True)
-    before = served_by_envoy(stack, "tgr|demo_linear|v2|triton-a")
+    before = served_by_envoy(stack, V2)
     result = client.infer("demo_linear", [tensor], model_version="2", outputs=[wanted])
     assert result.as_numpy("OUTPUT0").tolist() == [Y_V2]
     assert result.get_response()["model_name"] == "demo_linear"
-    assert served_by_envoy(stack, "tgr|demo_linear|v2|triton-a") == before + 1
+    assert served_by_envoy(stack, V2) == before + 1
     client.close()
 
 
@@ -453,23 +464,23 @@ SMUGGLED = {
 
 @pytest.mark.parametrize("case", sorted(SMUGGLED))
 def test_bodies_envoy_cannot_forward_as_they_are_go_to_the_gateway(stack, client, case):
-    before_v1 = served_by_envoy(stack, "tgr|demo_linear|v1|triton-a")
+    before_v1 = served_by_envoy(stack, V1)
     before_gateway = handed_over(stack)
     content = SMUGGLED[case]
     content = content if isinstance(content, bytes) else json.dumps(content).encode()
     client.post(path("demo_linear", "1"), content=content)
-    assert served_by_envoy(stack, "tgr|demo_linear|v1|triton-a") == before_v1, case
+    assert served_by_envoy(stack, V1) == before_v1, case
     assert handed_over(stack) == before_gateway + 1, case
     # ... and the same call with Triton's binary flags only is Envoy's
     flags = body(parameters={"binary_data_output": False}, id="short")
     assert answer(client.post(path("demo_linear", "1"), json=flags)) == Y_V1
-    assert served_by_envoy(stack, "tgr|demo_linear|v1|triton-a") == before_v1 + 1
+    assert served_by_envoy(stack, V1) == before_v1 + 1
 
 
 def test_other_methods_compressed_bodies_and_callers_routing_headers_go_to_the_gateway(
     stack, client
 ):
-    before_v1 = served_by_envoy(stack, "tgr|demo_linear|v1|triton-a")
+    before_v1 = served_by_envoy(stack, V1)
     before_gateway = handed_over(stack)
     client.get(path("demo_linear", "1"))
     client.post(path("demo_linear", "1"), json=body(), headers={"content-encoding": "gzip"})
@@ -482,7 +493,7 @@ def test_other_methods_compressed_bodies_and_callers_routing_headers_go_to_the_g
         path("demo_linear", "1"), json=body(), headers={"x-tensorgate-route": "demo_linear@2"}
     )
     assert answer(response) == Y_V1
-    assert served_by_envoy(stack, "tgr|demo_linear|v1|triton-a") == before_v1 + 1
+    assert served_by_envoy(stack, V1) == before_v1 + 1
 
 
 def test_callers_envoy_headers_do_not_change_the_routes_policy(stack, client):
@@ -496,7 +507,7 @@ def test_callers_envoy_headers_do_not_change_the_routes_policy(stack, client):
     assert response.status_code == 200, response.text
     assert time.monotonic() - start >= 0.2
     # ... nor may a caller make Envoy retry what the route does not (a 400 here)
-    tries = "cluster.tgr|demo_linear|v1|triton-a.upstream_rq_total"
+    tries = f"cluster.{V1}.upstream_rq_total"
     before = stack.envoy.counter(tries)
     bad = {"inputs": [{**_INPUT, "shape": [1, 3], "data": [1.0, 2.0, 3.0]}]}  # Triton: 400
     headers = {
@@ -586,6 +597,18 @@ def test_shadow_copies_reach_the_shadow_and_the_caller_sees_the_primary(stack, c
     assert _v2_inferences(stack.triton) == before + 10
 
 
+def test_a_callers_rest_path_header_has_no_effect(client):
+    """x-tensorgate-rest-path names the path a shared backend cluster writes: only routes set
+    it (overwriting), and the REST listener removes a caller's as the request arrives."""
+    other = {"x-tensorgate-rest-path": "/v2/models/demo_identity/versions/1/infer"}
+    for version, y in (("1", Y_V1), ("2", Y_V2)):
+        response = client.post(path("demo_linear", version), json=body(), headers=other)
+        assert (answer(response), response.json()["model_version"]) == (y, version)
+    for _ in range(10):
+        response = client.post(path("demo_linear"), json=body(), headers=other)
+        assert response.json()["model_name"] == "demo_linear", response.text
+
+
 def test_an_open_breaker_fails_fast(client):
     assert answer(client.post(path("demo_fail", "1"), json=sleep_body(0.0))) == [0.0]
     # demo_fail fails a negative input (INTERNAL: 500); three in a row eject the cluster's host
@@ -599,9 +622,9 @@ def test_an_open_breaker_fails_fast(client):
 
 def test_fallback_to_a_variant(stack, client):
     request = {"inputs": [{"name": "INPUT0", "datatype": "INT32", "shape": [3], "data": [1, 2, 3]}]}
-    refused = "cluster.tgr|demo_identity|down|rest-down.upstream_cx_connect_fail"
+    refused = "cluster.tgrb|rest-down|0|rb20-5.upstream_cx_connect_fail"
     before_up, before_down = (
-        served_by_envoy(stack, "tgr|demo_identity|up|triton-a"),
+        served_by_envoy(stack, "tgrb|triton-a|0|rb20-5"),
         stack.envoy.counter(refused),
     )
     for _ in range(5):
@@ -609,7 +632,7 @@ def test_fallback_to_a_variant(stack, client):
         assert answer(response) == [1, 2, 3]
     # each call tried the primary first (its REST port refused), then the fallback answered
     assert stack.envoy.counter(refused) >= before_down + 5
-    assert served_by_envoy(stack, "tgr|demo_identity|up|triton-a") == before_up + 5
+    assert served_by_envoy(stack, "tgrb|triton-a|0|rb20-5") == before_up + 5
 
 
 def test_a_handed_over_route_is_answered_by_the_gateway(stack, client):

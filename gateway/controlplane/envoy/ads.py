@@ -6,8 +6,14 @@ an order that never lets a route name a cluster the Envoy does not have:
 
 1. CDS: the union of the clusters the Envoy has and the new ones (nothing it still routes to
    disappears), then EDS for what it subscribes to, and RTDS (the weights layer);
-2. once those are ACKed: LDS and RDS (the new route table);
-3. once RDS is ACKed: CDS again with exactly the new clusters (unused ones removed).
+2. once those are ACKed: LDS, SRDS (the route table's scopes) and RDS (its shards);
+3. once every shard is ACKed: CDS again with exactly the new clusters (unused ones removed).
+
+RDS goes one route configuration per response, and only those whose content the Envoy does not
+have: a state-of-the-world response for RDS may carry a subset of the subscribed resources,
+and Envoy updates only those (the xDS protocol: only Listener and Cluster responses must hold
+every resource). So a model added is one shard of the route table, not all of it; and each
+route configuration's version is its own content hash.
 
 At most one response per type is unanswered at a time. An ACK records the version; a NACK
 (error_detail set) is logged and counted (`tensorgate_xds_nacks_total`) and the stream waits for
@@ -36,6 +42,7 @@ from gateway.controlplane.envoy.resources import (
     LISTENER,
     ROUTE,
     RUNTIME,
+    SCOPED,
     TYPES,
     content_version,
 )
@@ -47,8 +54,15 @@ log = logging.getLogger(__name__)
 # kept (for logs and listeners) at most this long, not as the megabytes a client may send.
 NODE_ID_CHARS = 128
 
-_WILDCARD = (CLUSTER, LISTENER)
-_SHORT = {CLUSTER: "cds", ENDPOINT: "eds", RUNTIME: "rtds", LISTENER: "lds", ROUTE: "rds"}
+_WILDCARD = (CLUSTER, LISTENER, SCOPED)
+_SHORT = {
+    CLUSTER: "cds",
+    ENDPOINT: "eds",
+    RUNTIME: "rtds",
+    LISTENER: "lds",
+    SCOPED: "srds",
+    ROUTE: "rds",
+}
 
 
 class XdsMetrics:
@@ -92,6 +106,8 @@ class _Stream:
     acked: dict[str, _Sent] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)  # type -> version NACKed
     last_sent: dict[str, _Sent] = field(default_factory=dict)
+    routes_have: dict[str, str] = field(default_factory=dict)  # route config -> version ACKed
+    routes_rejected: dict[str, str] = field(default_factory=dict)  # route config -> NACKed
 
 
 class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
@@ -102,6 +118,10 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self._streams: set[_Stream] = set()
         self._nonces = itertools.count(1)
         self._pack_cache: dict[tuple[str, str], list[any_pb2.Any]] = {}
+        # Each route configuration's content version, by the identity of the message (compiled
+        # messages are never changed; an unchanged shard is the same object): the route table
+        # is checked shard by shard on every ACK.
+        self._route_versions: dict[int, tuple[object, str]] = {}
         self.listeners: list[Callable[[str, str, str, str], None]] = []  # (node, type, ver, what)
 
     # --- snapshots ---------------------------------------------------------------------------
@@ -109,6 +129,8 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     def set_snapshot(self, resources: Resources) -> None:
         """Serve `resources` from now on; every connected Envoy is moved to them."""
         self.snapshot = resources
+        current = {id(r) for r in resources.by_type.get(ROUTE, {}).values()}
+        self._route_versions = {k: v for k, v in self._route_versions.items() if k in current}
         self.number += 1
         self.metrics.snapshot.set(self.number)
         for stream in self._streams:
@@ -176,9 +198,13 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                     request.error_detail.message[:500],
                 )
                 self._notify(stream, type_url, pending.version, "nack")
+                if type_url == ROUTE:
+                    stream.routes_rejected.update(dict.fromkeys(pending.names, pending.version))
             else:
                 self.metrics.acks.labels(short).inc()
                 stream.acked[type_url] = pending
+                if type_url == ROUTE:
+                    stream.routes_have.update(dict.fromkeys(pending.names, pending.version))
                 self._notify(stream, type_url, pending.version, "ack")
         stream.subscribed[type_url] = subscribed
 
@@ -212,7 +238,9 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         new_clusters = snap.by_type.get(CLUSTER, {})
         routed = snap.cluster_names_referenced()
         routes_current = all(
-            self._is_current(stream, t, snap) for t in (LISTENER, ROUTE) if t in stream.subscribed
+            self._is_current(stream, t, snap)
+            for t in (LISTENER, SCOPED, ROUTE)
+            if t in stream.subscribed
         )
         # 1. clusters: keep the ones the Envoy's current routes may still use until routes move.
         clusters = dict(new_clusters)
@@ -241,10 +269,41 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             and snap.by_type.get(ENDPOINT, {}).keys() <= acked_endpoints
         ):
             out += self._offer(stream, LISTENER, snap.by_type.get(LISTENER, {}))
-            out += self._offer(stream, ROUTE, snap.by_type.get(ROUTE, {}))
+            out += self._offer(stream, SCOPED, snap.by_type.get(SCOPED, {}))
+            out += self._offer_route(stream, snap.by_type.get(ROUTE, {}))
         return out
 
+    def _offer_route(self, stream: _Stream, resources: dict) -> list:
+        """One route configuration the Envoy subscribed to and does not have at this content
+        (nor rejected), alone in a response whose version is its content hash; [] when it has
+        them all."""
+        if ROUTE not in stream.subscribed or ROUTE in stream.pending:
+            return []
+        for name in sorted(stream.subscribed[ROUTE] or resources):
+            if name not in resources:
+                continue
+            one = {name: resources[name]}
+            version = self._route_version(name, resources[name])
+            if version in (stream.routes_have.get(name), stream.routes_rejected.get(name)):
+                continue
+            return self._respond(stream, ROUTE, one, version, frozenset({name}))
+        return []
+
+    def _route_version(self, name: str, resource) -> str:
+        hit = self._route_versions.get(id(resource))
+        if hit is None or hit[0] is not resource:
+            hit = (resource, content_version({name: resource}, remember=False))
+            self._route_versions[id(resource)] = hit
+        return hit[1]
+
     def _is_current(self, stream: _Stream, type_url: str, snap: Resources) -> bool:
+        if type_url == ROUTE:
+            wanted = stream.subscribed.get(ROUTE) or frozenset()
+            return all(
+                stream.routes_have.get(name) == self._route_version(name, resource)
+                for name, resource in snap.by_type.get(ROUTE, {}).items()
+                if name in wanted
+            )
         acked = stream.acked.get(type_url)
         return acked is not None and acked.version == _version(snap.by_type.get(type_url, {}))
 
@@ -262,12 +321,15 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             return []
         if stream.rejected.get(type_url) == version:
             return []
+        return self._respond(stream, type_url, resources, version, wanted or frozenset())
+
+    def _respond(self, stream, type_url, resources, version, names) -> list:
         nonce = str(next(self._nonces))
         response = discovery_pb2.DiscoveryResponse(
             version_info=version, type_url=type_url, nonce=nonce
         )
         response.resources.extend(self._packed(type_url, version, resources))
-        sent = _Sent(version, nonce, wanted or frozenset(), dict(resources))
+        sent = _Sent(version, nonce, names, dict(resources))
         stream.pending[type_url] = sent
         stream.last_sent[type_url] = sent
         self.metrics.pushes.labels(_SHORT[type_url]).inc()

@@ -1,6 +1,15 @@
-"""Envoy clusters, one per variant (and aggregate clusters for fallback chains): endpoints,
-HTTP/2 and TLS to the backend, outlier detection (breakers), circuit breakers (bulkheads), and the
-upstream Lua filter that renames a variant's model.
+"""Envoy clusters: endpoints, HTTP/2 and TLS to the backend, outlier detection (breakers),
+circuit breakers (bulkheads), and the upstream Lua filter that renames a variant's model.
+
+gRPC clusters are keyed by what differs on the wire and in limits, not by variant: one per
+backend (and slot, and retry budget: resources.backend_cluster), shared by every route on it,
+as the gateway's own breaker and bulkhead are per backend. What a variant adds (its backend
+model and version, the names its answer shows) travels per call in RENAME_HEADER, set by the
+route's weighted cluster entry (ClusterWeight.request_headers_to_add) and applied by the one
+upstream Lua filter of the backend cluster. At 10,000 routes of two variants this is a handful
+of clusters instead of 20,000 (each with its own Lua state per worker, stats and host set).
+Shadows keep a cluster of their own (shadow_cluster). The REST listener's clusters are per
+backend the same way (rest.py), the path taking the place of the rename.
 """
 
 from __future__ import annotations
@@ -59,24 +68,53 @@ def http2(stream_window: int = 1 << 20) -> protocol_pb2.Http2ProtocolOptions:
 
 
 def renamed(route: config_pb2.Route, variant: config_pb2.Variant) -> bool:
-    """Must calls to this variant's cluster be rewritten to the backend's model and version?
+    """Must calls to this variant be rewritten to the backend's model and version?
     Yes unless the backend knows it by the public name and with no version: a variant with a
     version also takes the route's unpinned calls (they carry no version, and the backend would
     run its own default version), so its version is always written for the backend."""
     return variant.backend_model != route.model or bool(variant.backend_version or variant.version)
 
 
-def variant_lua(route: config_pb2.Route, variant: config_pb2.Variant) -> str | None:
-    """The upstream filter of a renamed variant's cluster: its names as constants, then the code.
-    None for a variant the backend knows by its public name and version (no filter, no buffering:
-    each Lua filter is one Lua state per worker, so only the clusters that need one get one)."""
+def _field(value: str) -> str:
+    # Model names are checked, backend_model is not: anything but [A-Za-z0-9_.-] travels as %XX,
+    # so "," stays the separator and the value stays a valid header value.
+    return "".join(
+        c
+        if c.isascii() and (c.isalnum() or c in "_.-")
+        else "".join(f"%{b:02X}" for b in c.encode())
+        for c in value
+    )
+
+
+def rename_value(route: config_pb2.Route, variant: config_pb2.Variant, pinned: bool) -> str | None:
+    """The RENAME_HEADER value a route sets for calls it sends to `variant` (`pinned`: the
+    route of `model@version`, whose calls name the version): `backend_model,backend_version`
+    (requests rewritten) and, when the answer must show other names, `,model,version` (answers
+    rewritten too). None when nothing is rewritten: no buffering at all."""
+    if not renamed(route, variant):
+        return None
+    if variant.backend_model == route.model and variant.backend_version == variant.version:
+        # The public names are the backend's: only unpinned calls (no version) need the version
+        # written, and answers never need a rewrite.
+        return None if pinned else f"{_field(variant.backend_model)},{variant.backend_version}"
+    parts = (variant.backend_model, variant.backend_version, route.model, variant.version)
+    return ",".join(_field(p) for p in parts)
+
+
+def backend_lua() -> str:
+    """The upstream filter of every backend cluster: it renames per call, from RENAME_HEADER."""
+    return "local V = nil\n" + lua_source("variant.lua")
+
+
+def shadow_lua(route: config_pb2.Route, variant: config_pb2.Variant) -> str | None:
+    """The upstream filter of a shadow's own cluster: its names as constants (a mirrored copy
+    carries the primary's headers, RENAME_HEADER included, which this filter ignores). None for
+    a variant the backend knows by its public name and version."""
     if not renamed(route, variant):
         return None
     constants = {
         "model": route.model,
         "version": variant.version,
-        "variant": variant.name,
-        "backend": variant.backend,
         "backend_model": variant.backend_model,
         "backend_version": variant.backend_version,
     }
@@ -85,8 +123,16 @@ def variant_lua(route: config_pb2.Route, variant: config_pb2.Variant) -> str | N
         # Public names are the backend's: only unpinned calls (no version) need the rewrite, and
         # answers never do. The filter knows a pinned call by the route key the listener set.
         fields += f", pinned_key = {lua_string(f'{route.model}@{variant.version}')}"
-    prelude = f"local V = {{{fields}}}\n"
-    return prelude + lua_source("variant.lua")
+    return f"local V = {{{fields}}}\n" + lua_source("variant.lua")
+
+
+def retry_class(settings) -> str:
+    """What a route's retry policy puts on its clusters (circuit_breakers.retry_budget), as part
+    of their name: routes on one backend share a cluster only when these agree. Empty when the
+    route does not retry by policy (fallback-only retries keep Envoy's default max_retries)."""
+    if settings.retry.max_attempts <= 1:
+        return ""
+    return f"rb{settings.retry.budget_ratio * 100:g}-{int(settings.retry.budget_min_per_second)}"
 
 
 def build_cluster(
@@ -102,7 +148,7 @@ def build_cluster(
 ) -> tuple[cluster_pb2.Cluster, endpoint_pb2.ClusterLoadAssignment | None]:
     """An HTTP/2 cluster of one address (HTTP/1.1 with `http1`: REST backends such as Triton's
     HTTP endpoint speak nothing else): EDS for an IP (endpoints pushed over ADS, one
-    ClusterLoadAssignment per backend, `eds_name`, shared by every variant cluster on it: a few
+    ClusterLoadAssignment per backend, `eds_name`, shared by every cluster on it: a few
     EDS resources however many routes), STRICT_DNS for a host name (Envoy resolves it)."""
     cluster = cluster_pb2.Cluster(
         name=name,
@@ -244,12 +290,19 @@ def build_aggregate(
     return cluster
 
 
-def route_limits(cluster: cluster_pb2.Cluster, variant: config_pb2.Variant, settings) -> None:
-    """What a route's policy bounds on its variant's cluster (both listeners): the retry budget
-    when it retries, and the shadow's concurrency on the shadow variant's cluster."""
+def retry_budget(cluster: cluster_pb2.Cluster, settings) -> None:
+    """The route's retry budget on a cluster it retries on (both listeners). Envoy bounds
+    retries in flight per cluster: budget_percent of the cluster's active requests, so on a
+    shared backend cluster the budget spans every route of the same retry_class."""
     if settings.retry.max_attempts > 1:
         budget = cluster.circuit_breakers.thresholds[0].retry_budget
         budget.budget_percent.value = settings.retry.budget_ratio * 100
         budget.min_retry_concurrency.value = int(settings.retry.budget_min_per_second)
+
+
+def route_limits(cluster: cluster_pb2.Cluster, variant: config_pb2.Variant, settings) -> None:
+    """What a route's policy bounds on a shadow's own cluster (both listeners): the retry
+    budget when it retries, and the shadow's max_concurrency."""
+    retry_budget(cluster, settings)
     if settings.shadow is not None and variant.name == settings.shadow.variant:
         cluster.circuit_breakers.thresholds[0].max_requests.value = settings.shadow.max_concurrency

@@ -5,12 +5,14 @@ changed and versions are content hashes. No I/O, no clock.
 
 Each route takes one of two paths, decided here (`decide`) and printed by `check-config`:
 
-- **envoy**: Envoy answers it alone. Every variant is a cluster `tg|<model>|<variant>`; the route
-  is a weighted_clusters action over them (sticky keys hash the route-key header), with the
+- **envoy**: Envoy answers it alone. Its variants' calls go to their backends' shared clusters
+  (`tgb|<backend>|<slot>`: clusters.py); the route is a weighted_clusters action over them
+  (sticky keys hash the route-key header), each entry carrying its variant's rename
+  (x-tensorgate-rename, applied by the cluster's upstream Lua filter) and trailers, with the
   route's retries, timeouts, mirror (shadow) and fallback (an aggregate cluster walked by retry
-  priorities). Breakers are outlier detection on the variant's cluster, bulkheads its
-  circuit_breakers. A per-cluster upstream Lua filter renames the model for the backend, shows
-  the public name in the answer and adds the x-tensorgate-variant / -backend trailers.
+  priorities). Breakers are outlier detection on the backend's cluster, bulkheads its
+  circuit_breakers. The routes go to the shard of the route table their model hashes to
+  (scoped routes: resources.SHARDS).
 - **gateway**: the Python gateway answers it (Envoy forwards to it as the cluster
   `tensorgate_gateway`): whatever Envoy cannot express (backend translation, static answers,
   schema validation, hedging, shadow comparison, ...). Unknown models and versions and every RPC
@@ -27,18 +29,21 @@ from dataclasses import dataclass, field
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
-from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2, scoped_route_pb2
 from envoy.service.runtime.v3 import rtds_pb2
 from google.protobuf import message
 from xds.type.matcher.v3 import matcher_pb2
 
 from gateway.controlplane.envoy.clusters import (
+    backend_lua,
     build_aggregate,
     build_cluster,
     outlier_breaker,
+    retry_budget,
+    retry_class,
     route_limits,
+    shadow_lua,
     upstream_tls,
-    variant_lua,
 )
 from gateway.controlplane.envoy.decide import Decision, decide_rest_route, decide_route, rest_on
 from gateway.controlplane.envoy.listener import (
@@ -59,14 +64,19 @@ from gateway.controlplane.envoy.resources import (
     REST_ROUTE_NAME,
     ROUTE,
     ROUTE_HEADER,
-    ROUTE_NAME,
     RUNTIME,
+    SCOPED,
+    SHARDS,
     WEIGHTS_LAYER,
     aggregate_cluster,
+    backend_cluster,
     content_version,
     runtime_key,
+    scope_name,
+    shadow_cluster,
+    shard_of,
+    shard_route_name,
     split_address,
-    variant_cluster,
 )
 from gateway.controlplane.envoy.rest import (
     build_rest_listener,
@@ -92,16 +102,34 @@ class Resources:
         return content_version(self.by_type.get(type_url, {}))
 
     def cluster_names_referenced(self) -> set[str]:
-        """Clusters the route configuration names (what must exist before it is pushed)."""
+        """Clusters the route configurations name (what must exist before they are pushed)."""
         names: set[str] = set()
         for config in self.by_type.get(ROUTE, {}).values():
-            for route in routes_of(config):
-                action = route.route
-                if action.cluster:
-                    names.add(action.cluster)
-                names.update(c.name for c in action.weighted_clusters.clusters)
-                names.update(m.cluster for m in action.request_mirror_policies)
+            names |= _referenced(config)
         return names
+
+
+# Route configuration (by identity: compiled messages never change) -> the clusters it names.
+# The ADS server asks on every ACK; an unchanged shard is the same message from one snapshot
+# to the next, so only changed shards are walked again.
+_named: dict[int, tuple[message.Message, frozenset[str]]] = {}
+
+
+def _referenced(config) -> frozenset[str]:
+    hit = _named.get(id(config))
+    if hit is not None and hit[0] is config:
+        return hit[1]
+    names: set[str] = set()
+    for route in routes_of(config):
+        action = route.route
+        if action.cluster:
+            names.add(action.cluster)
+        names.update(c.name for c in action.weighted_clusters.clusters)
+        names.update(m.cluster for m in action.request_mirror_policies)
+    if len(_named) >= 512:
+        _named.pop(next(iter(_named)))
+    _named[id(config)] = (config, frozenset(names))
+    return _named[id(config)][1]
 
 
 def compile_config(
@@ -136,6 +164,8 @@ class Compiler:
         self._cache: dict[bytes, _Compiled] = {}
         self._by_model: dict[str, _Compiled] = {}
         self._assembled: tuple[tuple[int, ...], Resources] | None = None
+        self._shared: dict[str, tuple] = {}  # the clusters routes share, built once per context
+        self._shards: dict[int, tuple] = {}  # shard -> (its routes' identity, its table, them)
 
     def compile(
         self,
@@ -148,6 +178,7 @@ class Compiler:
         key = context.SerializeToString(deterministic=True)
         if key != self._context:
             self._context, self._cache, self._by_model, self._assembled = key, {}, {}, None
+            self._shared, self._shards = {}, {}
         backends = {b.name: b for b in config.backends}
         forced = set(config.envoy.gateway_routes)
         cache: dict[bytes, _Compiled] = {}
@@ -160,7 +191,7 @@ class Compiler:
             route_key = shape.SerializeToString(deterministic=True)
             compiled = self._cache.get(route_key) or cache.get(route_key)
             if compiled is None:
-                compiled = _compile_route(shape, config, backends, forced)
+                compiled = _compile_route(shape, config, backends, forced, self._shared)
                 previous = self._by_model.get(route.model)
                 if previous is not None and _same(previous, compiled):
                     compiled = previous  # same resources: keep the assembled table as it is
@@ -180,7 +211,7 @@ class Compiler:
         if self._assembled is not None and self._assembled[0] == identity:
             structure = self._assembled[1].by_type  # same routes: same messages, same versions
         else:
-            structure = _assemble(config, used).by_type
+            structure = _assemble(config, used, self._shards).by_type
         layer = rtds_pb2.Runtime(name=WEIGHTS_LAYER)
         layer.layer.update(weights)
         resources = Resources(
@@ -189,6 +220,7 @@ class Compiler:
                 ENDPOINT: structure[ENDPOINT],
                 RUNTIME: {WEIGHTS_LAYER: layer},
                 LISTENER: structure[LISTENER],
+                SCOPED: structure[SCOPED],
                 ROUTE: structure[ROUTE],
             },
             tuple(decisions),
@@ -256,47 +288,62 @@ def _weights(route: config_pb2.Route, picks, avoided: frozenset[str]) -> dict[st
     return out
 
 
-def _compile_route(route, config, backends, forced) -> _Compiled:
+def _compile_route(route, config, backends, forced, shared=None) -> _Compiled:
     decision = decide_route(route, config, backends, forced)
     rest = decide_rest_route(route, config, backends, decision) if rest_on(config) else None
     clusters: dict[str, cluster_pb2.Cluster] = {}
     endpoints: dict[str, endpoint_pb2.ClusterLoadAssignment] = {}
     if decision.path != "envoy":
         return _Compiled(decision, clusters, endpoints, [], [], rest)
+    shared = {} if shared is None else shared
     settings = route_settings(route, config.defaults.route_policy)
+    klass = retry_class(settings)
+    slot: dict[str, str] = {}  # variant name -> its backend cluster
+    taken: dict[str, int] = {}
     for variant in route.variants:
         backend = backends[variant.backend]
-        name = variant_cluster(route.model, variant.name)
-        connect = backend.connection.connect_timeout
-        lua = variant_lua(route, variant)
-        cluster, assignment = build_cluster(
-            name,
-            backend.address,
-            stat_name=f"{name}|{variant.backend}",
-            upstream_lua=lua,
-            connect_timeout=seconds(connect, 5.0),
-            buffer_limit=config.envoy.max_body_bytes if lua else 0,
-        )
-        outlier_breaker(cluster, backend, config)
-        route_limits(cluster, variant, settings)
-        clusters[name] = cluster
-        if assignment is not None:
-            endpoints[assignment.cluster_name] = assignment
+        name = backend_cluster(variant.backend, taken.get(variant.backend, 0), klass)
+        taken[variant.backend] = taken.get(variant.backend, 0) + 1
+        slot[variant.name] = name
+        if name not in shared:
+            shared[name] = _backend_cluster(name, backend, config, settings)
+        _add(clusters, endpoints, *shared[name])
+    target = dict(slot)
     fallback = [s.variant for s in settings.fallback if s.WhichOneof("step") == "variant"]
     if fallback:
         for variant in route.variants:
-            chain = [variant.name] + [f for f in fallback if f != variant.name]
-            clusters[aggregate_cluster(route.model, variant.name)] = build_aggregate(
-                aggregate_cluster(route.model, variant.name),
-                [variant_cluster(route.model, v) for v in chain],
-                variant_lua(route, variant),
-                config.envoy.max_body_bytes,
-            )
-    routes, picks = build_routes(route, settings, config, bool(fallback))
+            chain = [slot[variant.name]] + [slot[f] for f in fallback if f != variant.name]
+            name = aggregate_cluster(chain)
+            if name not in shared:
+                shared[name] = (
+                    build_aggregate(name, chain, backend_lua(), config.envoy.max_body_bytes),
+                    None,
+                )
+            _add(clusters, endpoints, *shared[name])
+            target[variant.name] = name
+    mirror = None
+    if settings.shadow is not None:
+        variant = next(v for v in route.variants if v.name == settings.shadow.variant)
+        mirror = shadow_cluster(route.model, variant.name)
+        lua = shadow_lua(route, variant)
+        backend = backends[variant.backend]
+        cluster, assignment = build_cluster(
+            mirror,
+            backend.address,
+            stat_name=f"{mirror}|{variant.backend}",
+            upstream_lua=lua,
+            connect_timeout=seconds(backend.connection.connect_timeout, 5.0),
+            buffer_limit=config.envoy.max_body_bytes if lua else 0,
+            eds_name=_eds_name(variant.backend),
+        )
+        outlier_breaker(cluster, backend, config)
+        route_limits(cluster, variant, settings)
+        _add(clusters, endpoints, cluster, assignment)
+    routes, picks = build_routes(route, settings, config, target, mirror)
     rest_routes = []
     if rest is not None and rest.path == "envoy":
         more_clusters, more_endpoints, rest_routes, more_picks = compile_rest_route(
-            route, settings, config, backends
+            route, settings, config, backends, shared
         )
         clusters.update(more_clusters)
         endpoints.update(more_endpoints)
@@ -304,7 +351,34 @@ def _compile_route(route, config, backends, forced) -> _Compiled:
     return _Compiled(decision, clusters, endpoints, routes, picks, rest, rest_routes)
 
 
-def _assemble(config, compiled: list[_Compiled]) -> Resources:
+def _eds_name(backend: str) -> str:
+    # One ClusterLoadAssignment per backend, named for it, shared by its clusters.
+    return f"tge|{backend}"
+
+
+def _backend_cluster(name, backend, config, settings):
+    """A backend's shared cluster: its address, breaker, bulkhead and connection settings, the
+    retry budget of its retry class, and the one upstream filter that renames per call."""
+    cluster, assignment = build_cluster(
+        name,
+        backend.address,
+        upstream_lua=backend_lua(),
+        connect_timeout=seconds(backend.connection.connect_timeout, 5.0),
+        buffer_limit=config.envoy.max_body_bytes,
+        eds_name=_eds_name(backend.name),
+    )
+    outlier_breaker(cluster, backend, config)
+    retry_budget(cluster, settings)
+    return cluster, assignment
+
+
+def _add(clusters, endpoints, cluster, assignment) -> None:
+    clusters[cluster.name] = cluster
+    if assignment is not None:
+        endpoints[assignment.cluster_name] = assignment
+
+
+def _assemble(config, compiled: list[_Compiled], shard_cache: dict | None = None) -> Resources:
     clusters: dict[str, cluster_pb2.Cluster] = {}
     endpoints: dict[str, endpoint_pb2.ClusterLoadAssignment] = {}
     gateway_cluster, gateway_endpoints = build_cluster(
@@ -320,27 +394,29 @@ def _assemble(config, compiled: list[_Compiled]) -> Resources:
     clusters[GATEWAY_CLUSTER] = gateway_cluster
     if gateway_endpoints is not None:
         endpoints[GATEWAY_CLUSTER] = gateway_endpoints
-    # A match table keyed by x-tensorgate-route, not a route list: Envoy walks a route list in
-    # order for every call (twice: again after the Lua filter re-selects), which at 10,000
-    # models cost 2.7-6.9 ms of Envoy CPU per call; the table is one hash lookup at any size, and
-    # anything not in it (other RPCs, unknown models and versions) goes to the gateway.
-    table = matcher_pb2.Matcher(on_no_match=on_route(build_gateway_route()))
-    table.matcher_tree.input.CopyFrom(header_input(ROUTE_HEADER))
+    by_shard: list[list[_Compiled]] = [[] for _ in range(SHARDS)]
     for one in compiled:
         clusters.update(one.clusters)
         endpoints.update(one.endpoints)
-        for route in one.routes:
-            table.matcher_tree.exact_match_map.map[route.name].CopyFrom(on_route(route))
-    if not table.matcher_tree.exact_match_map.map:
-        table.ClearField("matcher_tree")
-    route_config = route_pb2.RouteConfiguration(
-        name=ROUTE_NAME,
-        virtual_hosts=[
-            route_components_pb2.VirtualHost(name="tensorgate", domains=["*"], matcher=table)
-        ],
-    )
+        if one.routes:
+            by_shard[shard_of(one.decision.model)].append(one)
+    shard_cache = {} if shard_cache is None else shard_cache
+    route_configs, scopes = {}, {}
+    for shard, members in enumerate(by_shard):
+        # A shard whose routes are the same objects as last time keeps its message, and so its
+        # content version: the ADS server pushes only the shards that changed.
+        identity = tuple(id(one) for one in members)
+        hit = shard_cache.get(shard)
+        if hit is None or hit[0] != identity:
+            hit = (identity, _route_table(shard_route_name(shard), members), members)
+            shard_cache[shard] = hit
+        route_configs[shard_route_name(shard)] = hit[1]
+        scope = scoped_route_pb2.ScopedRouteConfiguration(
+            name=scope_name(shard), route_configuration_name=shard_route_name(shard)
+        )
+        scope.key.fragments.add(string_key=str(shard))
+        scopes[scope.name] = scope
     listeners = {LISTENER_NAME: build_listener(config)}
-    route_configs = {ROUTE_NAME: route_config}
     if rest_on(config):
         cluster, assignment = rest_gateway_cluster(config)
         clusters[cluster.name] = cluster
@@ -351,5 +427,31 @@ def _assemble(config, compiled: list[_Compiled]) -> Resources:
             [pair for one in compiled for pair in one.rest_routes]
         )
     return Resources(
-        {CLUSTER: clusters, ENDPOINT: endpoints, LISTENER: listeners, ROUTE: route_configs}
+        {
+            CLUSTER: clusters,
+            ENDPOINT: endpoints,
+            LISTENER: listeners,
+            SCOPED: scopes,
+            ROUTE: route_configs,
+        }
+    )
+
+
+def _route_table(name: str, compiled: list[_Compiled]) -> route_pb2.RouteConfiguration:
+    # A match table keyed by x-tensorgate-route, not a route list: Envoy walks a route list in
+    # order for every call (twice: again after the Lua filter re-selects), which at 10,000
+    # models cost 2.7-6.9 ms of Envoy CPU per call; the table is one hash lookup at any size, and
+    # anything not in it (other RPCs, unknown models and versions) goes to the gateway.
+    table = matcher_pb2.Matcher(on_no_match=on_route(build_gateway_route()))
+    table.matcher_tree.input.CopyFrom(header_input(ROUTE_HEADER))
+    for one in compiled:
+        for route in one.routes:
+            table.matcher_tree.exact_match_map.map[route.name].CopyFrom(on_route(route))
+    if not table.matcher_tree.exact_match_map.map:
+        table.ClearField("matcher_tree")
+    return route_pb2.RouteConfiguration(
+        name=name,
+        virtual_hosts=[
+            route_components_pb2.VirtualHost(name="tensorgate", domains=["*"], matcher=table)
+        ],
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
 from envoy.config.core.v3 import base_pb2
+from envoy.config.core.v3 import extension_pb2 as core_extension_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.grpc_stats.v3 import config_pb2 as grpc_stats_pb2
@@ -15,6 +16,9 @@ from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
+    header_mutation_pb2 as early_header_mutation_pb2,
 )
 from envoy.extensions.retry.priority.previous_priorities.v3 import (
     previous_priorities_config_pb2,
@@ -25,19 +29,21 @@ from google.protobuf import any_pb2
 from xds.core.v3 import extension_pb2
 from xds.type.matcher.v3 import matcher_pb2
 
-from gateway.controlplane.envoy.clusters import http2
+from gateway.controlplane.envoy.clusters import http2, rename_value
 from gateway.controlplane.envoy.resources import (
     BACKEND_HEADER,
     GATEWAY_CLUSTER,
     LISTENER_NAME,
+    RENAME_HEADER,
     ROUTE_NAME,
+    SHARD_HEADER,
+    SHARDS,
     VARIANT_HEADER,
     ads_source,
-    aggregate_cluster,
     lua_source,
     packed,
+    shard_route_name,
     socket_address,
-    variant_cluster,
 )
 from gateway.dataplane.layers.retry import ENVOY_RETRY_ON
 from gateway.durations import duration, seconds
@@ -87,12 +93,12 @@ def _walk(table: matcher_pb2.Matcher, out: list) -> None:
             on_match.action.typed_config.Unpack(out[-1])
 
 
-def build_routes(route, settings, config, has_fallback: bool):
+def build_routes(route, settings, config, target: dict[str, str], mirror: str | None = None):
     """Envoy routes of one model: one per pinned version (named `model@version`), then the
     unpinned one (named `model`); the name is the route's key in the match table (`_assemble`).
-    Also returns each weighted route's members, whose weights the runtime layer carries
-    (`_weights`)."""
-    target = aggregate_cluster if has_fallback else variant_cluster
+    `target`: each variant's cluster (its backend cluster, or its fallback chain's aggregate);
+    `mirror`: the shadow's cluster. Also returns each weighted route's members, whose weights
+    the runtime layer carries (`_weights`)."""
     versions = sorted({v.version for v in route.variants if v.version}, key=int)
     groups = [
         (f"{route.model}@{version}", version, [v for v in route.variants if v.version == version])
@@ -104,11 +110,25 @@ def build_routes(route, settings, config, has_fallback: bool):
         groups.append((route.model, None, list(route.variants)))
     out, picks = [], []
     for name, version, group in groups:
-        members = [(target(route.model, v.name), v) for v in group]
-        out.append(build_route(name, members, route, settings, config))
+        members = [(target[v.name], v) for v in group]
+        renames = [rename_value(route, v, version is not None) for v in group]
+        out.append(build_route(name, members, renames, route, settings, config, mirror))
         if len(members) > 1:
             picks.append((name, version is not None, [(c, v.name) for c, v in members]))
     return out, picks
+
+
+def rename_headers(value: str | None) -> list[base_pb2.HeaderValueOption]:
+    """The request header that tells the backend cluster's upstream filter what to rewrite for
+    this variant (clusters.rename_value); none when nothing is."""
+    if value is None:
+        return []
+    return [
+        base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=RENAME_HEADER, value=value),
+            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+        )
+    ]
 
 
 # A route chosen by the match table still needs a match (the field is required): one that
@@ -142,21 +162,28 @@ def identity_trailers(variant: config_pb2.Variant) -> dict[str, any_pb2.Any]:
     }
 
 
-def build_route(name, members, route, settings, config) -> route_components_pb2.Route:
+def build_route(
+    name, members, renames, route, settings, config, mirror=None
+) -> route_components_pb2.Route:
     action = route_components_pb2.RouteAction()
-    identity, trailers = [], {}
+    identity, trailers, rename = [], {}, []
     if len(members) == 1:
         action.cluster = members[0][0]
         identity = identity_headers(members[0][1])
         trailers = identity_trailers(members[0][1])
+        rename = rename_headers(renames[0])
     else:
         # Weights come from the runtime layer (key: runtime_key(name, cluster)), read per
         # request; 1 applies only until the layer arrives, which the ADS server sends first.
         action.weighted_clusters.runtime_key_prefix = f"tgw.{name}"
-        for cluster, variant in members:
+        for (cluster, variant), value in zip(members, renames, strict=True):
+            # Each entry names its cluster once per route (resources.backend_cluster's slot), so
+            # its runtime key is its own; the rename rides on the entry, applied by the router
+            # before the upstream filters run.
             action.weighted_clusters.clusters.add(
                 name=cluster,
                 weight={"value": 1},
+                request_headers_to_add=rename_headers(value),
                 response_headers_to_add=identity_headers(variant),
                 typed_per_filter_config=identity_trailers(variant),
             )
@@ -172,12 +199,13 @@ def build_route(name, members, route, settings, config) -> route_components_pb2.
     for code in sorted(c.name for c in settings.retry.retry_on):
         words.extend(w for w in ENVOY_RETRY_ON[code] if w not in words)
     add_retries(action, route, settings, config, ",".join(words))
-    if settings.shadow is not None:
-        add_mirror(action, settings, variant_cluster(route.model, settings.shadow.variant))
+    if mirror is not None:
+        add_mirror(action, settings, mirror)
     return route_components_pb2.Route(
         name=name,
         match=_ANY,
         route=action,
+        request_headers_to_add=rename,
         response_headers_to_add=identity,
         typed_per_filter_config=trailers,
     )
@@ -194,21 +222,74 @@ def build_gateway_route() -> route_components_pb2.Route:
     return route_components_pb2.Route(name="gateway", match=_ANY, route=action)
 
 
+def early_mutations() -> list[core_extension_pb2.TypedExtensionConfig]:
+    """Applied as the request arrives, before route selection and every filter
+    (HttpConnectionManager.early_header_mutation_extensions): a caller's RENAME_HEADER is
+    removed, so the rename a backend cluster applies is only ever the one the route set, never a
+    caller's choice of model; and SHARD_HEADER is set to shard 0 (a caller's replaced), so every
+    call finds a route table, whose no-match action is the gateway, until the Lua filter keys it
+    to its model's shard."""
+    shard = base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=SHARD_HEADER, value="0"),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+    mutation = early_header_mutation_pb2.HeaderMutation(
+        mutations=[
+            mutation_rules_pb2.HeaderMutation(remove=RENAME_HEADER),
+            mutation_rules_pb2.HeaderMutation(append=shard),
+        ]
+    )
+    return [
+        core_extension_pb2.TypedExtensionConfig(
+            name="envoy.http.early_header_mutation.header_mutation", typed_config=packed(mutation)
+        )
+    ]
+
+
+def scoped_routes() -> hcm_pb2.ScopedRoutes:
+    """The route table as SHARDS scopes (ScopedRouteConfiguration over SRDS, keyed by
+    SHARD_HEADER: ScopeKeyBuilder.FragmentBuilder.HeaderValueExtractor, index 0 = the whole
+    value), each naming its RouteConfiguration (RDS). Envoy re-selects the scope when a filter
+    clears the route cache, which the Lua filter does after setting the header."""
+    scoped = hcm_pb2.ScopedRoutes(name=ROUTE_NAME)
+    fragment = scoped.scope_key_builder.fragments.add()
+    fragment.header_value_extractor.name = SHARD_HEADER
+    fragment.header_value_extractor.index = 0
+    scoped.rds_config_source.CopyFrom(ads_source())
+    scoped.scoped_rds.scoped_rds_config_source.CopyFrom(ads_source())
+    return scoped
+
+
+def grpc_routes(route_configs: dict) -> list[route_components_pb2.Route]:
+    """The gRPC listener's Envoy routes across its shards (`routes_of` each), as one table:
+    per model its pinned versions, then its unpinned route; the gateway route once, last."""
+    shards = [route_configs[n] for n in map(shard_route_name, range(SHARDS)) if n in route_configs]
+    out = [route for config in shards for route in routes_of(config) if route.name != "gateway"]
+    out.sort(key=lambda r: _order(r.name))
+    gateway = [r for c in shards for r in routes_of(c) if r.name == "gateway"]
+    return out + gateway[:1]
+
+
 def build_listener(config: config_pb2.GatewayConfig) -> listener_pb2.Listener:
     manager = hcm_pb2.HttpConnectionManager(
         stat_prefix="tensorgate",
         codec_type=hcm_pb2.HttpConnectionManager.HTTP2,
-        rds=hcm_pb2.Rds(config_source=ads_source(), route_config_name=ROUTE_NAME),
+        scoped_routes=scoped_routes(),
         # Envoy buffers up to max(connection limit, stream window) per stream: keep the window
         # within the bound so the bound holds (HTTP/2's minimum window is 65535).
         http2_protocol_options=http2(max(65535, min(1 << 20, config.envoy.max_body_bytes))),
         stream_idle_timeout=duration(300),
         generate_request_id={"value": False},
+        early_header_mutation_extensions=early_mutations(),
         http_filters=[
             hcm_pb2.HttpFilter(
                 name="envoy.filters.http.lua",
                 typed_config=packed(
-                    lua_pb2.Lua(default_source_code={"inline_string": lua_source("model.lua")})
+                    lua_pb2.Lua(
+                        default_source_code={
+                            "inline_string": f"local SHARDS = {SHARDS}\n" + lua_source("model.lua")
+                        }
+                    )
                 ),
             ),
             # The variant's trailers (per-route config: identity_trailers).

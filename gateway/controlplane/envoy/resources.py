@@ -28,7 +28,10 @@ ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 RUNTIME = "type.googleapis.com/envoy.service.runtime.v3.Runtime"
 
 
-TYPES = (CLUSTER, ENDPOINT, RUNTIME, LISTENER, ROUTE)  # the order pushes go out in
+SCOPED = "type.googleapis.com/envoy.config.route.v3.ScopedRouteConfiguration"
+
+
+TYPES = (CLUSTER, ENDPOINT, RUNTIME, LISTENER, SCOPED, ROUTE)  # the order pushes go out in
 
 
 # Variant weights live in an RTDS runtime layer, not in the routes: each weighted route names
@@ -42,6 +45,35 @@ LISTENER_NAME = "tensorgate"
 
 
 ROUTE_NAME = "tensorgate"
+
+
+# The gRPC listener's route table is split into SHARDS route configurations (scoped routes,
+# SRDS): a model's routes live in shard `shard_of(model)`, which the listener's Lua filter
+# computes from the body's model name and puts in SHARD_HEADER, the scope key. A route change
+# (a model added, a policy changed) is then one shard pushed over RDS, not the whole table
+# (17 MB and seconds for Envoy to rebuild at 10,000 models). Fixed: changing it moves every
+# model, and the Lua filter carries it.
+SHARDS = 64
+
+
+SHARD_HEADER = "x-tensorgate-shard"
+
+
+def shard_of(model: str) -> int:
+    """The shard of a model's routes. lua/model.lua computes the same number from the same
+    bytes: a polynomial hash kept below 2^31, so every step is exact in Lua's doubles."""
+    h = 0
+    for b in model.encode():
+        h = (h * 31 + b) % 2147483647
+    return h % SHARDS
+
+
+def shard_route_name(shard: int) -> str:
+    return f"{ROUTE_NAME}_{shard:02d}"
+
+
+def scope_name(shard: int) -> str:
+    return f"{ROUTE_NAME}_scope_{shard:02d}"
 
 
 GATEWAY_CLUSTER = "tensorgate_gateway"
@@ -81,10 +113,11 @@ _LUA = pathlib.Path(__file__).parent / "lua"
 _versions: dict[tuple, tuple[dict, str]] = {}
 
 
-def content_version(resources: dict[str, message.Message]) -> str:
+def content_version(resources: dict[str, message.Message], remember: bool = True) -> str:
     """A content hash of {name: resource}. Remembered for the last few dicts (by the identity
     of their resources, which are never changed once compiled): the ADS server asks for the
-    version of a 9.5 MB route table on every ACK, and hashing it costs ~50 ms."""
+    version of all clusters on every ACK, and hashing thousands costs tens of ms. `remember`
+    False: computed, not kept (for callers that keep their own)."""
     key = tuple(sorted((name, id(r)) for name, r in resources.items()))
     hit = _versions.get(key)
     if hit is not None:
@@ -94,26 +127,63 @@ def content_version(resources: dict[str, message.Message]) -> str:
         digest.update(name.encode())
         digest.update(resource.SerializeToString(deterministic=True))
     version = digest.hexdigest()[:16]
+    if not remember:
+        return version
     if len(_versions) >= 32:
         _versions.pop(next(iter(_versions)))
     _versions[key] = (tuple(resources.values()), version)  # held: their ids stay theirs
     return version
 
 
-def variant_cluster(model: str, variant: str) -> str:
-    return f"tg|{model}|{variant}"
+# Set per call by the route (the weighted cluster entry the router picked, or the route) and
+# read by the backend cluster's upstream filter (lua/variant.lua): the backend's model and version
+# to write into the request, and the public ones for the answer. Envoy's own: the listener drops
+# a caller's before anything reads it (listener.early_mutations).
+RENAME_HEADER = "x-tensorgate-rename"
 
 
-def aggregate_cluster(model: str, variant: str) -> str:
-    return f"tga|{model}|{variant}"
+def backend_cluster(backend: str, slot: int, retry_class: str = "") -> str:
+    """The cluster of a backend, shared by every route on it. `slot`: the variant's place among
+    its route's variants on that backend (0, 1, ...): a weighted route names each of its
+    clusters once, since Envoy reads a weighted cluster's weight from the runtime key
+    `<runtime_key_prefix>.<cluster name>` (WeightedCluster.runtime_key_prefix), so two variants
+    of one route on one backend need two names. `retry_class`: the retry budget the cluster's
+    circuit_breakers carry (clusters.retry_class), empty for none."""
+    name = f"tgb|{backend}|{slot}"
+    return f"{name}|{retry_class}" if retry_class else name
 
 
-def rest_cluster(model: str, variant: str) -> str:
-    return f"tgr|{model}|{variant}"
+def aggregate_cluster(members: list[str]) -> str:
+    """A fallback chain of backend clusters (priority i = members[i]), shared by every route
+    whose chain is the same."""
+    return "tga|" + ",".join(members)
 
 
-def rest_aggregate_cluster(model: str, variant: str) -> str:
-    return f"tgra|{model}|{variant}"
+def shadow_cluster(model: str, variant: str) -> str:
+    """A shadow variant's own cluster: mirrored copies carry the primary's headers, and the
+    shadow's max_concurrency bounds its copies alone."""
+    return f"tgs|{model}|{variant}"
+
+
+def rest_backend_cluster(backend: str, slot: int, retry_class: str, rewrites: bool) -> str:
+    """A backend's REST cluster (its rest_address), shared as backend_cluster is; `rewrites`:
+    the one whose upstream filter writes the path a route's entry names (REST_PATH_HEADER)."""
+    name = f"tgrb|{backend}|{slot}" + (f"|{retry_class}" if retry_class else "")
+    return name + "|p" if rewrites else name
+
+
+def rest_aggregate_cluster(members: list[str]) -> str:
+    return "tgra|" + ",".join(members)
+
+
+def rest_shadow_cluster(model: str, variant: str) -> str:
+    return f"tgrs|{model}|{variant}"
+
+
+# Set by a REST route's entry for a variant whose cluster writes the path (rest.py), read by
+# that cluster's upstream filter (lua/rest_path.lua). Envoy's own: the REST listener removes a
+# caller's as the request arrives.
+REST_PATH_HEADER = "x-tensorgate-rest-path"
 
 
 def infer_path(model: str, version: str = "") -> str:

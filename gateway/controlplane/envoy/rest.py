@@ -3,9 +3,10 @@ configuration, beside the gRPC one.
 
 A REST call names its model in the URL (`/v2/models/{m}[/versions/{v}]/infer`), so the route
 table matches the exact path with no body read: one entry per public model (its weighted
-variants) and per public version (pinning: the variants of that version). Each variant is a
-cluster `tgr|<model>|<variant>` on its backend's `rest_address` (HTTP/1.1), with the breaker as
-outlier detection and the bulkhead as circuit_breakers, as its gRPC cluster has; the route
+variants) and per public version (pinning: the variants of that version). A variant's calls go
+to its backend's REST cluster (`rest_address`, HTTP/1.1; per backend and shared by every route,
+as on gRPC: `compile_rest_route`), with the breaker as outlier detection and the bulkhead as
+circuit_breakers, as its gRPC cluster has; the route
 carries the retries (gRPC codes mapped to HTTP statuses: decide.REST_RETRY_ON), the per-try
 timeout (Envoy's 504), the mirror (shadow) and, for fallback variants, an aggregate cluster.
 Weights come from the same RTDS layer as gRPC's, under keys of their own (the REST clusters'
@@ -21,13 +22,18 @@ versions, metadata, readiness, /openapi.json, /docs, ...) goes to the gateway's 
 
 from __future__ import annotations
 
-from envoy.config.core.v3 import substitution_format_string_pb2
+from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
+from envoy.config.core.v3 import base_pb2, substitution_format_string_pb2
+from envoy.config.core.v3 import extension_pb2 as core_extension_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
+    header_mutation_pb2 as early_header_mutation_pb2,
 )
 from envoy.type.matcher.v3 import regex_pb2
 from xds.type.matcher.v3 import matcher_pb2
@@ -37,6 +43,8 @@ from gateway.controlplane.envoy.clusters import (
     build_cluster,
     http2,
     outlier_breaker,
+    retry_budget,
+    retry_class,
     route_limits,
     upstream_tls,
 )
@@ -52,6 +60,7 @@ from gateway.controlplane.envoy.resources import (
     REST_GATEWAY_CLUSTER,
     REST_HAND_OVER_HEADER,
     REST_LISTENER_NAME,
+    REST_PATH_HEADER,
     REST_ROUTE_NAME,
     ads_source,
     infer_path,
@@ -59,7 +68,8 @@ from gateway.controlplane.envoy.resources import (
     lua_string,
     packed,
     rest_aggregate_cluster,
-    rest_cluster,
+    rest_backend_cluster,
+    rest_shadow_cluster,
     socket_address,
     split_address,
 )
@@ -82,8 +92,11 @@ MAX_ID = 256
 _ANY = route_components_pb2.RouteMatch(prefix="/")
 
 
-def rest_path_lua(path: str) -> str:
-    return f"local PATH = {lua_string(path)}\n" + lua_source("rest_path.lua")
+def rest_path_lua(path: str | None = None) -> str:
+    """The path-writing upstream filter: `path` as a constant (a shadow's cluster), or, without
+    one, the path the route's entry put in REST_PATH_HEADER (a backend cluster)."""
+    constant = lua_string(path) if path is not None else "nil"
+    return f"local PATH = {constant}\n" + lua_source("rest_path.lua")
 
 
 def _listener_lua() -> str:
@@ -109,68 +122,106 @@ def _groups(route: config_pb2.Route):
     return groups
 
 
-def compile_rest_route(route, settings, config, backends):
+def compile_rest_route(route, settings, config, backends, shared=None):
     """One route's REST clusters, endpoints, Envoy routes (each paired with the path the match
-    table keys it by) and weighted picks, for a route `decide_rest_route` gave to Envoy."""
+    table keys it by) and weighted picks, for a route `decide_rest_route` gave to Envoy.
+
+    Clusters are per backend (`tgrb|<backend>|<slot>[|<retry class>][|p]`, shared by every
+    route, as the gRPC listener's: clusters.py); `|p` ones carry the upstream filter that sets
+    the path a route's entry names in REST_PATH_HEADER. A shadow has its own cluster with its
+    path as a constant (a mirrored copy carries the primary's headers)."""
+    shared = {} if shared is None else shared
     backend_path = {v.name: infer_path(v.backend_model, v.backend_version) for v in route.variants}
     groups = _groups(route)
     # The route rewrites the path when all its variants take one path at the backend; where they
-    # take several (unpinned calls over variants of different versions), each cluster does.
+    # take several (unpinned calls over variants of different versions), each entry names its
+    # variant's path and the cluster's filter writes it.
     rewrite_by_cluster = set()
     for _, _, group in groups:
         if len({backend_path[v.name] for v in group}) > 1:
             rewrite_by_cluster.update(v.name for v in group)
-    if settings.shadow is not None:
-        rewrite_by_cluster.add(settings.shadow.variant)  # a mirror carries the primary's path
+    klass = retry_class(settings)
     clusters, endpoints = {}, {}
+    slot: dict[str, str] = {}
+    taken: dict[str, int] = {}
     for variant in route.variants:
         backend = backends[variant.backend]
-        name = rest_cluster(route.model, variant.name)
-        lua = (
-            rest_path_lua(backend_path[variant.name])
-            if variant.name in rewrite_by_cluster
-            else None
-        )
-        cluster, assignment = build_cluster(
-            name,
-            backend.rest_address,
-            stat_name=f"{name}|{variant.backend}",
-            upstream_lua=lua,
-            connect_timeout=seconds(backend.connection.connect_timeout, 5.0),
-            http1=True,
-        )
-        outlier_breaker(cluster, backend, config)
-        route_limits(cluster, variant, settings)
-        clusters[name] = cluster
-        if assignment is not None:
-            endpoints[assignment.cluster_name] = assignment
+        rewrites = variant.name in rewrite_by_cluster
+        name = rest_backend_cluster(variant.backend, taken.get(variant.backend, 0), klass, rewrites)
+        taken[variant.backend] = taken.get(variant.backend, 0) + 1
+        slot[variant.name] = name
+        if name not in shared:
+            cluster, assignment = build_cluster(
+                name,
+                backend.rest_address,
+                upstream_lua=rest_path_lua() if rewrites else None,
+                connect_timeout=seconds(backend.connection.connect_timeout, 5.0),
+                eds_name=f"tgre|{backend.name}",
+                http1=True,
+            )
+            outlier_breaker(cluster, backend, config)
+            retry_budget(cluster, settings)
+            shared[name] = (cluster, assignment)
+        _add(clusters, endpoints, *shared[name])
+    target = dict(slot)
     fallback = [s.variant for s in settings.fallback if s.WhichOneof("step") == "variant"]
-    target = rest_aggregate_cluster if fallback else rest_cluster
     if fallback:
         # Fallback variants ask the backend what the primary asks (fallback.on_envoy), so they
         # take its path; retries walk the aggregate's priorities, as on gRPC.
         for variant in route.variants:
-            chain = [variant.name] + [f for f in fallback if f != variant.name]
-            lua = (
-                rest_path_lua(backend_path[variant.name])
-                if variant.name in rewrite_by_cluster
-                else None
-            )
-            name = rest_aggregate_cluster(route.model, variant.name)
-            clusters[name] = build_aggregate(
-                name, [rest_cluster(route.model, v) for v in chain], lua, 0, http1=True
-            )
+            chain = [slot[variant.name]] + [slot[f] for f in fallback if f != variant.name]
+            name = rest_aggregate_cluster(chain)
+            if name not in shared:
+                lua = rest_path_lua() if variant.name in rewrite_by_cluster else None
+                shared[name] = (build_aggregate(name, chain, lua, 0, http1=True), None)
+            _add(clusters, endpoints, *shared[name])
+            target[variant.name] = name
+    mirror = None
+    if settings.shadow is not None:
+        variant = next(v for v in route.variants if v.name == settings.shadow.variant)
+        backend = backends[variant.backend]
+        mirror = rest_shadow_cluster(route.model, variant.name)
+        cluster, assignment = build_cluster(
+            mirror,
+            backend.rest_address,
+            stat_name=f"{mirror}|{variant.backend}",
+            upstream_lua=rest_path_lua(backend_path[variant.name]),
+            connect_timeout=seconds(backend.connection.connect_timeout, 5.0),
+            eds_name=f"tgre|{backend.name}",
+            http1=True,
+        )
+        outlier_breaker(cluster, backend, config)
+        route_limits(cluster, variant, settings)
+        _add(clusters, endpoints, cluster, assignment)
     routes, picks = [], []
     for name, version, group in groups:
-        members = [(target(route.model, v.name), v) for v in group]
+        members = [(target[v.name], v) for v in group]
         paths = {backend_path[v.name] for v in group}
         incoming = infer_path(route.model, version or "")
         rewrite = paths.pop() if len(paths) == 1 and incoming not in paths else None
-        built = _route(name, members, route, settings, config, rewrite)
+        named = [backend_path[v.name] if v.name in rewrite_by_cluster else None for v in group]
+        built = _route(name, members, named, route, settings, config, rewrite, mirror)
         routes.append((incoming, built))
         if len(members) > 1:
             picks.append((name, version is not None, [(c, v.name) for c, v in members]))
     return clusters, endpoints, routes, picks
+
+
+def _add(clusters, endpoints, cluster, assignment) -> None:
+    clusters[cluster.name] = cluster
+    if assignment is not None:
+        endpoints[assignment.cluster_name] = assignment
+
+
+def _path_headers(path: str | None) -> list[base_pb2.HeaderValueOption]:
+    if path is None:
+        return []
+    return [
+        base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=REST_PATH_HEADER, value=path),
+            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+        )
+    ]
 
 
 def _retry_on(retry) -> tuple[str, list[int]]:
@@ -184,18 +235,23 @@ def _retry_on(retry) -> tuple[str, list[int]]:
     return ",".join(words), sorted(codes)
 
 
-def _route(name, members, route, settings, config, rewrite):
+def _route(name, members, paths, route, settings, config, rewrite, mirror):
     action = route_components_pb2.RouteAction()
-    identity = []
+    identity, named = [], []
     if len(members) == 1:
         action.cluster = members[0][0]
         identity = identity_headers(members[0][1])
+        named = _path_headers(paths[0])
     else:
-        # Weights from the runtime layer, as on the gRPC routes (listener.build_route).
+        # Weights from the runtime layer, as on the gRPC routes (listener.build_route); each
+        # entry names its variant's path where its cluster's filter writes it.
         action.weighted_clusters.runtime_key_prefix = f"tgw.{name}"
-        for cluster, variant in members:
+        for (cluster, variant), path in zip(members, paths, strict=True):
             action.weighted_clusters.clusters.add(
-                name=cluster, weight={"value": 1}, response_headers_to_add=identity_headers(variant)
+                name=cluster,
+                weight={"value": 1},
+                request_headers_to_add=_path_headers(path),
+                response_headers_to_add=identity_headers(variant),
             )
         action.weighted_clusters.use_hash_policy.value = True
         action.hash_policy.add(header={"header_name": config.defaults.route_key_header})
@@ -209,12 +265,13 @@ def _route(name, members, route, settings, config, rewrite):
     # own deadline takes the call to the gateway (HAND_OVER_HEADERS).
     action.timeout.CopyFrom(duration(settings.timeout or 0.0))
     add_retries(action, route, settings, config, *_retry_on(settings.retry))
-    if settings.shadow is not None:
-        add_mirror(action, settings, rest_cluster(route.model, settings.shadow.variant))
+    if mirror is not None:
+        add_mirror(action, settings, mirror)
     return route_components_pb2.Route(
         name=name,
         match=_ANY,
         route=action,
+        request_headers_to_add=named,
         response_headers_to_add=identity,
         # Triton compresses an answer when asked (Accept-Encoding: gzip); the gateway's REST
         # listener never does: the caller gets what the gateway would send, and Triton spends
@@ -292,6 +349,18 @@ def build_rest_listener(config: config_pb2.GatewayConfig) -> listener_pb2.Listen
         http2_protocol_options=http2(max(65535, min(1 << 20, config.envoy.max_body_bytes))),
         stream_idle_timeout=duration(300),
         generate_request_id={"value": False},
+        # A caller's REST_PATH_HEADER is removed before anything reads it: the path a backend
+        # cluster writes is only ever the one a route named.
+        early_header_mutation_extensions=[
+            core_extension_pb2.TypedExtensionConfig(
+                name="envoy.http.early_header_mutation.header_mutation",
+                typed_config=packed(
+                    early_header_mutation_pb2.HeaderMutation(
+                        mutations=[mutation_rules_pb2.HeaderMutation(remove=REST_PATH_HEADER)]
+                    )
+                ),
+            )
+        ],
         local_reply_config=local_reply,
         http_filters=[
             hcm_pb2.HttpFilter(

@@ -1,4 +1,5 @@
--- tensorgate, Envoy listener filter (envoy.filters.http.lua, before the router).
+-- tensorgate, Envoy listener filter (envoy.filters.http.lua, before the router; listener.py
+-- prepends `local SHARDS = n`).
 --
 -- Stock Open Inference Protocol clients send the model only in the protobuf body
 -- (ModelInferRequest.model_name = field 1, model_version = field 2). This reads both from the
@@ -174,6 +175,17 @@ end
 
 local ROUTE = "x-tensorgate-route"
 
+-- The scope key (resources.shard_of, the same arithmetic): which of the SHARDS route
+-- configurations (scoped routes) holds this model's routes. The listener sets shard 0 on every
+-- request as it arrives (a caller's replaced), so a call this filter does not key still finds a
+-- table, whose no-match action is the gateway.
+local SHARD = "x-tensorgate-shard"
+local function shard_of(name)
+  local h = 0
+  for i = 1, #name do h = (h * 31 + byte(name, i)) % 2147483647 end
+  return h % SHARDS
+end
+
 function envoy_on_request(handle)
   local headers = handle:headers()
   headers:remove(ROUTE)
@@ -198,5 +210,6 @@ function envoy_on_request(handle)
   else
     return
   end
+  headers:replace(SHARD, tostring(shard_of(name)))
   handle:clearRouteCache()
 end

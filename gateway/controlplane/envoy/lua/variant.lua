@@ -1,12 +1,22 @@
--- tensorgate, upstream filter of a renamed variant's cluster (compile.py prepends
--- `local V = {...}`: the public model and version, the backend's model and version, and
--- `pinned_key` where those names are the same).
+-- tensorgate, upstream filter of a backend cluster and of a shadow's cluster (clusters.py
+-- prepends `local V = ...`).
 --
--- Every try, retry and mirrored copy to this cluster passes here: the request's model_name /
--- model_version become the backend's, the answer's become the public ones. Done by appending
--- fields 1 and 2 to the message (protobuf takes the last occurrence of a field) and rewriting
--- the 5-byte gRPC length prefix: the tensors are copied once, never parsed. Both bodies are
--- buffered whole (bounded by the cluster's per_connection_buffer_limit_bytes).
+-- A backend cluster is shared by every route on its backend (V = nil): what to write comes per
+-- call in x-tensorgate-rename, set by the route for the variant the router picked
+-- (clusters.rename_value): `backend_model,backend_version` rewrites the request, and
+-- `,model,version` after it the answer too; names are %XX-escaped beyond [A-Za-z0-9_.-]. The
+-- listener removes a caller's header before any filter runs (listener.early_mutations), so the
+-- value is always the control plane's. No header: the call passes untouched, nothing buffered.
+--
+-- A shadow's cluster has its names as constants (V: the public model and version, the
+-- backend's, and `pinned_key` where those are the same): a mirrored copy carries the primary's
+-- headers, so the header is not read there.
+--
+-- Every try, retry and mirrored copy passes here: the request's model_name / model_version
+-- become the backend's, the answer's become the public ones. Done by appending fields 1 and 2 to
+-- the message (protobuf takes the last occurrence of a field) and rewriting the 5-byte gRPC
+-- length prefix: the tensors are copied once, never parsed. Both bodies are buffered whole
+-- (bounded by the cluster's per_connection_buffer_limit_bytes).
 
 local function varint_bytes(n)
   local out = {}
@@ -44,24 +54,67 @@ local function append(body, extra)
   return true
 end
 
-local TO_BACKEND = string_field(1, V.backend_model) .. string_field(2, V.backend_version)
-local TO_PUBLIC = string_field(1, V.model) .. string_field(2, V.version)
+local HEADER = "x-tensorgate-rename"
+local NAMESPACE = "tensorgate.rename" -- dynamic metadata: the answer's rewrite, request to response
 
--- A variant whose public names are the backend's (V.pinned_key set) is rewritten only for the
--- route's unpinned calls, which carry no version; a call the listener keyed `model@version`
--- (x-tensorgate-route is the listener's own, never a caller's) already names it, and passes
--- without buffering. Its answers already carry the public names.
+local function unescape(s)
+  return (s:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+end
+
+-- Header value -> {request = bytes, answer = bytes or nil}; a worker's routes use a bounded set
+-- of values, so each is parsed once per Lua state.
+local parsed, count = {}, 0
+local function rewrite_of(value)
+  local hit = parsed[value]
+  if hit ~= nil then return hit end
+  local parts = {}
+  for part in (value .. ","):gmatch("([^,]*),") do parts[#parts + 1] = unescape(part) end
+  local out = {request = string_field(1, parts[1] or "") .. string_field(2, parts[2] or "")}
+  if #parts >= 4 then out.answer = string_field(1, parts[3]) .. string_field(2, parts[4]) end
+  if count >= 4096 then parsed, count = {}, 0 end
+  parsed[value], count = out, count + 1
+  return out
+end
+
+local CONSTANT = nil
+if V ~= nil then
+  CONSTANT = {request = string_field(1, V.backend_model) .. string_field(2, V.backend_version)}
+  if V.pinned_key == nil then
+    CONSTANT.answer = string_field(1, V.model) .. string_field(2, V.version)
+  end
+end
+
 function envoy_on_request(handle)
-  if V.pinned_key ~= nil and handle:headers():get("x-tensorgate-route") == V.pinned_key then
-    return
+  local rewrite
+  if CONSTANT ~= nil then
+    -- A shadow whose public names are the backend's: a call the listener keyed `model@version`
+    -- (x-tensorgate-route is the listener's own, never a caller's) already names them.
+    if V.pinned_key ~= nil and handle:headers():get("x-tensorgate-route") == V.pinned_key then
+      return
+    end
+    rewrite = CONSTANT
+  else
+    local value = handle:headers():get(HEADER)
+    if value == nil then return end
+    rewrite = rewrite_of(value)
+    if rewrite.answer ~= nil then
+      handle:streamInfo():dynamicMetadata():set(NAMESPACE, "answer", value)
+    end
   end
   local body = handle:body()
-  if body ~= nil then append(body, TO_BACKEND) end
+  if body ~= nil then append(body, rewrite.request) end
 end
 
 function envoy_on_response(handle)
-  if V.pinned_key ~= nil then return end
+  local answer
+  if CONSTANT ~= nil then
+    answer = CONSTANT.answer
+  else
+    local meta = handle:streamInfo():dynamicMetadata():get(NAMESPACE)
+    if meta ~= nil and meta.answer ~= nil then answer = rewrite_of(meta.answer).answer end
+  end
+  if answer == nil then return end
   if handle:headers():get("grpc-status") ~= nil then return end -- an error: no message
   local body = handle:body()
-  if body ~= nil then append(body, TO_PUBLIC) end
+  if body ~= nil then append(body, answer) end
 end
