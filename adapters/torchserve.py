@@ -1,15 +1,19 @@
 """TorchServe adapter: Open Inference Protocol <-> TorchServe's REST inference API, over httpx.
 
-One pooled httpx.AsyncClient per backend (keep-alive connections, bounded pool). The HTTP body
-follows the variant's body contract: by default the OIP JSON form spoken by the example handler
-deploy/torchserve/oip_handler.py, or {"instances": ...} for TorchServe's stock handlers. Outputs
-are typed and checked by the route's declared schema, since TorchServe has no tensor metadata.
+One pooled keep-alive connection set per backend (adapters.http1.HTTP1Transport, bounded): an
+inference call is an httpx.Request handed straight to that transport, readiness and metadata go
+through an httpx.AsyncClient on it. httpx's default transport plus its client cost ~1.9 ms of
+CPU per call at 16 calls in flight, this ~0.25 ms (bench/ts_client.py, docs/benchmarks.md).
+Bodies are written and read by orjson (kserve_json.dumps/loads), numpy arrays straight to JSON
+text. The HTTP body follows the variant's body contract: by default the OIP JSON form spoken by
+the example handler deploy/torchserve/oip_handler.py, or {"instances": ...} for TorchServe's
+stock handlers. Outputs are typed and checked by the route's declared schema, since TorchServe
+has no tensor metadata.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from urllib.parse import quote
 
 import grpc
@@ -21,6 +25,7 @@ from adapters import parameters
 from adapters.base import BackendError, ModelSpec, backend_tensors, declared_spec
 from adapters.codecs import kserve_json
 from adapters.codecs import oip as oip_codec
+from adapters.http1 import HTTP1Transport
 from gateway.addresses import address_problem
 from gateway.errors import invalid, shown
 from gateway.observability import tracing
@@ -50,7 +55,14 @@ def _contract(target) -> int:
 class TorchServeAdapter:
     parameters = parameters.TORCHSERVE
 
-    def __init__(self, backend: config_pb2.Backend, *, max_request_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        backend: config_pb2.Backend,
+        *,
+        max_request_bytes: int = 0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        """`transport`: the inference API's, for measuring another one (bench/ts_client.py)."""
         self.name = backend.name
         management_address = backend.torchserve.management_address
         conn = backend.connection
@@ -61,11 +73,22 @@ class TorchServeAdapter:
         )
         timeout = httpx.Timeout(30.0, connect=connect)
         limits = httpx.Limits(max_connections=100, max_keepalive_connections=32)
+        self._base = f"http://{backend.address}"
+        self._transport = transport or HTTP1Transport(limits=limits)
+        # Readiness goes through the client; inference hands its requests to the transport, so
+        # neither reads HTTP(S)_PROXY from the environment: backend calls go to the address the
+        # route table names (trust_env=False).
         self._client = httpx.AsyncClient(
-            base_url=f"http://{backend.address}", timeout=timeout, limits=limits
+            base_url=self._base, timeout=timeout, transport=self._transport, trust_env=False
         )
+        self._urls: dict[tuple[str, str], httpx.URL] = {}
         self._management = (
-            httpx.AsyncClient(base_url=f"http://{management_address}", timeout=timeout)
+            httpx.AsyncClient(
+                base_url=f"http://{management_address}",
+                timeout=timeout,
+                transport=HTTP1Transport(limits=httpx.Limits()),
+                trust_env=False,
+            )
             if management_address
             else None
         )
@@ -95,7 +118,7 @@ class TorchServeAdapter:
 
     def _http_error(self, response: httpx.Response) -> BackendError:
         try:
-            body = response.json()
+            body = kserve_json.loads(response.content)
             message = body.get("message") or body.get("error") or response.text
         except (ValueError, AttributeError):
             message = response.text
@@ -106,8 +129,22 @@ class TorchServeAdapter:
     async def _send(
         self, method: str, url: str, client: httpx.AsyncClient, **kwargs
     ) -> httpx.Response:
+        return await self._mapped(client.request(method, url, **kwargs))
+
+    async def _exchange(self, request: httpx.Request) -> httpx.Response:
+        # Straight to the transport: the client's per-call work (merging URL, headers and
+        # cookies, auth and redirect flows, event hooks, logging) measured ~130 us a call and
+        # does nothing for this adapter (bench/ts_client.py, docs/benchmarks.md).
+        reply = await self._transport.handle_async_request(request)
         try:
-            return await client.request(method, url, **kwargs)
+            await reply.aread()
+        finally:
+            await reply.aclose()
+        return reply
+
+    async def _mapped(self, call: Awaitable[httpx.Response]) -> httpx.Response:
+        try:
+            return await call
         except httpx.TimeoutException:
             raise self._error(
                 grpc.StatusCode.DEADLINE_EXCEEDED, f"backend {self.name!r} did not answer in time"
@@ -138,18 +175,18 @@ class TorchServeAdapter:
                 values = [v.decode("utf-8", "replace") for v in array.reshape(-1)]
                 instances = np.asarray(values, dtype=object).reshape(array.shape).tolist()
             else:
-                instances = array.astype(
-                    np.float64 if array.dtype.kind == "f" else array.dtype
-                ).tolist()
-            return json.dumps({"instances": instances}).encode()
+                instances = kserve_json.json_array(array)
+            return kserve_json.dumps({"instances": instances})
         body = {
-            "inputs": [kserve_json.to_json_tensor(t.name, a, t.datatype) for t, a in arrays],
+            "inputs": [
+                kserve_json.to_json_tensor(t.name, a, t.datatype, lists=False) for t, a in arrays
+            ],
         }
         if request.id:
             body["id"] = request.id
         if request.outputs:
             body["outputs"] = [{"name": o.name} for o in request.outputs]
-        return json.dumps(body).encode()
+        return kserve_json.dumps(body)
 
     async def infer(
         self, request: oip.ModelInferRequest, *, timeout: float | None, target
@@ -157,21 +194,20 @@ class TorchServeAdapter:
         request = backend_tensors(request, target)
         model, version = target.backend_model, target.backend_version
         contract = _contract(target)
-        url = f"/predictions/{quote(model, safe='')}"
-        if version:
-            url += f"/{quote(version, safe='')}"
-        reply = await self._send(
+        url = self._url(model, version)
+        call = httpx.Request(
             "POST",
             url,
-            self._client,
             content=self._body(request, contract),
-            headers={"content-type": "application/json", **dict(tracing.outgoing())},
-            timeout=timeout,
+            headers=[("content-type", "application/json"), *tracing.outgoing()],
+            # httpx.Timeout(timeout): every phase bounded by the deadline, or none.
+            extensions={"timeout": dict.fromkeys(("connect", "read", "write", "pool"), timeout)},
         )
+        reply = await self._mapped(self._exchange(call))
         if reply.status_code != 200:
             raise self._http_error(reply)
         try:
-            payload = reply.json()
+            payload = kserve_json.loads(reply.content)
         except ValueError:
             raise self._error(
                 grpc.StatusCode.INTERNAL, "TorchServe answered with a body that is not JSON"
@@ -192,6 +228,17 @@ class TorchServeAdapter:
                 array, datatype = self._conform(name, array, spec)
             oip_codec.add_output(response, name, array, datatype)
         return response
+
+    def _url(self, model: str, version: str) -> httpx.URL:
+        url = self._urls.get((model, version))
+        if url is None:
+            path = f"/predictions/{quote(model, safe='')}"
+            if version:
+                path += f"/{quote(version, safe='')}"
+            if len(self._urls) >= 4096:  # targets come from the route table: bounded, but
+                self._urls.clear()  # the table changes at run time
+            url = self._urls[(model, version)] = httpx.URL(self._base + path)
+        return url
 
     def _oip_outputs(self, payload) -> list[tuple[str, np.ndarray, str]]:
         tensors = payload.get("outputs") if isinstance(payload, dict) else None
