@@ -85,6 +85,9 @@ ROUTES = {
 }
 WITH_FALLBACK = ("guarded",)
 UNKNOWN_TRAILER = "tensorgate-unknown-revision-bin"
+# Envoy's stat prefixes of the clusters that carry the routes' calls (resources.py): backend
+# clusters (shared by every route on a backend), fallback chains and shadows. Not the gateway's.
+ENVOY_CLUSTERS = ("cluster.tgb|", "cluster.tga|", "cluster.tgs|")
 
 MANDATORY = (
     "kill_driver",  # first, while the first rollout runs
@@ -819,7 +822,7 @@ class Chaos:
                 mine[cluster] = mine.get(cluster, 0) + n
 
     def ejections(self, only: str | None = None) -> dict[str, dict[str, int]]:
-        """Per Envoy, outlier ejections enforced per variant cluster (Envoy's breaker)."""
+        """Per Envoy, outlier ejections enforced per backend cluster (Envoy's breaker)."""
         out: dict[str, dict[str, int]] = {}
         for name, (e, _) in self.fleet.envoys.items():
             if only is not None and name != only:
@@ -827,7 +830,7 @@ class Chaos:
             found = {}
             for line in e.admin("/stats?filter=ejections_enforced_total").splitlines():
                 stat, _, value = line.partition(": ")
-                if stat.startswith("cluster.tg|") and int(value or 0):
+                if stat.startswith(ENVOY_CLUSTERS) and int(value or 0):
                     found[stat.split(".")[1]] = int(value)
             out[name] = found
         return out
@@ -841,7 +844,7 @@ class Chaos:
         for name, (e, _) in self.fleet.envoys.items():
             active = 0
             for line in e.admin("/stats?filter=upstream_rq_active").splitlines():
-                if line.startswith("cluster.tg|"):
+                if line.startswith(ENVOY_CLUSTERS):
                     active += int(line.rsplit(": ", 1)[1])
             out[name] = float(active)
         return out
@@ -1001,7 +1004,7 @@ def render(report: dict) -> str:
         f"rollouts: {', '.join(report['rollouts']) or 'none'}",
     ]
     lines.append(
-        "Envoy outlier ejections (its breaker) per variant cluster: "
+        "Envoy outlier ejections (its breaker) per backend cluster: "
         + "; ".join(f"{e}: {', '.join(f'{c} {n}' for c, n in found.items()) or 'none'}"
                     for e, found in report.get("envoy_ejections", {}).items())
     )  # fmt: skip

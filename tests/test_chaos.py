@@ -327,6 +327,31 @@ async def test_a_backend_that_exits_on_its_own_is_restarted_and_its_time_down_co
     assert any("exited on its own (code -6)" in text for _, text in chaos.events)
 
 
+# --- the harness's Envoy statistics ------------------------------------------------------------
+
+
+def test_envoy_stat_prefixes_cover_every_cluster_the_harness_routes_use():
+    """ejections() and in_flight() read Envoy's stats of the clusters in ENVOY_CLUSTERS: every
+    cluster the gateway's own compiler makes from the harness's config, but the gateway's, is
+    among them (with "cluster.tg|", from before clusters were per backend, none was)."""
+    from types import SimpleNamespace
+
+    from bench.chaos import BACKENDS, ENVOY_CLUSTERS, gateway_config
+    from gateway.controlplane.config import from_dict
+    from gateway.controlplane.envoy.compile import compile_config
+    from gateway.controlplane.envoy.resources import CLUSTER, GATEWAY_CLUSTER
+
+    proxies = {b: SimpleNamespace(address=f"127.0.0.1:{9000 + i}") for i, b in enumerate(BACKENDS)}
+    config = gateway_config(proxies, ["127.0.0.1:2379"], "r0", xds=9100, listen=9101)
+    clusters = compile_config(from_dict(config)).by_type[CLUSTER].values()
+    # Envoy names a cluster's statistics by its alt_stat_name (dots made underscores).
+    prefixes = {f"cluster.{c.alt_stat_name or c.name}." for c in clusters}
+    counted = {p for p in prefixes if p.startswith(ENVOY_CLUSTERS)}
+    assert prefixes - counted == {f"cluster.{GATEWAY_CLUSTER}."}
+    assert {p.split("|")[1] for p in counted if p.startswith("cluster.tgb|")} == set(BACKENDS)
+    assert any(p.startswith("cluster.tga|") for p in counted)  # guarded's fallback chain
+
+
 # --- the run ------------------------------------------------------------------------------------
 
 SEED = int(os.environ.get("TENSORGATE_CHAOS_SEED", "20"))

@@ -24,9 +24,11 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+import yaml
 from envoy.config.route.v3 import route_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc
 
@@ -1133,22 +1135,111 @@ def test_envoy_recording_rules_promtool():
         assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_live_envoy_exports_the_series_the_recording_rules_read(stack, stub):
-    call(stub, linear_request("linear", "1"))
-    with pytest.raises(grpc.RpcError):
-        call(stub, linear_request("linear", "9"))
-    text = stack[1].admin("/stats/prometheus")
-    rules = (PROM / "envoy.yaml").read_text()
+def test_live_envoy_exports_the_series_the_recording_rules_read(stack, stub, tmp_path):
+    """envoy.yaml's rules run by promtool over a live Envoy's /stats/prometheus (each counter
+    taken to grow by its current value every minute) give non-empty per-backend and per-model
+    series."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool not found: run scripts/system-tools (scripts/test does)")
+    call(stub, linear_request("linear", "1"))  # triton-a's cluster
+    call(stub, linear_request("guarded"))  # the fallback chain dead -> triton-a
+    # Histograms reach the admin page at Envoy's next stats flush (every 5 s by default).
+    inf = f'envoy_cluster_upstream_rq_time_bucket{{envoy_cluster_name="{A0}",le="+Inf"}} '
+    deadline = time.monotonic() + 15
+    while True:
+        text = stack[1].admin("/stats/prometheus")
+        if any(line.startswith(inf) and line != inf + "0" for line in text.splitlines()):
+            break
+        assert time.monotonic() < deadline, "no latency observed in Envoy's histogram"
+        time.sleep(0.2)
     ok = f'envoy_cluster_grpc_ModelInfer_0{{envoy_grpc_bridge_method="GRPCInferenceService",envoy_grpc_bridge_service="inference",envoy_cluster_name="{A0}"}}'
     assert ok in text
     assert f'envoy_cluster_upstream_rq_time_bucket{{envoy_cluster_name="{A0}",le="0.5"}}' in text
-    assert "envoy_cluster_outlier_detection_ejections_active{" in text
-    for name in (
+    assert (
+        f'envoy_cluster_outlier_detection_ejections_active{{envoy_cluster_name="{DEAD}"}}' in text
+    )
+    rules = PROM / "envoy.yaml"
+    read = {  # the metric names envoy.yaml's rules select
+        name
+        for group in yaml.safe_load(rules.read_text())["groups"]
+        for rule in group["rules"]
+        for name in re.findall(r"\b(envoy_[A-Za-z0-9_]+)\{", rule["expr"])
+    }
+    series = []
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            # The parser names a counter's sample <name>_total, as OpenMetrics does; Envoy's
+            # own names (envoy_cluster_grpc_ModelInfer_0) have no such suffix.
+            name = sample.name if sample.name in read else sample.name.removesuffix("_total")
+            if name in read:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                grows = "0+" if family.type in ("counter", "histogram") else ""
+                series.append({"series": f"{name}{{{labels}}}", "values": f"{grows}{sample.value:g}x10"})  # fmt: skip
+    assert {s["series"].split("{")[0] for s in series} >= {
         "envoy_cluster_grpc_ModelInfer_0",
         "envoy_cluster_upstream_rq_time_bucket",
         "envoy_cluster_outlier_detection_ejections_active",
-    ):
-        assert name in rules
+        "envoy_vhost_route_upstream_rq",
+        "envoy_vhost_route_upstream_rq_time_bucket",
+    }
+
+    def present(expr: str) -> dict:
+        return {"expr": f"count({expr})", "eval_time": "10m", "exp_samples": [{"labels": "{}", "value": 1}]}  # fmt: skip
+
+    cases = [
+        present('backend_code:tensorgate_envoy_requests:rate5m{backend="triton-a",code="OK"} > 0'),
+        present('backend_code:tensorgate_envoy_requests:rate5m{backend="dead",code="OK"} > 0'),
+        present('backend:tensorgate_envoy_request_errors:ratio_rate5m{backend="triton-a"} >= 0'),
+        present('backend:tensorgate_envoy_try_duration_seconds:p99_5m{backend="triton-a"} > 0'),
+        present('backend:tensorgate_envoy_ejected:max{backend="dead"}'),
+        # Per model, from the routes' statistics (each route's stat_prefix is its model).
+        present('model:tensorgate_envoy_requests:rate5m{model="linear"} > 0'),
+        present('model:tensorgate_envoy_requests:rate5m{model="guarded"} > 0'),
+        present('model:tensorgate_envoy_local_errors:ratio_rate5m{model="linear"} >= 0'),
+        present('model:tensorgate_envoy_try_duration_seconds:p99_5m{model="linear"} > 0'),
+    ]
+    unit = {
+        "rule_files": [str(rules)],
+        "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": series, "promql_expr_test": cases}],
+    }
+    (tmp_path / "live_test.yaml").write_text(json.dumps(unit))  # JSON is YAML
+    result = subprocess.run(
+        [promtool, "test", "rules", str(tmp_path / "live_test.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_route_statistics_are_per_model_and_count_a_grpc_error_as_http_200(stack, stub):
+    """Why Envoy mode's per-model series have no gRPC code (docs/envoy.md, "Statistics"): a
+    backend's gRPC error is counted by code on its backend cluster (grpc_stats) and as HTTP
+    200 on the model's route statistics, where only Envoy's own failures (a timeout: 504) show;
+    a pinned and the unpinned route share the model's."""
+    _, envoy, _ = stack
+    grpc_invalid = r"^cluster\.tgb\|triton-a\|.*\.grpc\..*ModelInfer\.3$"
+    before = envoy.counters(grpc_invalid), envoy.stats()
+    request = linear_request("linear", "1")
+    request.inputs[0].name = "NO_SUCH_INPUT"  # Triton refuses it: INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        call(stub, request)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    call(stub, linear_request("linear"))  # the unpinned route: the same statistics
+    with pytest.raises(grpc.RpcError):  # three per-try timeouts: Envoy's own failure
+        call(stub, sleep_request(0.8, "slow"), timeout=10)
+
+    def grew(name: str) -> int:
+        return envoy.counter(name) - int(before[1].get(name, "0") or 0)
+
+    assert envoy.counters(grpc_invalid) == before[0] + 1
+    assert grew("vhost.tensorgate.route.linear.upstream_rq_200") == 2
+    assert grew("vhost.tensorgate.route.linear.upstream_rq_completed") == 2
+    assert grew("vhost.tensorgate.route.slow.upstream_rq_504") == 1
+    time.sleep(0.8)  # the abandoned tries still hold demo_sleep's instances
+    assert not any(k.startswith("vhost.tensorgate.route.gateway.") for k in envoy.stats())
 
 
 def test_requests_with_parameters_go_to_the_gateway_allowlist(stack, stub):

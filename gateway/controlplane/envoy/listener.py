@@ -40,6 +40,7 @@ from gateway.controlplane.envoy.resources import (
     SHARDS,
     VARIANT_HEADER,
     ads_source,
+    envoy_stat_name,
     lua_source,
     packed,
     shard_route_name,
@@ -205,6 +206,11 @@ def build_route(
         name=name,
         match=_ANY,
         route=action,
+        # Route statistics (vhost.tensorgate.route.<model>.*, Prometheus label envoy_route): the
+        # only per-model figures Envoy has, since clusters are per backend. A model's routes
+        # (pinned versions, unpinned) share one prefix, so one set of stats: +41 MB of RSS at
+        # 10,000 models (docs/envoy.md, Measured).
+        stat_prefix=envoy_stat_name(route.model),
         request_headers_to_add=rename,
         response_headers_to_add=identity,
         typed_per_filter_config=trailers,
