@@ -133,7 +133,8 @@ class EnvoyProcess(ServerProcess):
         out = {}
         for line in lines:
             name, _, value = line.partition(": ")
-            if name.startswith("cluster.tg|") and value.isdigit():
+            # Backend clusters, one per slot (a variant's place in its route): the weighted split.
+            if name.startswith(("cluster.tgb|", "cluster.tga|")) and value.isdigit():
                 out[name] = int(value)
         return out
 
@@ -266,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(table)
     split = {k: v for k, v in envoy_stats.items() if k.endswith(".upstream_rq_total")}
-    print(f"envoy per-variant calls: {split}")
+    print(f"envoy calls per backend cluster (tgb|backend|slot): {split}")
     output = write_results(
         "envoy_mode",
         started,
