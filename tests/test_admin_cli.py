@@ -345,6 +345,14 @@ async def test_watch_exits_3_when_the_rollout_is_rolled_back(gateway, admin):
     assert err == ""
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    # A shell without job control starts background commands with SIGINT ignored, and an
+    # ignored SIGINT stays ignored across exec (Python then installs no KeyboardInterrupt
+    # handler): a suite started that way (`scripts/test &`) would see the CLI ignore Ctrl-C
+    # as its caller asked. These tests are about a Ctrl-C typed at a terminal.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def watching(gateway, model: str) -> subprocess.Popen:
     """`tensorgate admin rollout status MODEL --watch` running, its output readable as text."""
     return subprocess.Popen(
@@ -353,6 +361,7 @@ def watching(gateway, model: str) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         env=cli_env(READ_TOKEN),
+        preexec_fn=_ctrl_c_as_in_a_terminal,
     )
 
 
@@ -405,6 +414,7 @@ def test_ctrl_c_during_any_call_exits_130_without_a_traceback(silent):
         stderr=subprocess.PIPE,
         text=True,
         env=cli_env(READ_TOKEN),
+        preexec_fn=_ctrl_c_as_in_a_terminal,
     )
     try:
         assert silent.connected.wait(15)  # the call waits for a reply that never comes
