@@ -306,3 +306,20 @@ def route_limits(cluster: cluster_pb2.Cluster, variant: config_pb2.Variant, sett
     retry_budget(cluster, settings)
     if settings.shadow is not None and variant.name == settings.shadow.variant:
         cluster.circuit_breakers.thresholds[0].max_requests.value = settings.shadow.max_concurrency
+
+
+def add_cluster(clusters: dict, endpoints: dict, cluster, assignment) -> None:
+    """Put a built cluster (and its EDS assignment, if any) in the resources being assembled."""
+    clusters[cluster.name] = cluster
+    if assignment is not None:
+        endpoints[assignment.cluster_name] = assignment
+
+
+def fallback_chains(route: config_pb2.Route, settings, slot: dict[str, str]):
+    """(variant, clusters in priority order) per variant of a route with variant fallbacks:
+    the variant's own cluster, then each fallback's but itself. Nothing without fallbacks."""
+    fallback = [s.variant for s in settings.fallback if s.WhichOneof("step") == "variant"]
+    if not fallback:
+        return
+    for variant in route.variants:
+        yield variant, [slot[variant.name]] + [slot[f] for f in fallback if f != variant.name]

@@ -35,9 +35,11 @@ from google.protobuf import message
 from xds.type.matcher.v3 import matcher_pb2
 
 from gateway.controlplane.envoy.clusters import (
+    add_cluster,
     backend_lua,
     build_aggregate,
     build_cluster,
+    fallback_chains,
     outlier_breaker,
     retry_budget,
     retry_class,
@@ -307,20 +309,17 @@ def _compile_route(route, config, backends, forced, shared=None) -> _Compiled:
         slot[variant.name] = name
         if name not in shared:
             shared[name] = _backend_cluster(name, backend, config, settings)
-        _add(clusters, endpoints, *shared[name])
+        add_cluster(clusters, endpoints, *shared[name])
     target = dict(slot)
-    fallback = [s.variant for s in settings.fallback if s.WhichOneof("step") == "variant"]
-    if fallback:
-        for variant in route.variants:
-            chain = [slot[variant.name]] + [slot[f] for f in fallback if f != variant.name]
-            name = aggregate_cluster(chain)
-            if name not in shared:
-                shared[name] = (
-                    build_aggregate(name, chain, backend_lua(), config.envoy.max_body_bytes),
-                    None,
-                )
-            _add(clusters, endpoints, *shared[name])
-            target[variant.name] = name
+    for variant, chain in fallback_chains(route, settings, slot):
+        name = aggregate_cluster(chain)
+        if name not in shared:
+            shared[name] = (
+                build_aggregate(name, chain, backend_lua(), config.envoy.max_body_bytes),
+                None,
+            )
+        add_cluster(clusters, endpoints, *shared[name])
+        target[variant.name] = name
     mirror = None
     if settings.shadow is not None:
         variant = next(v for v in route.variants if v.name == settings.shadow.variant)
@@ -338,7 +337,7 @@ def _compile_route(route, config, backends, forced, shared=None) -> _Compiled:
         )
         outlier_breaker(cluster, backend, config)
         route_limits(cluster, variant, settings)
-        _add(clusters, endpoints, cluster, assignment)
+        add_cluster(clusters, endpoints, cluster, assignment)
     routes, picks = build_routes(route, settings, config, target, mirror)
     rest_routes = []
     if rest is not None and rest.path == "envoy":
@@ -370,12 +369,6 @@ def _backend_cluster(name, backend, config, settings):
     outlier_breaker(cluster, backend, config)
     retry_budget(cluster, settings)
     return cluster, assignment
-
-
-def _add(clusters, endpoints, cluster, assignment) -> None:
-    clusters[cluster.name] = cluster
-    if assignment is not None:
-        endpoints[assignment.cluster_name] = assignment
 
 
 def _assemble(config, compiled: list[_Compiled], shard_cache: dict | None = None) -> Resources:

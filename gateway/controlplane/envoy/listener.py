@@ -119,14 +119,15 @@ def build_routes(route, settings, config, target: dict[str, str], mirror: str | 
     return out, picks
 
 
-def rename_headers(value: str | None) -> list[base_pb2.HeaderValueOption]:
-    """The request header that tells the backend cluster's upstream filter what to rewrite for
-    this variant (clusters.rename_value); none when nothing is."""
+def set_header(key: str, value: str | None) -> list[base_pb2.HeaderValueOption]:
+    """A request header a route entry sets for the chosen cluster's upstream filter (RENAME_HEADER:
+    what to rewrite for this variant, clusters.rename_value; the REST path header), replacing
+    any a caller sent; none when `value` is None."""
     if value is None:
         return []
     return [
         base_pb2.HeaderValueOption(
-            header=base_pb2.HeaderValue(key=RENAME_HEADER, value=value),
+            header=base_pb2.HeaderValue(key=key, value=value),
             append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
         )
     ]
@@ -172,7 +173,7 @@ def build_route(
         action.cluster = members[0][0]
         identity = identity_headers(members[0][1])
         trailers = identity_trailers(members[0][1])
-        rename = rename_headers(renames[0])
+        rename = set_header(RENAME_HEADER, renames[0])
     else:
         # Weights come from the runtime layer (key: runtime_key(name, cluster)), read per
         # request; 1 applies only until the layer arrives, which the ADS server sends first.
@@ -184,7 +185,7 @@ def build_route(
             action.weighted_clusters.clusters.add(
                 name=cluster,
                 weight={"value": 1},
-                request_headers_to_add=rename_headers(value),
+                request_headers_to_add=set_header(RENAME_HEADER, value),
                 response_headers_to_add=identity_headers(variant),
                 typed_per_filter_config=identity_trailers(variant),
             )

@@ -23,8 +23,8 @@ versions, metadata, readiness, /openapi.json, /docs, ...) goes to the gateway's 
 from __future__ import annotations
 
 from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
-from envoy.config.core.v3 import base_pb2, substitution_format_string_pb2
 from envoy.config.core.v3 import extension_pb2 as core_extension_pb2
+from envoy.config.core.v3 import substitution_format_string_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
@@ -39,8 +39,10 @@ from envoy.type.matcher.v3 import regex_pb2
 from xds.type.matcher.v3 import matcher_pb2
 
 from gateway.controlplane.envoy.clusters import (
+    add_cluster,
     build_aggregate,
     build_cluster,
+    fallback_chains,
     http2,
     outlier_breaker,
     retry_budget,
@@ -55,6 +57,7 @@ from gateway.controlplane.envoy.listener import (
     header_input,
     identity_headers,
     on_route,
+    set_header,
 )
 from gateway.controlplane.envoy.resources import (
     REST_GATEWAY_CLUSTER,
@@ -162,20 +165,17 @@ def compile_rest_route(route, settings, config, backends, shared=None):
             outlier_breaker(cluster, backend, config)
             retry_budget(cluster, settings)
             shared[name] = (cluster, assignment)
-        _add(clusters, endpoints, *shared[name])
+        add_cluster(clusters, endpoints, *shared[name])
     target = dict(slot)
-    fallback = [s.variant for s in settings.fallback if s.WhichOneof("step") == "variant"]
-    if fallback:
-        # Fallback variants ask the backend what the primary asks (fallback.on_envoy), so they
-        # take its path; retries walk the aggregate's priorities, as on gRPC.
-        for variant in route.variants:
-            chain = [slot[variant.name]] + [slot[f] for f in fallback if f != variant.name]
-            name = rest_aggregate_cluster(chain)
-            if name not in shared:
-                lua = rest_path_lua() if variant.name in rewrite_by_cluster else None
-                shared[name] = (build_aggregate(name, chain, lua, 0, http1=True), None)
-            _add(clusters, endpoints, *shared[name])
-            target[variant.name] = name
+    # Fallback variants ask the backend what the primary asks (fallback.on_envoy), so they take
+    # its path; retries walk the aggregate's priorities, as on gRPC.
+    for variant, chain in fallback_chains(route, settings, slot):
+        name = rest_aggregate_cluster(chain)
+        if name not in shared:
+            lua = rest_path_lua() if variant.name in rewrite_by_cluster else None
+            shared[name] = (build_aggregate(name, chain, lua, 0, http1=True), None)
+        add_cluster(clusters, endpoints, *shared[name])
+        target[variant.name] = name
     mirror = None
     if settings.shadow is not None:
         variant = next(v for v in route.variants if v.name == settings.shadow.variant)
@@ -192,7 +192,7 @@ def compile_rest_route(route, settings, config, backends, shared=None):
         )
         outlier_breaker(cluster, backend, config)
         route_limits(cluster, variant, settings)
-        _add(clusters, endpoints, cluster, assignment)
+        add_cluster(clusters, endpoints, cluster, assignment)
     routes, picks = [], []
     for name, version, group in groups:
         members = [(target[v.name], v) for v in group]
@@ -205,23 +205,6 @@ def compile_rest_route(route, settings, config, backends, shared=None):
         if len(members) > 1:
             picks.append((name, version is not None, [(c, v.name) for c, v in members]))
     return clusters, endpoints, routes, picks
-
-
-def _add(clusters, endpoints, cluster, assignment) -> None:
-    clusters[cluster.name] = cluster
-    if assignment is not None:
-        endpoints[assignment.cluster_name] = assignment
-
-
-def _path_headers(path: str | None) -> list[base_pb2.HeaderValueOption]:
-    if path is None:
-        return []
-    return [
-        base_pb2.HeaderValueOption(
-            header=base_pb2.HeaderValue(key=REST_PATH_HEADER, value=path),
-            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
-        )
-    ]
 
 
 def _retry_on(retry) -> tuple[str, list[int]]:
@@ -241,7 +224,7 @@ def _route(name, members, paths, route, settings, config, rewrite, mirror):
     if len(members) == 1:
         action.cluster = members[0][0]
         identity = identity_headers(members[0][1])
-        named = _path_headers(paths[0])
+        named = set_header(REST_PATH_HEADER, paths[0])
     else:
         # Weights from the runtime layer, as on the gRPC routes (listener.build_route); each
         # entry names its variant's path where its cluster's filter writes it.
@@ -250,7 +233,7 @@ def _route(name, members, paths, route, settings, config, rewrite, mirror):
             action.weighted_clusters.clusters.add(
                 name=cluster,
                 weight={"value": 1},
-                request_headers_to_add=_path_headers(path),
+                request_headers_to_add=set_header(REST_PATH_HEADER, path),
                 response_headers_to_add=identity_headers(variant),
             )
         action.weighted_clusters.use_hash_policy.value = True
