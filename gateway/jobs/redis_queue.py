@@ -33,6 +33,7 @@ from gateway.jobs.records import (
     QueueUnavailable,
     QuotaExceeded,
 )
+from gateway.redis_client import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -189,13 +190,11 @@ def _digest(*parts: str) -> str:
 
 class RedisQueue:
     def __init__(self, settings) -> None:
-        import redis.asyncio as redis
         from redis import exceptions
 
         self.name = settings.queue_name
         self._errors = (exceptions.ConnectionError, exceptions.TimeoutError, OSError)
         self._response_error = exceptions.ResponseError
-        host, _, port = settings.redis_address.rpartition(":")
         password = (
             os.environ.get(settings.redis_password_env) if settings.redis_password_env else None
         )
@@ -204,10 +203,9 @@ class RedisQueue:
             if settings.redis_tls
             else {}
         )
-        self._client = redis.Redis(
-            host=host.strip("[]"), port=int(port), password=password,
-            socket_timeout=settings.redis_timeout + BLOCK_MS / 1000,
-            socket_connect_timeout=settings.redis_timeout, retry_on_timeout=False, **tls,
+        self._client = redis_client(
+            settings.redis_address, connect_timeout=settings.redis_timeout,
+            socket_timeout=settings.redis_timeout + BLOCK_MS / 1000, password=password, **tls,
         )  # fmt: skip
         self._p = settings.redis_prefix
         self._streams = (f"{self._p}:stream:high", f"{self._p}:stream:normal")

@@ -13,6 +13,8 @@ import logging
 import math
 import time
 
+from gateway.redis_client import redis_client
+
 log = logging.getLogger(__name__)
 
 MAX_BUCKETS = 10_000
@@ -78,16 +80,7 @@ class RedisBuckets:
     """The same buckets in Redis, shared by every process that names the same key prefix."""
 
     def __init__(self, address: str, prefix: str, timeout: float) -> None:
-        import redis.asyncio as redis  # only a config with a Redis limiter needs the client
-
-        host, _, port = address.rpartition(":")
-        self._client = redis.Redis(
-            host=host.strip("[]"),
-            port=int(port),
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry_on_timeout=False,
-        )
+        self._client = redis_client(address, connect_timeout=timeout, socket_timeout=timeout)
         self._script = self._client.register_script(REDIS_BUCKET)
         self._prefix = prefix
         self._timeout = timeout
