@@ -40,15 +40,19 @@ class Answer:
         self.headers = headers
 
 
-def metadata_values(metadata, route_key_header: str) -> tuple[str | None, str | None]:
-    """(route key, caller's request id) from the call's metadata, in one pass."""
+def metadata_values(metadata, route_key_header: str) -> tuple[str | None, str | None, list]:
+    """(route key, caller's request id, caller's trace headers) from the call's metadata, in the
+    one pass over it a call makes."""
     route_key = request_id = None
+    trace_headers = []
     for key, value in metadata or ():
         if key == route_key_header:
             route_key = value or None
         elif key == logs.REQUEST_ID:
             request_id = value
-    return route_key, request_id
+        elif key in tracing.TRACE_KEYS:
+            trace_headers.append((key, value))
+    return route_key, request_id, trace_headers
 
 
 class DataPlane:
@@ -78,11 +82,13 @@ class DataPlane:
         span: what ModelInfer and the REST listener's infer both do. `identify()` finds the
         caller (raising UNAUTHENTICATED), inside the call so its refusal is logged like any."""
         started = time.perf_counter()
-        route_key, sent_id = metadata_values(metadata, self._runtime.route_key_header)
+        route_key, sent_id, trace_headers = metadata_values(
+            metadata, self._runtime.route_key_header
+        )
         fields = logs.CallFields(logs.request_id(sent_id), model)
         token = logs.current.set(fields)
         try:
-            with tracing.server_span(metadata, model, version) as span:
+            with tracing.server_span(trace_headers, model, version) as span:
                 extra = ()
                 try:
                     caller = identify()

@@ -94,7 +94,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Each request on the stream is routed on its own (gateway/dataplane/streaming.py)."""
-        route_key, _ = metadata_values(context.invocation_metadata(), self._plane.route_key_header)
+        route_key = metadata_values(context.invocation_metadata(), self._plane.route_key_header)[0]
         try:
             caller = self._plane.identify(context)
             relay = self._plane.stream(route_key, context.time_remaining(), caller)

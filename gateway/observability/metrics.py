@@ -20,6 +20,24 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 
 
+class InFlight:
+    """A gauge of calls in flight kept as a plain count that the gauge reads when scraped.
+    prometheus_client's Gauge.inc/dec take a lock each; a call moves four of these, and only
+    the event loop's thread ever changes them."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, child: prom.Gauge) -> None:
+        self.value = 0
+        child.set_function(lambda: self.value)
+
+    def inc(self) -> None:
+        self.value += 1
+
+    def dec(self) -> None:
+        self.value -= 1
+
+
 class GatewayMetrics:
     def __init__(self, registry: prom.CollectorRegistry | None = None) -> None:
         self.registry = registry or prom.CollectorRegistry()
@@ -111,20 +129,21 @@ class GatewayMetrics:
         )
         # CPU, memory, file descriptors of this process (process_*), as the default registry has.
         prom.ProcessCollector(registry=self.registry)
-        self._in_flight: dict[str, prom.Gauge] = {}
-        self._backend_in_flight: dict[str, prom.Gauge] = {}
+        self._in_flight: dict[str, InFlight] = {}
+        self._backend_in_flight: dict[str, InFlight] = {}
 
-    def in_flight_for(self, model: str):
-        child = self._in_flight.get(model)
-        if child is None:
-            child = self._in_flight[model] = self.in_flight.labels(model)
-        return child
+    def in_flight_for(self, model: str) -> InFlight:
+        count = self._in_flight.get(model)
+        if count is None:
+            count = self._in_flight[model] = InFlight(self.in_flight.labels(model))
+        return count
 
-    def backend_in_flight_for(self, backend: str):
-        child = self._backend_in_flight.get(backend)
-        if child is None:
-            child = self._backend_in_flight[backend] = self.backend_in_flight.labels(backend)
-        return child
+    def backend_in_flight_for(self, backend: str) -> InFlight:
+        count = self._backend_in_flight.get(backend)
+        if count is None:
+            count = InFlight(self.backend_in_flight.labels(backend))
+            self._backend_in_flight[backend] = count
+        return count
 
     def served_weights(self, routes) -> None:
         self.variant_weight.clear()

@@ -89,19 +89,36 @@ def shutdown() -> None:
     _tracer = _provider = None
 
 
-@contextlib.contextmanager
-def server_span(metadata, model: str, version: str):
-    """The call's span (a child of the caller's trace context, if any). Yields the span, or
-    None while tracing is off (the caller's context is then passed through as is)."""
+class _CallerContext:
+    """Tracing off: the caller's trace headers are passed on to backends as they came. A slotted
+    context manager, not a generator one: it is entered once per call."""
+
+    __slots__ = ("_headers", "_token")
+
+    def __init__(self, headers: tuple) -> None:
+        self._headers = headers
+
+    def __enter__(self) -> None:
+        self._token = _incoming.set(self._headers)
+
+    def __exit__(self, *exc) -> None:
+        _incoming.reset(self._token)
+
+
+def server_span(trace_headers, model: str, version: str):
+    """The call's span (a child of the caller's trace context, if any), as a context manager
+    giving the span, or None while tracing is off. `trace_headers`: the caller's traceparent and
+    tracestate pairs, found in the same pass over the metadata as the gateway's own keys
+    (gateway.dataplane.plane.metadata_values)."""
     if _tracer is None:
-        incoming = tuple((k, v) for k, v in metadata or () if k in TRACE_KEYS and _usable(k, v))
-        token = _incoming.set(incoming)
-        try:
-            yield None
-        finally:
-            _incoming.reset(token)
-        return
-    parent = extract({k: v for k, v in metadata or () if k in TRACE_KEYS})
+        usable = tuple((k, v) for k, v in trace_headers if _usable(k, v)) if trace_headers else ()
+        return _CallerContext(usable)
+    return _span(dict(trace_headers), model, version)
+
+
+@contextlib.contextmanager
+def _span(trace_headers: dict, model: str, version: str):
+    parent = extract(trace_headers)
     # Cut like log fields: the caller chose these strings (a valid name is at most 256 bytes).
     attributes = {"tensorgate.model": model[:256]}
     if version:
@@ -138,12 +155,19 @@ def step(name: str):
         _step.reset(token)
 
 
-@contextlib.contextmanager
+_NO_SPAN = contextlib.nullcontext()  # reusable: entering it keeps no state
+
+
 def attempt_span(target):
-    """One backend attempt's span; the backend gets its context (`outgoing`)."""
+    """One backend attempt's span, as a context manager giving it (None while tracing is off);
+    the backend gets its context (`outgoing`)."""
     if _tracer is None:
-        yield None
-        return
+        return _NO_SPAN
+    return _attempt_span(target)
+
+
+@contextlib.contextmanager
+def _attempt_span(target):
     with _tracer.start_as_current_span(
         f"{_step.get()} {target.backend}",
         kind=SpanKind.CLIENT,

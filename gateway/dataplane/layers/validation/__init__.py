@@ -172,32 +172,44 @@ def _check_known_fields(request: oip.ModelInferRequest) -> None:
     Triton's C++ parser reads it as the parameter. That smuggled `shared_memory_region` past the
     allowlist (Triton then read another client's region). What the gateway cannot see, it does not
     forward. About a microsecond per message checked, whatever the request's size."""
-    for message, where in _messages(request):
+    for message, where, tensor, key in _messages(request):
         numbers = _unknown(message)
         if numbers:
             raise invalid(
-                f"{where()} has fields the Open Inference Protocol does not define (field "
-                f"number(s) {numbers[:80]}; a corrupt parameters entry also shows up this way): "
-                "refused, since the backend may read them differently than the gateway"
+                f"{_place(where, tensor, key)} has fields the Open Inference Protocol does not "
+                f"define (field number(s) {numbers[:80]}; a corrupt parameters entry also shows "
+                "up this way): refused, since the backend may read them differently than the "
+                "gateway"
             )
 
 
 def _messages(request: oip.ModelInferRequest):
-    """Every message in the request, with a function naming where it is (built only when one
-    is refused: the check runs on every call)."""
-    yield request, lambda: "the request"
+    """Every message in the request, as (message, where, tensor, parameter key): what `_place`
+    needs to name it, kept apart so the name is built only when a message is refused (the check
+    runs on every call)."""
+    yield request, "the request", None, None
     for key, value in request.parameters.items():
-        yield value, lambda key=key: f"request parameter {shown(key)}"
+        yield value, "request parameter", None, key
     for tensor in request.inputs:
-        yield tensor, lambda t=tensor: f"input {shown(t.name)}"
+        yield tensor, "input", tensor, None
         if tensor.HasField("contents"):
-            yield tensor.contents, lambda t=tensor: f"input {shown(t.name)} contents"
+            yield tensor.contents, "contents", tensor, None
         for key, value in tensor.parameters.items():
-            yield value, lambda t=tensor, k=key: f"input {shown(t.name)} parameter {shown(k)}"
+            yield value, "input", tensor, key
     for tensor in request.outputs:
-        yield tensor, lambda t=tensor: f"output {shown(t.name)}"
+        yield tensor, "output", tensor, None
         for key, value in tensor.parameters.items():
-            yield value, lambda t=tensor, k=key: f"output {shown(t.name)} parameter {shown(k)}"
+            yield value, "output", tensor, key
+
+
+def _place(where: str, tensor, key: str | None) -> str:
+    """Where a refused message is, for the caller: "input 'x' parameter 'k'" and the like."""
+    if tensor is None:
+        return where if key is None else f"{where} {shown(key)}"
+    if where == "contents":
+        return f"input {shown(tensor.name)} contents"
+    place = f"{where} {shown(tensor.name)}"
+    return place if key is None else f"{place} parameter {shown(key)}"
 
 
 def _check_raw(name: str, datatype: str, shape, elements: int, buffer: bytes, index: int) -> None:
