@@ -11,11 +11,19 @@ README.md and docs/ in the source tree say more; every command has --help."""
 
 from __future__ import annotations
 
+import os
+import sys
+
+if sys.argv[1:2] == ["admin"]:
+    # The admin CLI reports each failure itself, in one line. gRPC core's own log lines (an
+    # epoll error printed while a Ctrl-C tore the channel down, seen in CI) would only add noise
+    # to a terminal; gRPC reads this once, when it is first imported, hence before any import.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
 import argparse
 import asyncio
 import logging
 import pathlib
-import sys
 
 from gateway import __version__
 from gateway.controlplane.config import ConfigError, load_file
