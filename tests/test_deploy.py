@@ -810,6 +810,7 @@ def test_envoy_retries_unavailable_once_and_caller_errors_never(workdir):
 
 
 RULE_FILES = ("recording.yaml", "alerts.yaml", "envoy.yaml")
+ALERT_FILES = ("alerts.yaml", "envoy.yaml")  # envoy.yaml: Envoy mode's rules and their alerts
 
 
 def unit_test_files() -> list[Path]:
@@ -841,7 +842,8 @@ def unit_tests() -> list[dict]:
 
 
 def test_every_alert_is_unit_tested_both_ways_and_has_a_runbook():
-    alerts = rules(PROM / "alerts.yaml", "alert")
+    alerts = [a for name in ALERT_FILES for a in rules(PROM / name, "alert")]
+    assert rules(PROM / "envoy.yaml", "alert"), "Envoy mode's series have no alert"
     names = [a["alert"] for a in alerts]
     assert len(names) == len(set(names))
     cases = [case for t in unit_tests() for case in t.get("alert_rule_test", [])]
@@ -886,6 +888,11 @@ def gateway_metric_names() -> set[str]:
 PROMETHEUS_OWN = {"up"}
 
 
+def envoy_recorded() -> set[str]:
+    """The series envoy.yaml records: what its alerts and the dashboard's Envoy row read."""
+    return {r["record"] for r in rules(PROM / "envoy.yaml", "record")}
+
+
 def envoy_statistics() -> set[str]:
     """Envoy's statistics that envoy.yaml's rules read (Envoy mode records them as the gateway's
     series). tests/test_envoy_dataplane.py checks each against a live Envoy's /stats/prometheus."""
@@ -912,7 +919,7 @@ def test_rules_and_dashboard_use_only_exported_metrics(gateway):
     # Envoy mode records the gateway's own series (or recording-rule names) from Envoy's.
     for rule in rules(PROM / "envoy.yaml", "record"):
         assert rule["record"] in exported or rule["record"].count(":") == 2, rule["record"]
-    envoy = envoy_statistics()
+    envoy = envoy_statistics() | envoy_recorded()
     for path in sorted(DASHBOARD.parent.glob("*.json")):
         for expr in dashboard_queries(path):
             unknown = promql_metric_names(expr) - exported - recorded - PROMETHEUS_OWN - envoy
@@ -975,6 +982,42 @@ def grafana_to_promql(expr: str) -> str:
         .replace('"$model"', '".*"')
         .replace('"$backend"', '".*"')
     )
+
+
+def test_envoy_alerts_and_dashboard_row_read_only_envoy_yaml_series():
+    """Envoy mode's alerts and dashboard row read what envoy.yaml records (so loading envoy.yaml
+    alone gives both), and the row plots every series an alert reads."""
+    recorded = envoy_recorded()
+    alerted = set()
+    for alert in rules(PROM / "envoy.yaml", "alert"):
+        names = promql_metric_names(alert["expr"])
+        assert names and names <= recorded, f"{alert['alert']}: {names - recorded}"
+        alerted |= names
+    row = envoy_row()
+    assert row, "no Envoy mode row on the dashboard"
+    exprs = [t["expr"] for p in row for t in p["targets"]]
+    read = set().union(*map(promql_metric_names, exprs))
+    assert read <= recorded, read - recorded
+    assert alerted | {"model:tensorgate_envoy_try_duration_seconds:p99_5m"} <= read
+    # Its error ratio and latency panels carry the alerts' thresholds.
+    thresholds = {
+        step["value"]
+        for p in row
+        for step in p["fieldConfig"]["defaults"].get("thresholds", {}).get("steps", [])
+    }
+    assert {0.05, 1} <= thresholds
+
+
+def envoy_row() -> list[dict]:
+    """The panels of the dashboard's "Envoy mode" row: those below its header, to the next row."""
+    panels = sorted(dashboard()["panels"], key=lambda p: (p["gridPos"]["y"], p["gridPos"]["x"]))
+    inside, found = False, []
+    for p in panels:
+        if p["type"] == "row":
+            inside = p["title"] == "Envoy mode"
+        elif inside:
+            found.append(p)
+    return found
 
 
 def test_prometheus_scrapes_gateway_and_evaluates_rules(gateway, workdir):
@@ -1089,6 +1132,14 @@ def test_grafana_dashboard_is_valid_and_uses_a_datasource_variable():
             assert t["datasource"]["uid"] == "${datasource}" and t["expr"].strip()
         grid = p["gridPos"]
         assert grid["x"] + grid["w"] <= 24
+    # No panel hides part of another.
+    cells: dict[tuple[int, int], str] = {}
+    for p in board["panels"]:
+        g = p["gridPos"]
+        for y in range(g["y"], g["y"] + g["h"]):
+            for x in range(g["x"], g["x"] + g["w"]):
+                assert (x, y) not in cells, f"{p['title']} overlaps {cells[(x, y)]}"
+                cells[(x, y)] = p["title"]
     # What the operators asked for is on it.
     exprs = " ".join(dashboard_queries())
     for metric in (
