@@ -353,6 +353,8 @@ def test_a_plain_route_is_served_by_envoy_alone(stack, client):
     assert served_by_envoy(stack, V1) - before_v1 == 20
     assert handed_over(stack) == before_gateway
     assert _rest_calls(stack.gateway) == before_rest  # the gateway's REST listener saw none
+    # Per-model statistics of Envoy's REST routes (a model's paths share them).
+    assert stack.envoy.counter("vhost.tensorgate_rest.route.demo_linear.upstream_rq_200") >= 20
 
 
 def test_weights_80_20(stack, client):

@@ -66,6 +66,7 @@ from gateway.controlplane.envoy.resources import (
     REST_PATH_HEADER,
     REST_ROUTE_NAME,
     ads_source,
+    envoy_stat_name,
     infer_path,
     lua_source,
     lua_string,
@@ -254,6 +255,10 @@ def _route(name, members, paths, route, settings, config, rewrite, mirror):
         name=name,
         match=_ANY,
         route=action,
+        # Per-model REST statistics (vhost.tensorgate_rest.route.<model>.*), as the gRPC routes
+        # have under vhost.tensorgate: the REST answer's HTTP status is the call's outcome, so
+        # here they also say how calls ended (deploy/prometheus/envoy.yaml records them).
+        stat_prefix=envoy_stat_name(route.model),
         request_headers_to_add=named,
         response_headers_to_add=identity,
         # Triton compresses an answer when asked (Accept-Encoding: gzip); the gateway's REST
