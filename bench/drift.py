@@ -38,13 +38,10 @@ import argparse
 import asyncio
 import datetime as dt
 import functools
-import signal
 import struct
 import sys
 import tempfile
 import time
-import urllib.request
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -68,6 +65,15 @@ from bench.gateway_vs_direct import (
     process_group,
     source_state,
     write_results,
+)
+from bench.legs import (
+    calls_sent,
+    leg_kwargs,
+    machine_line,
+    print_leg,
+    run_mirrored,
+    running,
+    source_line,
 )
 from bench.loadgen import LoadResult, build_request
 from gateway.dataplane.layers.drift.monitor import DriftMonitor
@@ -107,11 +113,6 @@ class DriftGateway(GatewayProcess):
         if drift is not None:
             self.config["routes"][0]["policy"] = {"drift": drift}
 
-    def metrics_text(self) -> str:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as reply:
-            return reply.read().decode()
-
     def drift_samples(self, text: str) -> list[dict]:
         """The drift gauges in one /metrics text, one dict per sample."""
         out = []
@@ -141,37 +142,20 @@ async def measure(
     gateways: dict[str, DriftGateway],
 ) -> tuple[list[dict], dict[tuple[str, int], LoadResult]]:
     await check_answers(targets)
-    runs: list[dict] = []
-    merged: dict[tuple[str, int], list[LoadResult]] = {}
-    leg_s = args.duration / (2 * args.rounds)
-    for concurrency in args.concurrency:
-        passes = [targets, list(reversed(targets))] * args.rounds
-        for pass_index, order in enumerate(passes):
-            for target in order:
-                gw = gateways.get(target.name)
-                cpu_sets = {"gateway": functools.partial(process_group, gw.pid)} if gw else {}
-                record, result = await measure_leg(
-                    target,
-                    concurrency,
-                    duration=leg_s,
-                    warmup=args.warmup,
-                    timeout=args.timeout,
-                    triton=triton,
-                    cpu_sets=cpu_sets,
-                )
-                record["pass"] = pass_index
-                runs.append(record)
-                merged.setdefault((target.name, concurrency), []).append(result)
-                gw_us = record["cpu"].get("gateway", {}).get("us_per_call", "-")
-                print(
-                    f"  c={concurrency:<3} {target.name:<7} {result.rps:7.0f} ok/s  "
-                    f"p50 {result.percentile_ms(50):7.3f} ms  "
-                    f"p99 {result.percentile_ms(99):7.3f} ms  errors {result.error_count}  "
-                    f"gateway CPU {gw_us} us/call  "
-                    f"other procs {record['other_cores']:.2f} cores",
-                    flush=True,
-                )
-    return runs, {key: LoadResult.merge(parts) for key, parts in merged.items()}
+
+    async def leg(target: Target, concurrency: int, pass_index: int) -> tuple[dict, LoadResult]:
+        gw = gateways.get(target.name)
+        cpu_sets = {"gateway": functools.partial(process_group, gw.pid)} if gw else {}
+        record, result = await measure_leg(
+            target, concurrency, **leg_kwargs(args, triton), cpu_sets=cpu_sets
+        )
+        record["pass"] = pass_index
+        gw_us = record["cpu"].get("gateway", {}).get("us_per_call", "-")
+        label = f"c={concurrency:<3} {target.name:<7}"
+        print_leg(label, result, record, f"gateway CPU {gw_us} us/call", rps_width=7)
+        return record, result
+
+    return await run_mirrored(args.concurrency, targets, args.rounds, leg)
 
 
 async def _observe_cost(
@@ -320,51 +304,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = dt.datetime.now(dt.UTC)
     machine = machine_info()
     source = source_state()
-    print(
-        f"machine: {machine['cpu_model']}, {machine['cores']} cores "
-        f"({machine['cores_usable']} usable), Python {machine['python']}, "
-        f"grpcio {machine['grpcio']}, load avg {' '.join(machine['loadavg_at_start'])}"
-    )
-    dirty = source["gateway_changes_uncommitted"]
-    print(
-        f"source: commit {(source['commit'] or 'unknown')[:12]}"
-        + (f", uncommitted changes in {', '.join(dirty)}" if dirty else ""),
-        flush=True,
-    )
+    print(machine_line(machine))
+    print(source_line(source), flush=True)
 
-    def on_sigterm(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)
     workdir = Path(tempfile.mkdtemp(prefix="bench-drift-"))
     triton = TritonServer(args.models)
     gateways: dict[str, DriftGateway] = {}
-    exit_codes: dict[str, int | None] = {}
     drift_metrics: dict[str, list[dict]] = {}
     request_counts: dict[str, dict[str, int]] = {}
     try:
-        t0 = time.monotonic()
-        triton.start()
-        targets = [Target("direct", triton.address, BACKEND_MODEL, BACKEND_VERSION, None)]
-        gateways = make_gateways(triton.address, workdir)
-        for gw in gateways.values():
-            gw.start()
-            targets.append(Target(gw.name, gw.address, ROUTE, "", None))
-        print(f"up in {time.monotonic() - t0:.1f} s (logs in {workdir})", flush=True)
-        runs, merged = asyncio.run(measure(args, triton, targets, gateways))
-        for name, gw in gateways.items():
-            text = gw.metrics_text()  # one scrape each, after all legs
-            request_counts[name] = gw.request_counts()
-            if gw.drift is not None:
-                drift_metrics[name] = gw.drift_samples(text)
+        with running("stopping the gateways and Triton") as fleet:
+            t0 = time.monotonic()
+            fleet.start_backend(triton)
+            targets = [Target("direct", triton.address, BACKEND_MODEL, BACKEND_VERSION, None)]
+            gateways = make_gateways(triton.address, workdir)
+            for gw in gateways.values():
+                fleet.start(gw)
+                targets.append(Target(gw.name, gw.address, ROUTE, "", None))
+            print(f"up in {time.monotonic() - t0:.1f} s (logs in {workdir})", flush=True)
+            runs, merged = asyncio.run(measure(args, triton, targets, gateways))
+            for name, gw in gateways.items():
+                text = gw.metrics_text(timeout=10)  # one scrape each, after all legs
+                request_counts[name] = gw.request_counts()
+                if gw.drift is not None:
+                    drift_metrics[name] = gw.drift_samples(text)
     except KeyboardInterrupt:
-        print("\ninterrupted: stopping the gateways and Triton", file=sys.stderr)
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for name, gw in gateways.items():
-            exit_codes[name] = gw.stop()
-        triton.stop()
+    exit_codes = fleet.exit_codes
     machine["loadavg_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
 
     names = [t.name for t in targets]
@@ -398,12 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Every call made through a gateway (+1 answer check) must be in its own counters.
     consistent = True
     for name in gateways:
-        sent: Counter[str] = Counter({"OK": 1})
-        for (target, _), r in merged.items():
-            if target == name:
-                sent["OK"] += r.ok
-                sent.update(r.errors)
-                sent["(warm-up, any code)"] += r.warmup_calls
+        sent = calls_sent(merged, name)
         counted = sum(request_counts[name].values())
         same = counted == sum(sent.values())
         consistent &= same

@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import datetime as dt
 import json
-import signal
 import subprocess
 import sys
 import tempfile
@@ -55,6 +54,7 @@ from bench.gateway_vs_direct import (
     source_state,
     write_results,
 )
+from bench.legs import running
 from tests.backends.process import tool
 from tests.backends.triton import TritonServer, free_port
 
@@ -223,45 +223,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine = machine_info()
     print(f"machine: {machine['cores']} cores, load avg {' '.join(machine['loadavg_at_start'])}")
 
-    def on_sigterm(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)
     workdir = Path(tempfile.mkdtemp(prefix="bench-envoy-"))
     triton = TritonServer(args.models)
-    servers: list[ServerProcess] = []
     try:
-        triton.start()
-        gateway = ControlPlaneGateway(triton.address, workdir)
-        servers.append(gateway)
-        gateway.start()
-        envoy = EnvoyProcess(gateway, workdir)
-        servers.append(envoy)
-        envoy.start()
-        time.sleep(0.5)  # routes follow the listener over ADS
-        targets = [
-            Target("direct", triton.address, BACKEND_MODEL, BACKEND_VERSION, None),
-            Target("envoy", envoy.address, ROUTE, "", envoy.pid),
-        ]
-        if args.plain:
-            targets.append(Target("envoy-plain", envoy.address, BACKEND_MODEL, "1", envoy.pid))
-        if args.bare:
-            bare = BareEnvoyProcess(triton.address, workdir)
-            servers.append(bare)
-            bare.start()
-            targets.append(
-                Target("envoy-bare", bare.address, BACKEND_MODEL, BACKEND_VERSION, bare.pid)
-            )
-        targets.append(Target("gateway", gateway.address, ROUTE, "", gateway.pid))
-        runs, merged = asyncio.run(measure(args, triton, targets))
-        envoy_stats = envoy.stats()
+        with running() as fleet:  # stops Envoy first
+            fleet.start_backend(triton)
+            gateway = fleet.start(ControlPlaneGateway(triton.address, workdir))
+            envoy = fleet.start(EnvoyProcess(gateway, workdir))
+            time.sleep(0.5)  # routes follow the listener over ADS
+            targets = [
+                Target("direct", triton.address, BACKEND_MODEL, BACKEND_VERSION, None),
+                Target("envoy", envoy.address, ROUTE, "", envoy.pid),
+            ]
+            if args.plain:
+                targets.append(Target("envoy-plain", envoy.address, BACKEND_MODEL, "1", envoy.pid))
+            if args.bare:
+                bare = fleet.start(BareEnvoyProcess(triton.address, workdir))
+                targets.append(
+                    Target("envoy-bare", bare.address, BACKEND_MODEL, BACKEND_VERSION, bare.pid)
+                )
+            targets.append(Target("gateway", gateway.address, ROUTE, "", gateway.pid))
+            runs, merged = asyncio.run(measure(args, triton, targets))
+            envoy_stats = envoy.stats()
     except KeyboardInterrupt:
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for server in reversed(servers):  # Envoy first
-            server.stop()
-        triton.stop()
     names = [t.name for t in targets]
     table, rows, ratios = report(runs, merged, args.concurrency, names)
     print()

@@ -35,7 +35,6 @@ import asyncio
 import datetime as dt
 import functools
 import json
-import signal
 import sys
 import tempfile
 import time
@@ -61,6 +60,7 @@ from bench.gateway_vs_direct import (
     write_results,
 )
 from bench.http_loadgen import oip_json_body, run_http_load
+from bench.legs import leg_kwargs, print_leg, run_mirrored, running
 from bench.loadgen import LoadResult
 from tests.backends.triton import TritonServer, free_port
 
@@ -140,30 +140,18 @@ async def _check_answers(urls: dict[str, str], body: bytes) -> None:
 
 async def _measure(args, triton, targets: Sequence[Target], urls: dict[str, str], body: bytes):
     await _check_answers(urls, body)
-    runs: list[dict] = []
-    merged: dict[tuple[str, int], list[LoadResult]] = {}
-    leg = args.duration / (2 * args.rounds)
-    order = (*targets, *reversed(targets)) * args.rounds
-    for concurrency in args.concurrency:
-        for target in order:
-            record, result = await measure_leg(
-                target,
-                concurrency,
-                duration=leg,
-                warmup=args.warmup,
-                timeout=args.timeout,
-                triton=triton,
-                load=functools.partial(run_http_load, urls[target.name], body),
-            )
-            runs.append(record)
-            merged.setdefault((target.name, concurrency), []).append(result)
-            print(
-                f"  c={concurrency:<3} {target.name:<15} {result.rps:8.0f} ok/s  "
-                f"p50 {result.percentile_ms(50):7.3f} ms  p99 {result.percentile_ms(99):7.3f} ms"
-                f"  errors {result.error_count}  other procs {record['other_cores']:.2f} cores",
-                flush=True,
-            )
-    return runs, {key: LoadResult.merge(parts) for key, parts in merged.items()}
+
+    async def leg(target: Target, concurrency: int, _pass: int) -> tuple[dict, LoadResult]:
+        record, result = await measure_leg(
+            target,
+            concurrency,
+            **leg_kwargs(args, triton),
+            load=functools.partial(run_http_load, urls[target.name], body),
+        )
+        print_leg(f"c={concurrency:<3} {target.name:<15}", result, record)
+        return record, result
+
+    return await run_mirrored(args.concurrency, targets, args.rounds, leg)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -184,56 +172,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine = machine_info()
     print(f"machine: {machine['cores']} cores, load avg {' '.join(machine['loadavg_at_start'])}")
 
-    def on_sigterm(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)
     workdir = Path(tempfile.mkdtemp(prefix="bench-envoy-rest-"))
     triton = TritonServer(args.models, http=True)
-    servers = []
     body = oip_json_body(input_name="INPUT0")
     try:
-        triton.start()
-        gateway = RestGateway(triton, workdir)
-        servers.append(gateway)
-        gateway.start()
-        envoy = EnvoyProcess(gateway, workdir)
-        servers.append(envoy)
-        envoy.start()
-        envoy_url = f"http://127.0.0.1:{gateway.envoy_rest_port}"
-        urls = {"direct": f"http://{triton.http_address}{PINNED}", "envoy": envoy_url + PINNED}
-        _wait_answering(urls["envoy"], body)
-        targets = [
-            Target("direct", triton.http_address, BACKEND_MODEL, BACKEND_VERSION, None),
-            Target("envoy", envoy_url, BACKEND_MODEL, BACKEND_VERSION, envoy.pid),
-        ]
-        if args.unpinned:
-            urls["envoy-unpinned"] = envoy_url + UNPINNED
-            targets.append(Target("envoy-unpinned", envoy_url, BACKEND_MODEL, "", envoy.pid))
-        if args.gateway:
-            urls["gateway"] = f"http://127.0.0.1:{gateway.rest_port}{PINNED}"
-            targets.append(
-                Target("gateway", urls["gateway"], BACKEND_MODEL, BACKEND_VERSION, gateway.pid)
-            )
-        if args.bare:
-            bare = BareRestEnvoy(triton, workdir)
-            servers.append(bare)
-            bare.start()
-            urls["envoy-bare"] = f"http://{bare.address}{PINNED}"
-            _wait_answering(urls["envoy-bare"], body)
-            targets.append(
-                Target("envoy-bare", bare.address, BACKEND_MODEL, BACKEND_VERSION, bare.pid)
-            )
-        before = _envoy_counters(envoy)
-        runs, merged = asyncio.run(_measure(args, triton, targets, urls, body))
-        after = _envoy_counters(envoy)
+        with running() as fleet:  # stops Envoy first
+            fleet.start_backend(triton)
+            gateway = fleet.start(RestGateway(triton, workdir))
+            envoy = fleet.start(EnvoyProcess(gateway, workdir))
+            envoy_url = f"http://127.0.0.1:{gateway.envoy_rest_port}"
+            urls = {"direct": f"http://{triton.http_address}{PINNED}", "envoy": envoy_url + PINNED}
+            _wait_answering(urls["envoy"], body)
+            targets = [
+                Target("direct", triton.http_address, BACKEND_MODEL, BACKEND_VERSION, None),
+                Target("envoy", envoy_url, BACKEND_MODEL, BACKEND_VERSION, envoy.pid),
+            ]
+            if args.unpinned:
+                urls["envoy-unpinned"] = envoy_url + UNPINNED
+                targets.append(Target("envoy-unpinned", envoy_url, BACKEND_MODEL, "", envoy.pid))
+            if args.gateway:
+                urls["gateway"] = f"http://127.0.0.1:{gateway.rest_port}{PINNED}"
+                targets.append(
+                    Target("gateway", urls["gateway"], BACKEND_MODEL, BACKEND_VERSION, gateway.pid)
+                )
+            if args.bare:
+                bare = fleet.start(BareRestEnvoy(triton, workdir))
+                urls["envoy-bare"] = f"http://{bare.address}{PINNED}"
+                _wait_answering(urls["envoy-bare"], body)
+                targets.append(
+                    Target("envoy-bare", bare.address, BACKEND_MODEL, BACKEND_VERSION, bare.pid)
+                )
+            before = _envoy_counters(envoy)
+            runs, merged = asyncio.run(_measure(args, triton, targets, urls, body))
+            after = _envoy_counters(envoy)
     except KeyboardInterrupt:
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for server in reversed(servers):  # Envoy first
-            server.stop()
-        triton.stop()
     names = [t.name for t in targets]
     table, rows, ratios = report(runs, merged, args.concurrency, names)
     print()

@@ -49,6 +49,16 @@ from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc
 
 from bench import reference_proxy
+from bench.legs import (
+    calls_sent,
+    leg_kwargs,
+    leg_seconds,
+    machine_line,
+    print_leg,
+    run_mirrored,
+    running,
+    source_line,
+)
 from bench.loadgen import LoadResult, decode_fp32, probe, run_load
 from tests.backends.triton import TritonServer, free_port
 
@@ -307,13 +317,16 @@ class GatewayProcess(ServerProcess):
         ready = service_pb2_grpc.GRPCInferenceServiceStub(channel).ServerReady
         return ready(oip.ServerReadyRequest(), timeout=1.0).ready
 
+    def metrics_text(self, timeout: float = 5.0) -> str:
+        """The gateway's /metrics page, as scraped."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
+            return reply.read().decode()
+
     def request_counts(self) -> dict[str, int]:
         """tensorgate_requests_total summed by gRPC code, from the gateway's /metrics."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as reply:
-            text = reply.read().decode()
         counts: Counter[str] = Counter()
-        for line in text.splitlines():
+        for line in self.metrics_text().splitlines():
             if line.startswith("tensorgate_requests_total{"):
                 code = re.search(r'code="([^"]*)"', line)
                 counts[code.group(1) if code else "?"] += int(float(line.rsplit(" ", 1)[1]))
@@ -465,30 +478,14 @@ async def measure(
     args: argparse.Namespace, triton: TritonServer, targets: Sequence[Target]
 ) -> tuple[list[dict], dict[tuple[str, int], LoadResult]]:
     await check_answers(targets)
-    runs: list[dict] = []
-    merged: dict[tuple[str, int], list[LoadResult]] = {}
-    leg = args.duration / (2 * args.rounds)
-    order = (*targets, *reversed(targets)) * args.rounds
-    for concurrency in args.concurrency:
-        for target in order:
-            record, result = await measure_leg(
-                target,
-                concurrency,
-                duration=leg,
-                warmup=args.warmup,
-                timeout=args.timeout,
-                triton=triton,
-            )
-            runs.append(record)
-            merged.setdefault((target.name, concurrency), []).append(result)
-            print(
-                f"  c={concurrency:<3} {target.name:<8} {result.rps:8.0f} ok/s  "
-                f"p50 {result.percentile_ms(50):7.3f} ms  p99 {result.percentile_ms(99):7.3f} ms"
-                f"  errors {result.error_count}  avg Triton batch {record['triton']['avg_batch']}"
-                f"  other procs {record['other_cores']:.2f} cores",
-                flush=True,
-            )
-    return runs, {key: LoadResult.merge(parts) for key, parts in merged.items()}
+
+    async def leg(target: Target, concurrency: int, _pass: int) -> tuple[dict, LoadResult]:
+        record, result = await measure_leg(target, concurrency, **leg_kwargs(args, triton))
+        label = f"c={concurrency:<3} {target.name:<8}"
+        print_leg(label, result, record, f"avg Triton batch {record['triton']['avg_batch']}")
+        return record, result
+
+    return await run_mirrored(args.concurrency, targets, args.rounds, leg)
 
 
 # ----------------------------------------------------------------------------- report
@@ -611,7 +608,7 @@ def leg_settings(args: argparse.Namespace, names: Sequence[str]) -> dict:
         "duration_s_per_target_and_level": args.duration,
         "rounds": args.rounds,
         "leg_order": [*names, *reversed(names)],
-        "leg_s": args.duration / (2 * args.rounds),
+        "leg_s": leg_seconds(args),
         "warmup_s_per_leg": args.warmup,
         "timeout_s": args.timeout,
         "concurrency": args.concurrency,
@@ -652,72 +649,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = dt.datetime.now(dt.UTC)
     machine = machine_info()
     source = source_state()
-    print(
-        f"machine: {machine['cpu_model']}, {machine['cores']} cores "
-        f"({machine['cores_usable']} usable), Python {machine['python']}, "
-        f"grpcio {machine['grpcio']}, load avg {' '.join(machine['loadavg_at_start'])}"
-    )
+    print(machine_line(machine))
     print("the load generator, the gateway and Triton share these cores.")
-    dirty = source["gateway_changes_uncommitted"]
-    print(
-        f"source: commit {(source['commit'] or 'unknown')[:12]}"
-        + (f", uncommitted changes in {', '.join(dirty)}" if dirty else ""),
-        flush=True,
-    )
+    print(source_line(source), flush=True)
 
-    def on_sigterm(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # same teardown as Ctrl-C
-
-    signal.signal(signal.SIGTERM, on_sigterm)
     workdir = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     triton = TritonServer(args.models)
-    servers: list[ServerProcess] = []
     gateway: GatewayProcess | None = None
     gateway_counts: dict[str, int] = {}
-    exit_codes: dict[str, int | None] = {}
     try:
-        t0 = time.monotonic()
-        triton.start()
-        targets = [Target("direct", triton.address, BACKEND_MODEL, BACKEND_VERSION, None)]
-        gateway = GatewayProcess(triton.address, workdir)
-        servers.append(gateway)
-        gateway.start()
-        targets.append(Target("gateway", gateway.address, ROUTE, "", gateway.pid))
-        if args.reference_proxy:
-            proxy = ReferenceProxyProcess(triton.address, workdir)
-            servers.append(proxy)
-            proxy.start()
-            targets.append(
-                Target("pyproxy", proxy.address, BACKEND_MODEL, BACKEND_VERSION, proxy.pid)
+        with running("stopping the servers and Triton") as fleet:
+            t0 = time.monotonic()
+            fleet.start_backend(triton)
+            targets = [Target("direct", triton.address, BACKEND_MODEL, BACKEND_VERSION, None)]
+            gateway = fleet.start(GatewayProcess(triton.address, workdir))
+            targets.append(Target("gateway", gateway.address, ROUTE, "", gateway.pid))
+            if args.reference_proxy:
+                proxy = fleet.start(ReferenceProxyProcess(triton.address, workdir))
+                targets.append(
+                    Target("pyproxy", proxy.address, BACKEND_MODEL, BACKEND_VERSION, proxy.pid)
+                )
+            print(
+                "up in {:.1f} s: {} (logs in {})".format(
+                    time.monotonic() - t0,
+                    ", ".join(f"{t.name} {t.address}" for t in targets),
+                    workdir,
+                ),
+                flush=True,
             )
-        print(
-            "up in {:.1f} s: {} (logs in {})".format(
-                time.monotonic() - t0, ", ".join(f"{t.name} {t.address}" for t in targets), workdir
-            ),
-            flush=True,
-        )
-        runs, merged = asyncio.run(measure(args, triton, targets))
-        gateway_counts = gateway.request_counts()
+            runs, merged = asyncio.run(measure(args, triton, targets))
+            gateway_counts = gateway.request_counts()
     except KeyboardInterrupt:
-        print("\ninterrupted: stopping the servers and Triton", file=sys.stderr)
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not skip teardown
-        for server in servers:
-            exit_codes[server.name] = server.stop()
-        triton.stop()
+    exit_codes = fleet.exit_codes
     machine["loadavg_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
 
     names = [t.name for t in targets]
     table, rows, ratios = report(runs, merged, args.concurrency, names)
     # Every call the load generator made through the gateway (+1 answer check) must show up in
     # the gateway's own counters, with the same status codes.
-    sent: Counter[str] = Counter({"OK": 1})
-    for (name, _), r in merged.items():
-        if name == "gateway":
-            sent["OK"] += r.ok
-            sent.update(r.errors)
-            sent["(warm-up, any code)"] += r.warmup_calls
+    sent = calls_sent(merged, "gateway")
     counted_total = sum(gateway_counts.values())
     consistent = counted_total == sum(sent.values()) and gateway_counts.get("OK", 0) >= sent["OK"]
     print()

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from bench.loadgen import DEFAULT_INPUT, OK, LoadResult, closed_loop, format_result
+from bench.loadgen import DEFAULT_INPUT, OK, LoadResult, add_loop_options, closed_loop, print_result
 
 # The gateway's TorchServe adapter pools the same way (docs/adapters/torchserve.md).
 LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=32)
@@ -171,11 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--url", required=True, help="e.g. http://127.0.0.1:8080/predictions/m/1")
     parser.add_argument("--input-name", default="x", help="input tensor name in the OIP body")
     parser.add_argument("--client", choices=("raw", "httpx"), default="raw")
-    parser.add_argument("--concurrency", type=int, default=16, help="calls in flight")
-    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds")
-    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first")
-    parser.add_argument("--timeout", type=float, default=5.0, help="per-call timeout, seconds")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_loop_options(parser, "per-call timeout, seconds")
     args = parser.parse_args(argv)
     result = asyncio.run(
         run_http_load(
@@ -188,8 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             timeout=args.timeout,
         )
     )
-    print(json.dumps(result.summary(), indent=2) if args.json else format_result(result))
-    return 1 if result.ok == 0 else 0
+    return print_result(result, args.json)
 
 
 if __name__ == "__main__":

@@ -288,6 +288,21 @@ def format_result(result: LoadResult) -> str:
     )
 
 
+def add_loop_options(parser: argparse.ArgumentParser, timeout_help: str) -> None:
+    """The closed loop's options on the command line of a load generator here."""
+    parser.add_argument("--concurrency", type=int, default=16, help="calls in flight")
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first")
+    parser.add_argument("--timeout", type=float, default=5.0, help=timeout_help)
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def print_result(result: LoadResult, as_json: bool) -> int:
+    """A load generator's answer on the command line; its exit code (1: no call succeeded)."""
+    print(json.dumps(result.summary(), indent=2) if as_json else format_result(result))
+    return 1 if result.ok == 0 else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.loadgen", description="Closed-loop ModelInfer load on grpc.aio."
@@ -295,11 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--target", required=True, help="host:port of an OIP gRPC server")
     parser.add_argument("--model", required=True)
     parser.add_argument("--model-version", default="", help='e.g. "1" (default: unpinned)')
-    parser.add_argument("--concurrency", type=int, default=16, help="calls in flight")
-    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds")
-    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first")
-    parser.add_argument("--timeout", type=float, default=5.0, help="per-call deadline, seconds")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_loop_options(parser, "per-call deadline, seconds")
     args = parser.parse_args(argv)
     result = asyncio.run(
         run_load(
@@ -312,8 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             timeout=args.timeout,
         )
     )
-    print(json.dumps(result.summary(), indent=2) if args.json else format_result(result))
-    return 1 if result.ok == 0 else 0
+    return print_result(result, args.json)
 
 
 if __name__ == "__main__":

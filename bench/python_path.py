@@ -38,12 +38,10 @@ import math
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,7 +61,6 @@ from bench.gateway_vs_direct import (
     GatewayProcess,
     LoadFn,
     ReferenceProxyProcess,
-    ServerProcess,
     Target,
     machine_info,
     measure_leg,
@@ -72,6 +69,7 @@ from bench.gateway_vs_direct import (
     write_results,
 )
 from bench.http_loadgen import oip_json_body, probe_http, run_http_load
+from bench.legs import leg_kwargs, print_leg, run_mirrored, running
 from bench.loadgen import LoadResult, build_request, decode_fp32, run_load
 from tests.backends.triton import TritonServer
 
@@ -207,11 +205,8 @@ class PathGateway(GatewayProcess):
 
     def metrics(self) -> dict[str, float]:
         """Every sample of the gateway's /metrics: 'name{labels}' -> value."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as reply:
-            text = reply.read().decode()
         out = {}
-        for line in text.splitlines():
+        for line in self.metrics_text().splitlines():
             if line and not line.startswith("#"):
                 key, _, value = line.rpartition(" ")
                 out[key] = float(value)
@@ -237,6 +232,10 @@ class Leg:
     gateway: PathGateway | None = None  # whose /metrics to read (batch sizes, cache hits)
     load: LoadFn | None = None  # None: bench.loadgen.run_load with `request`
     request: oip.ModelInferRequest | None = None
+
+    @property
+    def name(self) -> str:
+        return self.target.name
 
 
 def grpc_load(target: Target, request: oip.ModelInferRequest | None) -> LoadFn:
@@ -296,12 +295,14 @@ async def run_groups(
     ts_pid: int | None,
 ) -> tuple[list[dict], dict[tuple[str, str, int], LoadResult]]:
     runs: list[dict] = []
-    merged: dict[tuple[str, str, int], list[LoadResult]] = {}
+    merged: dict[tuple[str, str, int], LoadResult] = {}
     for group, concurrency, legs in groups:
         for leg in legs:
             print(await check_leg(leg), flush=True)
-        n = args.duration / (2 * args.rounds)
-        for leg in (*legs, *reversed(legs)) * args.rounds:
+
+        async def measure(
+            leg: Leg, concurrency: int, _pass: int, group: str = group
+        ) -> tuple[dict, LoadResult]:
             cpu_sets = {}
             if leg.backend == "triton":
                 if ts_pid:
@@ -315,10 +316,7 @@ async def run_groups(
                 record, result = await measure_leg(
                     leg.target,
                     concurrency,
-                    duration=n,
-                    warmup=args.warmup,
-                    timeout=args.timeout,
-                    triton=triton if leg.backend == "triton" else None,
+                    **leg_kwargs(args, triton if leg.backend == "triton" else None),
                     cpu_sets=cpu_sets,
                     load=leg.load or grpc_load(leg.target, leg.request),
                 )
@@ -326,7 +324,7 @@ async def run_groups(
                     break
                 rejected.append(record["other_cores"])
                 print(
-                    f"  {group:<16} {leg.target.name:<16} noisy leg: other processes used "
+                    f"  {group:<16} {leg.name:<16} noisy leg: other processes used "
                     f"{record['other_cores']:.2f} cores; measuring it again in "
                     f"{args.noisy_wait:.0f} s",
                     flush=True,
@@ -336,26 +334,23 @@ async def run_groups(
             record["rejected_noisy_other_cores"] = rejected
             if leg.gateway:
                 record["gateway_metrics"] = gateway_delta(leg, before, leg.gateway.metrics())
-            runs.append(record)
-            merged.setdefault((group, leg.target.name, concurrency), []).append(result)
             extra = record.get("gateway_metrics", {})
             batch = record.get("triton", {}).get("avg_batch")
             hop_us = record["cpu"].get("hop", {}).get("us_per_call", "-")
-            print(
-                f"  {group:<16} {leg.target.name:<16} {result.rps:7.0f} ok/s  "
-                f"p50 {result.percentile_ms(50):7.3f} ms  p99 {result.percentile_ms(99):7.3f} ms  "
-                f"errors {result.error_count}  hop CPU {hop_us} us/call"
-                + (f"  Triton inf/exec {batch}" if batch is not None else "")
-                + (
-                    f"  gw batch {extra['avg_gateway_batch']}"
-                    if "avg_gateway_batch" in extra
-                    else ""
-                )
-                + (f"  cache hits {extra['cache_hits']}" if "cache_hits" in extra else "")
-                + f"  other procs {record['other_cores']:.2f} cores",
-                flush=True,
-            )
-    return runs, {k: LoadResult.merge(v) for k, v in merged.items()}
+            notes = [f"hop CPU {hop_us} us/call"]
+            if batch is not None:
+                notes.append(f"Triton inf/exec {batch}")
+            if "avg_gateway_batch" in extra:
+                notes.append(f"gw batch {extra['avg_gateway_batch']}")
+            if "cache_hits" in extra:
+                notes.append(f"cache hits {extra['cache_hits']}")
+            print_leg(f"{group:<16} {leg.name:<16}", result, record, *notes, rps_width=7)
+            return record, result
+
+        group_runs, group_merged = await run_mirrored([concurrency], legs, args.rounds, measure)
+        runs += group_runs
+        merged.update({(group, name, c): r for (name, c), r in group_merged.items()})
+    return runs, merged
 
 
 # ----------------------------------------------------------------------------- profile
@@ -670,117 +665,101 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
 
-    def on_sigterm(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)
     workdir = Path(tempfile.mkdtemp(prefix="bench-python-path-"))
     repo = triton_repository(workdir, args.triton_dynamic_batching)
     triton = TritonServer(repo)
     ts = None
-    servers: list[ServerProcess] = []
-    exit_codes: dict[str, int | None] = {}
     profile: dict[str, dict] = {}
     try:
-        t0 = time.monotonic()
-        triton.start()
-        if not args.no_torchserve:
-            from tests.backends.torchserve import TorchServe
+        with running("stopping everything") as fleet:
+            t0 = time.monotonic()
+            fleet.start_backend(triton)
+            if not args.no_torchserve:
+                from tests.backends.torchserve import TorchServe
 
-            ts = TorchServe(models=[("linear", "1")], workers=1)
-            ts.start()
-        # Triton's routes and TorchServe's on separate gateway processes: neither's health
-        # probes or idle work land in the other's figures.
-        batch_args = (args.max_batch_size, args.max_queue_delay_ms)
-        gateway = PathGateway("gateway", workdir, (triton.address, None, *batch_args), False)
-        servers.append(gateway)
-        gateway.start()
-        uv = None
-        if not args.no_uvloop:
-            uv = PathGateway("gateway-uvloop", workdir, (triton.address, None, *batch_args), True)
-            servers.append(uv)
-            uv.start()
-        ts_gateway = None
-        if ts is not None:
-            ts_gateway = PathGateway("gateway-ts", workdir, (None, ts, *batch_args), False)
-            servers.append(ts_gateway)
-            ts_gateway.start()
-        proxy = ReferenceProxyProcess(triton.address, workdir)
-        servers.append(proxy)
-        proxy.start()
-        print(f"up in {time.monotonic() - t0:.1f} s (logs in {workdir})", flush=True)
+                ts = fleet.start_backend(TorchServe(models=[("linear", "1")], workers=1))
+            # Triton's routes and TorchServe's on separate gateway processes: neither's health
+            # probes or idle work land in the other's figures.
+            batch_args = (args.max_batch_size, args.max_queue_delay_ms)
+            triton_args = (triton.address, None, *batch_args)
+            gateway = fleet.start(PathGateway("gateway", workdir, triton_args, False))
+            uv = None
+            if not args.no_uvloop:
+                uv = fleet.start(PathGateway("gateway-uvloop", workdir, triton_args, True))
+            ts_gateway = None
+            if ts is not None:
+                ts_args = (None, ts, *batch_args)
+                ts_gateway = fleet.start(PathGateway("gateway-ts", workdir, ts_args, False))
+            proxy = fleet.start(ReferenceProxyProcess(triton.address, workdir))
+            print(f"up in {time.monotonic() - t0:.1f} s (logs in {workdir})", flush=True)
 
-        def gw(name: str, model: str, g: PathGateway = gateway, backend: str = "triton") -> Leg:
-            req = build_request(model, "", input_name="x") if backend == "torchserve" else None
-            return Leg(Target(name, g.address, model, "", g.pid), backend, g, request=req)
+            def gw(name: str, model: str, g: PathGateway = gateway, backend: str = "triton") -> Leg:
+                req = build_request(model, "", input_name="x") if backend == "torchserve" else None
+                return Leg(Target(name, g.address, model, "", g.pid), backend, g, request=req)
 
-        direct = Leg(
-            Target("direct", triton.address, BACKEND_MODEL, BACKEND_VERSION, None), "triton"
-        )
-        pyproxy = Leg(
-            Target("pyproxy", proxy.address, BACKEND_MODEL, BACKEND_VERSION, proxy.pid), "triton"
-        )
-        c16 = [
-            direct,
-            gw("gateway", "linear"),
-            gw("gateway-batch", "linear-batch"),
-            gw("gateway-batch-wait", "linear-batch-wait"),
-            pyproxy,
-        ]
-        if uv is not None:
-            c16.append(gw("gateway-uvloop", "linear", uv))
-        c16.append(gw("gateway-cache", "linear-cache"))
-        c1 = [
-            direct,
-            gw("gateway", "linear"),
-            gw("gateway-batch", "linear-batch"),
-            gw("gateway-batch-wait", "linear-batch-wait"),
-            gw("gateway-cache", "linear-cache"),
-        ]
-        groups: list[tuple[str, int, Sequence[Leg]]] = [
-            ("triton c=16", 16, c16),
-            ("triton c=1", 1, c1),
-        ]
-        if ts is not None:
-            url = f"{ts.inference_url}/predictions/linear/1"
-            body = oip_json_body()
-            ts_direct = Leg(
-                Target("ts-direct", url, "linear", "1", None),
-                "torchserve",
-                load=functools.partial(run_http_load, url, body, client="raw"),
+            direct = Leg(
+                Target("direct", triton.address, BACKEND_MODEL, BACKEND_VERSION, None), "triton"
             )
-            ts_direct_httpx = Leg(
-                Target("ts-direct-httpx", url, "linear", "1", None),
-                "torchserve",
-                load=functools.partial(run_http_load, url, body, client="httpx"),
+            pyproxy = Leg(
+                Target("pyproxy", proxy.address, BACKEND_MODEL, BACKEND_VERSION, proxy.pid),
+                "triton",
             )
-            groups.append(
-                (
-                    "torchserve c=16",
-                    16,
-                    [
-                        ts_direct,
-                        ts_direct_httpx,
-                        gw("gateway-ts", "ts-linear", ts_gateway, "torchserve"),
-                        gw("gateway-ts-batch", "ts-linear-batch", ts_gateway, "torchserve"),
-                    ],
+            c16 = [
+                direct,
+                gw("gateway", "linear"),
+                gw("gateway-batch", "linear-batch"),
+                gw("gateway-batch-wait", "linear-batch-wait"),
+                pyproxy,
+            ]
+            if uv is not None:
+                c16.append(gw("gateway-uvloop", "linear", uv))
+            c16.append(gw("gateway-cache", "linear-cache"))
+            c1 = [
+                direct,
+                gw("gateway", "linear"),
+                gw("gateway-batch", "linear-batch"),
+                gw("gateway-batch-wait", "linear-batch-wait"),
+                gw("gateway-cache", "linear-cache"),
+            ]
+            groups: list[tuple[str, int, Sequence[Leg]]] = [
+                ("triton c=16", 16, c16),
+                ("triton c=1", 1, c1),
+            ]
+            if ts is not None:
+                url = f"{ts.inference_url}/predictions/linear/1"
+                body = oip_json_body()
+                ts_direct = Leg(
+                    Target("ts-direct", url, "linear", "1", None),
+                    "torchserve",
+                    load=functools.partial(run_http_load, url, body, client="raw"),
                 )
-            )
-        runs, merged = asyncio.run(run_groups(args, groups, triton, ts.pid if ts else None))
-        if not args.no_profile:
-            profile["python"] = profile_leg(args, gateway, workdir / "pyspy-python.txt", False)
-            if args.profile_native:
-                profile["native"] = profile_leg(args, gateway, workdir / "pyspy-native.txt", True)
+                ts_direct_httpx = Leg(
+                    Target("ts-direct-httpx", url, "linear", "1", None),
+                    "torchserve",
+                    load=functools.partial(run_http_load, url, body, client="httpx"),
+                )
+                groups.append(
+                    (
+                        "torchserve c=16",
+                        16,
+                        [
+                            ts_direct,
+                            ts_direct_httpx,
+                            gw("gateway-ts", "ts-linear", ts_gateway, "torchserve"),
+                            gw("gateway-ts-batch", "ts-linear-batch", ts_gateway, "torchserve"),
+                        ],
+                    )
+                )
+            runs, merged = asyncio.run(run_groups(args, groups, triton, ts.pid if ts else None))
+            if not args.no_profile:
+                profile["python"] = profile_leg(args, gateway, workdir / "pyspy-python.txt", False)
+                if args.profile_native:
+                    profile["native"] = profile_leg(
+                        args, gateway, workdir / "pyspy-native.txt", True
+                    )
     except KeyboardInterrupt:
-        print("\ninterrupted: stopping everything", file=sys.stderr)
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for server in servers:
-            exit_codes[server.name] = server.stop()
-        if ts is not None:
-            ts.stop()
-        triton.stop()
+    exit_codes = fleet.exit_codes
     machine["loadavg_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
 
     table, rows = report(runs, merged, groups)
@@ -831,7 +810,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                 "triton_model_config": (repo / BACKEND_MODEL / "config.pbtxt").read_text(),
                 "gateway_configs": {
-                    s.name: s.config for s in servers if isinstance(s, PathGateway)
+                    g.name: g.config for g in (gateway, uv, ts_gateway) if g is not None
                 },
             },
             "summary": rows,

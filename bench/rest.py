@@ -44,6 +44,7 @@ from bench.gateway_vs_direct import (
     write_results,
 )
 from bench.http_loadgen import oip_json_body, probe_http, run_http_load
+from bench.legs import leg_kwargs, print_leg, run_mirrored, running
 from bench.loadgen import DEFAULT_INPUT, LoadResult
 from tests.backends.triton import TritonServer, free_port
 
@@ -88,29 +89,21 @@ async def measure(args, triton: TritonServer, grpc_targets, http_targets):
         await _check_rest(target.name, url)
     urls = {target.name: url for target, url in http_targets}
     targets = [*grpc_targets, *(t for t, _ in http_targets)]
-    runs: list[dict] = []
-    merged: dict[tuple[str, int], list[LoadResult]] = {}
-    leg = args.duration / (2 * args.rounds)
-    for concurrency in args.concurrency:
-        for target in (*targets, *reversed(targets)) * args.rounds:
-            load = None
-            if target.name in urls:
-                load = functools.partial(run_http_load, urls[target.name], BODY)
-            record, result = await measure_leg(
-                target, concurrency, duration=leg, warmup=args.warmup, timeout=args.timeout,
-                triton=triton, load=load,
-            )  # fmt: skip
-            runs.append(record)
-            merged.setdefault((target.name, concurrency), []).append(result)
-            print(
-                f"  c={concurrency:<3} {target.name:<14} {result.rps:8.0f} ok/s  "
-                f"p50 {result.percentile_ms(50):7.3f} ms  p99 {result.percentile_ms(99):7.3f} ms"
-                f"  errors {result.error_count}  hop CPU "
-                f"{record['cpu'].get('hop', {}).get('us_per_call', '-')} us/call"
-                f"  other procs {record['other_cores']:.2f} cores",
-                flush=True,
-            )
-    return runs, {key: LoadResult.merge(parts) for key, parts in merged.items()}
+
+    async def leg(target: Target, concurrency: int, _pass: int) -> tuple[dict, LoadResult]:
+        load = None
+        if target.name in urls:
+            load = functools.partial(run_http_load, urls[target.name], BODY)
+        record, result = await measure_leg(
+            target, concurrency, **leg_kwargs(args, triton), load=load
+        )
+        hop_us = record["cpu"].get("hop", {}).get("us_per_call", "-")
+        print_leg(
+            f"c={concurrency:<3} {target.name:<14}", result, record, f"hop CPU {hop_us} us/call"
+        )
+        return record, result
+
+    return await run_mirrored(args.concurrency, targets, args.rounds, leg)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -130,11 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench-rest-"))
     triton = TritonServer(args.models, http=True)
     gateways: dict[str, RestGateway] = {}
-    try:
-        triton.start()
+    with running() as fleet:
+        fleet.start_backend(triton)
         for server in servers:
-            gateways[server] = RestGateway(triton.address, workdir, server)
-            gateways[server].start()
+            gateways[server] = fleet.start(RestGateway(triton.address, workdir, server))
         shipped = gateways["uvicorn"]
         grpc_targets = [
             Target("direct", triton.address, BACKEND_MODEL, BACKEND_VERSION, None),
@@ -149,10 +141,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                f"http://{gw.rest_address}{infer}") for name, gw in gateways.items()),
         ]  # fmt: skip
         runs, merged = asyncio.run(measure(args, triton, grpc_targets, http_targets))
-    finally:
-        for gw in gateways.values():
-            gw.stop()
-        triton.stop()
     names = [t.name for t in grpc_targets] + [t.name for t, _ in http_targets]
     text, rows, _ = report(runs, merged, args.concurrency, names)
     print("\n" + text)

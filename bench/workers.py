@@ -23,11 +23,9 @@ import argparse
 import asyncio
 import datetime as dt
 import functools
-import signal
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,6 +48,7 @@ from bench.gateway_vs_direct import (
     source_state,
     write_results,
 )
+from bench.legs import leg_kwargs, machine_line, print_leg, run_mirrored, running
 from bench.loadgen import LoadResult, run_load
 from tests.backends.triton import TritonServer
 
@@ -74,11 +73,8 @@ class WorkersGateway(GatewayProcess):
 
     def served(self) -> dict[str, float]:
         """tensorgate_requests_total by worker label ("" for a single process)."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as reply:
-            text = reply.read().decode()
         counts: Counter[str] = Counter()
-        for family in text_string_to_metric_families(text):
+        for family in text_string_to_metric_families(self.metrics_text()):
             for s in family.samples:
                 if s.name == "tensorgate_requests_total":
                     counts[s.labels.get("worker", "")] += s.value
@@ -92,52 +88,41 @@ async def measure(
     gateways: dict[str, WorkersGateway],
 ) -> tuple[list[dict], dict[tuple[str, int], LoadResult]]:
     await check_answers(targets)
-    runs: list[dict] = []
-    merged: dict[tuple[str, int], list[LoadResult]] = {}
-    leg_s = args.duration / (2 * args.rounds)
-    for concurrency in args.concurrency:
-        for target in (*targets, *reversed(targets)) * args.rounds:
-            gw = gateways.get(target.name)
-            cpu_sets = {"gateway": functools.partial(process_group, gw.pid)} if gw else {}
-            before = gw.served() if gw else {}
-            record, result = await measure_leg(
-                target,
-                concurrency,
-                duration=leg_s,
-                warmup=args.warmup,
-                timeout=args.timeout,
-                triton=triton,
-                cpu_sets=cpu_sets,
-                load=functools.partial(
-                    run_load,
-                    target.address,
-                    target.model,
-                    version=target.version,
-                    channels=args.channels,
-                ),
-            )
-            record["channels"] = args.channels
-            split = ""
-            if gw:
-                after = gw.served()
-                served = {w: int(after[w] - before.get(w, 0)) for w in sorted(after)}
-                record["served_by_worker"] = served  # warm-up included
-                if gw.workers > 1:
-                    total = sum(served.values()) or 1
-                    split = "  by worker " + "/".join(
-                        f"{100 * n / total:.0f}%" for n in served.values()
-                    )
-            runs.append(record)
-            merged.setdefault((target.name, concurrency), []).append(result)
-            gw_us = record["cpu"].get("gateway", {}).get("us_per_call", "-")
-            print(
-                f"  c={concurrency:<3} {target.name:<11} {result.rps:7.0f} ok/s  "
-                f"p50 {result.percentile_ms(50):7.3f} ms  p99 {result.percentile_ms(99):7.3f} ms  "
-                f"errors {result.error_count}  gateway CPU {gw_us} us/call{split}  "
-                f"other procs {record['other_cores']:.2f} cores",
-                flush=True,
-            )
-    return runs, {key: LoadResult.merge(parts) for key, parts in merged.items()}
+
+    async def leg(target: Target, concurrency: int, _pass: int) -> tuple[dict, LoadResult]:
+        gw = gateways.get(target.name)
+        cpu_sets = {"gateway": functools.partial(process_group, gw.pid)} if gw else {}
+        before = gw.served() if gw else {}
+        record, result = await measure_leg(
+            target,
+            concurrency,
+            **leg_kwargs(args, triton),
+            cpu_sets=cpu_sets,
+            load=functools.partial(
+                run_load,
+                target.address,
+                target.model,
+                version=target.version,
+                channels=args.channels,
+            ),
+        )
+        record["channels"] = args.channels
+        split = ""
+        if gw:
+            after = gw.served()
+            served = {w: int(after[w] - before.get(w, 0)) for w in sorted(after)}
+            record["served_by_worker"] = served  # warm-up included
+            if gw.workers > 1:
+                total = sum(served.values()) or 1
+                split = "  by worker " + "/".join(
+                    f"{100 * n / total:.0f}%" for n in served.values()
+                )
+        gw_us = record["cpu"].get("gateway", {}).get("us_per_call", "-")
+        label = f"c={concurrency:<3} {target.name:<11}"
+        print_leg(label, result, record, f"gateway CPU {gw_us} us/call{split}", rps_width=7)
+        return record, result
+
+    return await run_mirrored(args.concurrency, targets, args.rounds, leg)
 
 
 def report(
@@ -207,40 +192,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = dt.datetime.now(dt.UTC)
     machine = machine_info()
     source = source_state()
-    print(
-        f"machine: {machine['cpu_model']}, {machine['cores']} cores "
-        f"({machine['cores_usable']} usable), Python {machine['python']}, "
-        f"grpcio {machine['grpcio']}, load avg {' '.join(machine['loadavg_at_start'])}"
-    )
+    print(machine_line(machine))
     print("the load generator, the gateways and Triton share these cores.", flush=True)
 
-    def on_sigterm(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)
     workdir = Path(tempfile.mkdtemp(prefix="bench-workers-"))
     triton = TritonServer(args.models)
     gateways: dict[str, WorkersGateway] = {}
-    exit_codes: dict[str, int | None] = {}
     try:
-        t0 = time.monotonic()
-        triton.start()
-        targets = [Target("direct", triton.address, BACKEND_MODEL, BACKEND_VERSION, None)]
-        for workers in (1, 2):
-            gw = WorkersGateway(triton.address, workdir, workers)
-            gateways[gw.name] = gw
-            gw.start()
-            targets.append(Target(gw.name, gw.address, ROUTE, "", None))
-        print(f"up in {time.monotonic() - t0:.1f} s (logs in {workdir})", flush=True)
-        runs, merged = asyncio.run(measure(args, triton, targets, gateways))
+        with running("stopping the gateways and Triton") as fleet:
+            t0 = time.monotonic()
+            fleet.start_backend(triton)
+            targets = [Target("direct", triton.address, BACKEND_MODEL, BACKEND_VERSION, None)]
+            for workers in (1, 2):
+                gw = fleet.start(WorkersGateway(triton.address, workdir, workers))
+                gateways[gw.name] = gw
+                targets.append(Target(gw.name, gw.address, ROUTE, "", None))
+            print(f"up in {time.monotonic() - t0:.1f} s (logs in {workdir})", flush=True)
+            runs, merged = asyncio.run(measure(args, triton, targets, gateways))
     except KeyboardInterrupt:
-        print("\ninterrupted: stopping the gateways and Triton", file=sys.stderr)
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for name, gw in gateways.items():
-            exit_codes[name] = gw.stop()
-        triton.stop()
+    exit_codes = fleet.exit_codes
     machine["loadavg_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
     table, rows = report(runs, merged, args.concurrency)
     print()
