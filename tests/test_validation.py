@@ -464,3 +464,39 @@ def test_declared_schema_spec_is_built_once_per_schema():
         (TensorSpec("x", "FP32", (-1, 4)),), (TensorSpec("y", "FP32", (-1, 3)),), 0
     )
     assert cache.declared(schema_msg) is spec
+
+
+UNKNOWN_FIELD = b"\xb8\x3e\x01"  # field 999, varint 1: not in any OIP message
+
+
+def _with_unknown(place: str) -> oip.ModelInferRequest:
+    request = raw_request("FP32", [1])
+    junk = oip.InferParameter.FromString(UNKNOWN_FIELD)
+    if place == "the request":
+        request.MergeFromString(UNKNOWN_FIELD)
+    elif place == "request parameter 'k'":
+        request.parameters["k"].CopyFrom(junk)
+    elif place == "input 'x'":
+        request.inputs[0].MergeFromString(UNKNOWN_FIELD)
+    elif place == "input 'x' parameter 'k'":
+        request.inputs[0].parameters["k"].CopyFrom(junk)
+    elif place == "output 'y'":
+        request.outputs.add(name="y").MergeFromString(UNKNOWN_FIELD)
+    elif place == "output 'y' parameter 'k'":
+        request.outputs.add(name="y").parameters["k"].CopyFrom(junk)
+    return request
+
+
+@pytest.mark.parametrize(
+    "place",
+    ["the request", "request parameter 'k'", "input 'x'", "input 'x' parameter 'k'",
+     "output 'y'", "output 'y' parameter 'k'"],
+)  # fmt: skip
+def test_an_unknown_field_is_refused_naming_where_it_is(place):
+    check(raw_request("FP32", [1]))  # the same request without it passes
+    with pytest.raises(GatewayError) as refused:
+        check(_with_unknown(place))
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.message.startswith(
+        f"{place} has fields the Open Inference Protocol does not define (field number(s) 999"
+    ), refused.value.message
