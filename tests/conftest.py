@@ -2,9 +2,7 @@ from __future__ import annotations
 
 import warnings
 
-import grpc
 import pytest
-from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from tests.backends.triton import REPO_ROOT, TritonServer
 
@@ -36,17 +34,6 @@ def triton():
         yield server
 
 
-def _answers(server: TritonServer, tries: int = 2) -> bool:
-    with grpc.insecure_channel(server.address) as channel:
-        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        for _ in range(tries):
-            try:
-                return stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=3).live
-            except grpc.RpcError:
-                continue
-    return False
-
-
 @pytest.fixture(autouse=True)
 def _session_triton_outlives_each_test(request):
     """Triton 2.51 can abort on its own under decoupled streaming (heap corruption in the python
@@ -61,7 +48,7 @@ def _session_triton_outlives_each_test(request):
     if "triton" not in request.fixturenames:
         return
     server = request.getfixturevalue("triton")
-    if _answers(server):
+    if server.answers():
         return
     log = server.log_tail(15)
     server.restart()

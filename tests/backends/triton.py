@@ -165,6 +165,18 @@ class TritonServer(BackendProcess):
 
             self._poll(ready, deadline, "tritonserver not ready")
 
+    def answers(self, tries: int = 2) -> bool:
+        """Whether tritonserver answers ServerLive (within 3 s, `tries` times): its process can
+        stay up after an abort without answering anything (tests/conftest.py)."""
+        with grpc.insecure_channel(self.address) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            for _ in range(tries):
+                try:
+                    return stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=3).live
+                except grpc.RpcError:
+                    continue
+        return False
+
     def _cleanup(self) -> None:
         # Only the log is worth keeping; the backend copy (~3 MB) is rebuilt by the next start().
         shutil.rmtree(self._workdir / "backends", ignore_errors=True)
